@@ -1,0 +1,1 @@
+"""mke_plugins.bench"""
