@@ -1,1 +1,16 @@
-"""The plugin contract of mke-plugins (hookspecs, MethodSpec, errors). Depends on pluggy only."""
+"""The plugin contract of mke-plugins: hookspecs, ``hookimpl``, ``MethodSpec`` and errors.
+
+This package depends on pluggy only. It imports no torch, transformers, easyeditor or
+mke_plugins, so a third-party plugin can declare its methods cheaply.
+"""
+
+from .errors import (ArchiveError, HparamsError, MKEError, PluginError, RegistrationError,
+                     RequestError, UnknownMethodError, close_matches)
+from .hookspecs import PROJECT, hookimpl, hookspec
+from .spec import RESTORE_POLICIES, MethodSpec, resolve
+
+__all__ = [
+    "PROJECT", "hookimpl", "hookspec", "MethodSpec", "RESTORE_POLICIES", "resolve",
+    "MKEError", "PluginError", "RegistrationError", "UnknownMethodError", "HparamsError",
+    "RequestError", "ArchiveError", "close_matches",
+]

@@ -1,0 +1,70 @@
+"""``MethodSpec``: what a plugin tells the host about one editing method.
+
+References to code may be given as objects or as ``"module:attr"`` strings. Strings are
+resolved only on first use, so listing plugins and methods never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Union
+
+Ref = Union[str, Callable[..., Any], type, None]
+
+#: How EasyEdit undoes an edit (see ``EASYEDIT.md`` §3):
+#: ``"snapshot"`` — ``weights_copy`` is the self-restoring dict (works with no restore-set entry);
+#: ``"callable"`` — ``weights_copy`` is a bare callable (needs ``CALLABLE_RESTORE_ALGS``);
+#: ``"peft"`` — the edited model is a PEFT model, restored by ``unload()`` (``PEFT_RESTORE_ALGS``);
+#: ``"keep"`` — the edited model is kept (``KEEP_EDITED_MODEL_ALGS``).
+RestorePolicy = Literal["snapshot", "callable", "peft", "keep"]
+RESTORE_POLICIES: tuple[str, ...] = ("snapshot", "callable", "peft", "keep")
+
+
+def resolve(ref: Ref) -> Any:
+    """Turn a ``"module:attr"`` string into the object it names; pass objects through."""
+    if ref is None or not isinstance(ref, str):
+        return ref
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reference {ref!r} must look like 'package.module:attribute'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One editing method, as registered by a plugin through ``mke_register_methods``.
+
+    Attributes:
+        name: EasyEdit ``alg_name``, exact case (``"DECODE"``, ``"UniKE"``).
+        hparams_cls: hyperparameter dataclass with ``from_hparams(path)``.
+        apply_multimodal: ``apply(model, tok, requests, hparams, copy=False,
+            return_orig_weights=False, keep_original_weight=False, **kwargs)
+            -> (edited_model, weights_copy)``, EasyEdit's multimodal apply signature.
+        apply_text: optional text-only apply for EasyEdit's ``BaseEditor`` (``ALG_DICT``).
+        restore: how ``weights_copy`` undoes the edit (see ``RestorePolicy``).
+        trainer: optional EasyEdit ``EditableModel`` subclass trained by ``MultimodalTrainer``.
+        offline: optional ``run(argv: list[str]) -> int`` behind ``mke-plugins train NAME``.
+        hparams_dir: package-relative or absolute folder with ``<model>.yaml`` files.
+        paper: citation of the method's paper.
+        summary: one line for listings.
+    """
+
+    name: str
+    hparams_cls: Ref
+    apply_multimodal: Ref
+    apply_text: Ref = None
+    restore: str = "snapshot"
+    trainer: Ref = None
+    offline: Ref = None
+    hparams_dir: str | None = None
+    paper: str = ""
+    summary: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def resolved(self, attr: str) -> Any:
+        """The object behind ``attr`` (a reference string is imported now)."""
+        return resolve(getattr(self, attr))
