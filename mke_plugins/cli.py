@@ -1,0 +1,132 @@
+"""The ``mke-plugins`` command.
+
+``plugins`` / ``methods`` / ``hparams`` are answered from the registry without importing torch.
+Subcommand groups that need models (``world``, ``bench``) live beside their code and add
+themselves through an ``add_parser(subparsers)`` function listed in ``COMMAND_MODULES``;
+``train METHOD`` runs the offline stage a method declares in its ``MethodSpec.offline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from typing import Sequence
+
+from mke_hooks import MKEError
+
+COMMAND_MODULES: tuple[str, ...] = ("mke_plugins.world.cli", "mke_plugins.bench.cli")
+
+
+def _registry():
+    from .registry import get_registry
+    return get_registry()
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = _registry()
+    rows = [{"name": info.name, "distribution": info.distribution, "version": info.version,
+             "entry_point": info.entry_point, "builtin": info.builtin, "methods": methods}
+            for info, methods in reg.plugins()]
+    failures = [{"plugin": f.plugin.label, "error": f.error, "fix": f.fix} for f in reg.failures]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failures": failures}, indent=2))
+        return 0
+    for r in rows:
+        kind = "built-in" if r["builtin"] else r["entry_point"]
+        print(f"{r['name']}  [{r['distribution']} {r['version']}; {kind}]: "
+              f"{', '.join(r['methods']) or '(no methods)'}")
+    for f in reg.failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    reg = _registry()
+    rows = []
+    for e in reg:
+        rows.append({"name": e.name, "plugin": e.plugin.name, "distribution": e.plugin.distribution,
+                     "version": e.plugin.version, "summary": e.spec.summary, "paper": e.spec.paper,
+                     "hparams_models": e.hparams_models(), "trainable": e.spec.trainer is not None,
+                     "restore": e.spec.restore,
+                     "easyedit": ("not injected: EasyEdit has its own method of this name"
+                                  if e.shadows_easyedit else "injected by mke_plugins.install()")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no methods registered")
+    for r in rows:
+        note = "" if r["easyedit"].startswith("injected") else f"  ({r['easyedit']})"
+        print(f"{r['name']:<8} {r['plugin']:<28} {r['summary']}{note}")
+        print(f"{'':<8} hparams: {', '.join(r['hparams_models']) or '-'}")
+    for f in reg.failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 0
+
+
+def cmd_hparams(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .hparams import load_hparams, locate_hparams
+
+    hparams = load_hparams(args.method, args.model)
+    path = locate_hparams(args.method, args.model) if not args.model.endswith((".yaml", ".yml")) else args.model
+    print(f"# {args.method} on {args.model}: {path}")
+    helps = type(hparams).field_help()
+    for key, value in hparams.to_dict().items():
+        if args.verbose:
+            print(f"# {helps.get(key, '')}")
+        print(yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False).strip().strip("{}"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    entry = _registry().get(args.method)
+    if entry.spec.offline is None:
+        raise MKEError(f"method {args.method!r} has no offline stage to train.")
+    return int(entry.spec.resolved("offline")(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mke-plugins", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list plugins, their versions and methods")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("methods", help="list registered methods")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("hparams", help="print a method's resolved hyperparameters for a model")
+    p.add_argument("method")
+    p.add_argument("model", help="bundled model key (e.g. world) or a YAML path")
+    p.add_argument("-v", "--verbose", action="store_true", help="show each field's help")
+    p.set_defaults(func=cmd_hparams)
+    p = sub.add_parser("train", help="run a method's offline stage (mke-plugins train METHOD --help)",
+                       add_help=False)
+    p.add_argument("method")
+    p.set_defaults(func=cmd_train, passthrough=True)
+    for module in COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "passthrough", False):
+            return args.func(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return int(args.func(args) or 0)
+    except MKEError as exc:
+        print(f"mke-plugins: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Hyperparameters: an EasyEdit-compatible dataclass base with strict YAML loading.
+
+EasyEdit only reads attributes off its hparams objects (``alg_name``, ``model_name``,
+``device``, ``dtype``, ...) and builds them with ``Cls.from_hparams(path)``. This base keeps
+that contract and works without EasyEdit installed, but is strict where EasyEdit is lax:
+unknown keys are rejected with close-match suggestions, all missing keys are listed at once,
+and every message names the file and the key.
+
+Every field of every hparams class carries a ``help`` string (``hp(default, "help")``); a test
+checks that. Values of the form ``"@world"`` / ``"@world-data"`` resolve to the bundled world
+model and data folder, so the shipped ``world.yaml`` files work from any install location.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from mke_hooks import HparamsError, close_matches
+
+_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+def hp(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with a ``help`` text (mutable defaults are copied per instance)."""
+    if not help:
+        raise ValueError("every hyperparameter needs a help text")
+    meta = {"help": help}
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def to_dtype(value: Any, *, path: str = "", key: str = "dtype") -> Any:
+    """``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` → ``torch.bfloat16``."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).replace("torch.", "").strip().lower()
+    if name not in _DTYPES:
+        raise HparamsError(f"unknown dtype {value!r}.", path=path, key=key,
+                           fix=f"use one of {sorted(set(_DTYPES.values()))}.")
+    return getattr(torch, _DTYPES[name])
+
+
+def resolve_special(value: Any) -> Any:
+    """Expand ``@world`` (bundled world model) and ``@world-data`` (its data folder)."""
+    if value == "@world":
+        from mke_plugins.world import model_path
+        return str(model_path())
+    if value == "@world-data":
+        from mke_plugins.world import data_dir
+        return str(data_dir())
+    return value
+
+
+@dataclass
+class MultimodalHyperParams:
+    """Fields EasyEdit's multimodal editor, evaluators, datasets and trainer read.
+
+    Subclasses set ``ALG_NAME`` (and optional ``ALG_ALIASES``) and add their own fields.
+    """
+
+    ALG_NAME: ClassVar[str] = ""
+    ALG_ALIASES: ClassVar[dict[str, str]] = {}
+    #: alg names that must be refused with an explanation (a different, similarly named method)
+    ALG_REFUSED: ClassVar[dict[str, str]] = {}
+
+    alg_name: str = hp("", "Method name as EasyEdit's alg_name, exact case.")
+    model_name: Any = hp("", "Model path (also the family key for EasyEdit) or a (model, processor) tuple; '@world' is the bundled world model.")
+    device: Any = hp("cpu", "Device for EasyEdit's editor/evaluator ('cpu', 'cuda:0' or an int). Methods take the device from the model's parameters.")
+    dtype: Any = hp("float32", "Model dtype: float32, bfloat16 or float16 (converted to torch.dtype).")
+    name: str = hp("", "Processor/tokenizer path used by EasyEdit's datasets and trainer; defaults to model_name.")
+    exact_match: bool = hp(False, "EasyEdit field (ICL evaluator, BLIP trainer loss).")
+    batch_size: int = hp(1, "EasyEdit forces 1 for multimodal edits.")
+    max_length: int = hp(40, "Maximum generated length where a method generates.")
+    tokenizer_class: str = hp("", "LAVIS families: tokenizer class name (EasyEdit reads it).")
+    tokenizer_name: str = hp("", "LAVIS families: tokenizer path.")
+    coco_image: str = hp("", "Image root of EasyEdit's VQA/caption datasets ('@world-data' for the world).")
+    rephrase_image: str = hp("", "Image root of the rephrased images in EasyEdit's datasets.")
+    model_class: str = hp("", "LAVIS families: EasyEdit model class (Blip2OPT, MiniGPT4).")
+    state_dict_file: str = hp("", "LAVIS families: checkpoint of the multimodal wrapper.")
+    qformer_name_or_path: str = hp("", "LAVIS families: Q-Former path.")
+    qformer_checkpoint: str = hp("", "LAVIS families: Q-Former checkpoint.")
+    pretrained_ckpt: str = hp("", "MiniGPT-4: pretrained projection checkpoint.")
+    use_chat_template: bool = hp(True, "EasyEdit field read by some multimodal methods.")
+    seed: int = hp(0, "Random seed for every nondeterministic step of the method.")
+
+    # -- EasyEdit's HyperParams API ------------------------------------------------------
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: str | Path):
+        """Load a YAML file (``.yaml`` is added when missing), strictly."""
+        path = Path(str(hparams_name_or_path))
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            path = path.with_name(path.name + ".yaml")
+        return cls.from_config(read_yaml(path), path=str(path))
+
+    @classmethod
+    def from_json(cls, fpath: str | Path):
+        return cls.from_hparams(fpath)
+
+    @staticmethod
+    def construct_float_from_scientific_notation(config: dict) -> dict:
+        for key, value in config.items():
+            if isinstance(value, str):
+                try:
+                    config[key] = float(value)
+                except ValueError:
+                    pass
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v).replace("torch.", "") if f.name == "dtype" else v
+        return out
+
+    # -- strict construction -------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, path: str = "<dict>"):
+        """Validate ``config`` against the dataclass and build an instance."""
+        if not isinstance(config, dict):
+            raise HparamsError("the file must hold a mapping of hyperparameters.", path=path,
+                               fix="write `key: value` lines.")
+        config = dict(config)
+        names = {f.name: f for f in fields(cls)}
+        unknown = [k for k in config if k not in names]
+        if unknown:
+            k = unknown[0]
+            sugg = close_matches(k, names)
+            raise HparamsError(
+                f"unknown hyperparameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"for {cls.__name__}.", path=path, key=k,
+                fix=(f"did you mean {', '.join(map(repr, sugg))}? " if sugg else "")
+                + "Remove the key or fix its name; `mke-plugins hparams METHOD MODEL` shows valid keys.")
+        missing = [n for n, f in names.items() if n not in config
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise HparamsError(f"missing required keys: {', '.join(missing)}.", path=path,
+                               key=missing[0], fix="add them to the file.")
+        alg = config.get("alg_name", cls.ALG_NAME)
+        if cls.ALG_NAME:
+            alg = cls.ALG_ALIASES.get(alg, alg)
+            if alg in cls.ALG_REFUSED:
+                raise HparamsError(cls.ALG_REFUSED[alg], path=path, key="alg_name",
+                                   fix=f"set `alg_name: {cls.ALG_NAME}`.")
+            if alg != cls.ALG_NAME:
+                raise HparamsError(f"alg_name is {alg!r} but this file is for {cls.ALG_NAME!r}.",
+                                   path=path, key="alg_name", fix=f"set `alg_name: {cls.ALG_NAME}`.")
+        elif not alg:
+            raise HparamsError("alg_name is missing.", path=path, key="alg_name",
+                               fix="add `alg_name: <method>`.")
+        config["alg_name"] = alg
+        hints = typing.get_type_hints(cls)
+        for key, value in list(config.items()):
+            config[key] = _coerce(resolve_special(value), hints.get(key, Any), path=path, key=key)
+        if "dtype" in config or "dtype" in names:
+            config["dtype"] = to_dtype(config.get("dtype", names["dtype"].default), path=path)
+        if not config.get("name") and isinstance(config.get("model_name"), str):
+            config["name"] = config["model_name"]
+        obj = cls(**config)
+        obj.validate(path=path)
+        return obj
+
+    def validate(self, *, path: str = "<dict>") -> None:
+        """Hook for subclasses: raise ``HparamsError`` on values that cannot work."""
+
+    def check_choice(self, key: str, choices: typing.Iterable[Any], *, path: str = "<dict>") -> None:
+        """Raise a ``HparamsError`` naming ``key`` unless its value is one of ``choices``."""
+        choices = list(choices)
+        if getattr(self, key) not in choices:
+            raise HparamsError(f"{getattr(self, key)!r} is not allowed.", path=path, key=key,
+                               fix=f"use one of {choices}.")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file and the line."""
+    if not path.is_file():
+        raise HparamsError("file not found.", path=str(path),
+                           fix="check the path, or use `mke-plugins hparams METHOD MODEL` to see bundled files.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise HparamsError(f"not valid YAML: {exc}", path=str(path),
+                           fix="fix the syntax at the line shown.") from None
+    if data is None:
+        raise HparamsError("the file is empty.", path=str(path), fix="add hyperparameters.")
+    if not isinstance(data, dict):
+        raise HparamsError("the file must hold a mapping of hyperparameters.", path=str(path),
+                           fix="write `key: value` lines.")
+    return data
+
+
+def _coerce(value: Any, hint: Any, *, path: str, key: str) -> Any:
+    """Convert YAML scalars to the annotated type; refuse values that cannot be converted."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any or hint is None:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path=path, key=key)
+            except HparamsError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        return value
+    if origin is typing.Literal:
+        if value not in args:
+            raise HparamsError(f"{value!r} is not allowed.", path=path, key=key,
+                               fix=f"use one of {list(args)}.")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise HparamsError(f"expected true or false, got {value!r}.", path=path, key=key,
+                           fix="write true or false.")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise HparamsError(f"expected a number, got {value!r}.", path=path, key=key,
+                           fix="write a number such as 1e-3.")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise HparamsError(f"expected an integer, got {value!r}.", path=path, key=key,
+                           fix="write a whole number.")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise HparamsError(f"expected a string, got {value!r}.", path=path, key=key, fix="quote it.")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise HparamsError(f"expected a list, got {value!r}.", path=path, key=key,
+                               fix="write a YAML list such as [1, 2].")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, path=path, key=key) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise HparamsError(f"expected a mapping, got {value!r}.", path=path, key=key,
+                               fix="write a YAML mapping.")
+        return value
+    return value
+
+
+def is_hparams_class(obj: Any) -> bool:
+    return isinstance(obj, type) and dataclasses.is_dataclass(obj) and hasattr(obj, "from_hparams")
+
+
+def locate_hparams(method: str, model: str) -> Path:
+    """The YAML for ``method`` on ``model``: a plugin's ``mke_locate_hparams`` answer, else bundled."""
+    from .registry import get_registry
+
+    registry = get_registry()
+    entry = registry.get(method)
+    found = registry.loaded.manager.hook.mke_locate_hparams(method=method, model=model)
+    if found:
+        return Path(found)
+    folder = entry.hparams_dir()
+    if folder is not None:
+        for suffix in (".yaml", ".yml"):
+            if (folder / f"{model}{suffix}").is_file():
+                return folder / f"{model}{suffix}"
+    models = entry.hparams_models()
+    sugg = close_matches(model, models)
+    raise HparamsError(
+        f"method {method!r} has no hyperparameters for model {model!r}.",
+        fix=(f"did you mean {', '.join(map(repr, sugg))}? " if sugg else "")
+        + f"Bundled models: {', '.join(models) or 'none'}; or pass a YAML path to "
+        f"{entry.spec.hparams_cls if isinstance(entry.spec.hparams_cls, str) else 'the hparams class'}.from_hparams.")
+
+
+def load_hparams(method: str, model: str, **overrides: Any):
+    """Hyperparameters of ``method`` for ``model`` (e.g. ``load_hparams("DECODE", "world")``).
+
+    Looks the file up through the ``mke_locate_hparams`` hook, then the method's bundled
+    ``hparams/<model>.yaml``; lets plugins adjust it (``mke_adjust_hparams``); applies
+    ``overrides``; validates strictly. ``model`` may also be a path to a YAML file.
+    """
+    from .registry import get_registry
+
+    registry = get_registry()
+    entry = registry.get(method)
+    path = Path(model) if str(model).endswith((".yaml", ".yml")) else locate_hparams(method, model)
+    config = read_yaml(path)
+    registry.loaded.manager.hook.mke_adjust_hparams(method=method, model=str(model), config=config)
+    config.update(overrides)
+    cls = entry.spec.resolved("hparams_cls")
+    return cls.from_config(config, path=str(path))
