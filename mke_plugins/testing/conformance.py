@@ -1,0 +1,244 @@
+"""The conformance kit: independent checks that any registered method (ours or a third party's)
+keeps the plugin and EasyEdit contracts.
+
+A plugin author's test is five lines::
+
+    from mke_plugins.testing import parametrize_with_checks
+
+    @parametrize_with_checks(["HelloFT"])
+    def test_conformance(method, check):
+        check(method)
+
+Checks that edit run on the bundled world model with the method's ``world`` hyperparameters
+(``model="..."`` picks another bundled YAML) and two world edit requests. Each check gets a
+fresh copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import subprocess
+import sys
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+from mke_hooks import MethodSpec, MKEError
+
+from ..hparams import is_hparams_class, read_yaml
+from ..plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP
+from ..registry import MethodEntry, get_registry
+from .state import assert_same_state, hook_count, model_state
+
+APPLY_PARAMS = ("model", "tok", "requests", "hparams", "copy", "return_orig_weights",
+                "keep_original_weight")
+
+
+@dataclass
+class Setup:
+    """A model, its processor, hyperparameters and requests for the editing checks."""
+
+    model: Any
+    tok: Any
+    hparams: Any
+    requests: list[dict]
+
+
+@lru_cache(maxsize=1)
+def _world() -> tuple[Any, Any, list[dict]]:
+    from mke_plugins import world
+
+    model, tok = world.load()
+    return model, tok, world.records("edit")[:2]
+
+
+def world_setup(method: str, model_key: str = "world") -> Setup:
+    from mke_plugins.hparams import load_hparams
+
+    model, tok, requests = _world()
+    return Setup(copy.deepcopy(model), tok, load_hparams(method, model_key),
+                 [dict(r) for r in requests])
+
+
+def _entry(method: str) -> MethodEntry:
+    return get_registry().get(method)
+
+
+def _apply(entry: MethodEntry, s: Setup, requests: Any, **kw: Any) -> tuple[Any, Any]:
+    from mke_plugins.easyedit import make_apply
+
+    fn = make_apply(entry)
+    out = fn(s.model, s.tok, requests, s.hparams, copy=False,
+             return_orig_weights=kw.pop("return_orig_weights", True), **kw)
+    assert isinstance(out, tuple) and len(out) == 2, \
+        f"apply must return (edited_model, weights_copy), got {type(out).__name__}"
+    return out
+
+
+def _restore(weights_copy: Any, model: Any) -> None:
+    """Restore through EasyEdit main's default path: iterate ``items()`` and copy back."""
+    import torch
+
+    with torch.no_grad():
+        for name, value in weights_copy.items():
+            p = model.get_parameter(name)
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+
+
+# -- checks ------------------------------------------------------------------------------
+def check_spec_valid(method: str) -> None:
+    entry = _entry(method)
+    assert isinstance(entry.spec, MethodSpec)
+    assert entry.spec.name == method, "registered name must equal the requested name exactly"
+    assert entry.spec.summary, "give the method a one-line summary"
+    entry.spec.resolved("apply_multimodal")
+    entry.spec.resolved("hparams_cls")
+    if entry.spec.trainer is not None:
+        entry.spec.resolved("trainer")
+
+
+def check_light_import(method: str) -> None:
+    """Importing the plugin's module and building the registry imports no torch."""
+    entry = _entry(method)
+    module = entry.plugin.name if entry.plugin.builtin else \
+        entry.plugin.entry_point.split("=", 1)[1].strip().split(":")[0]
+    code = ("import sys, importlib; importlib.import_module(%r); "
+            "from mke_plugins.registry import get_registry; get_registry(); "
+            "heavy=[m for m in ('torch','transformers','easyeditor') if m in sys.modules]; "
+            "print(','.join(heavy))") % module
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    heavy = out.stdout.strip()
+    assert not heavy, f"importing plugin {module!r} imported {heavy}; use 'module:attr' references"
+
+
+def check_hparams(method: str) -> None:
+    entry = _entry(method)
+    cls = entry.spec.resolved("hparams_cls")
+    assert is_hparams_class(cls), "hparams_cls must be a dataclass with from_hparams(path)"
+    missing = [f.name for f in fields(cls) if not f.metadata.get("help")]
+    assert not missing, f"hparams fields without help: {missing}"
+    models = entry.hparams_models()
+    assert models, "ship at least one hparams/<model>.yaml"
+    for model in models:
+        path = entry.hparams_dir() / f"{model}.yaml"
+        hp = cls.from_hparams(str(path))
+        assert hp.alg_name == method, f"{path}: alg_name is {hp.alg_name!r}"
+        assert set(read_yaml(path)) <= {f.name for f in fields(cls)}
+
+
+def check_apply_signature(method: str) -> None:
+    fn = _entry(method).spec.resolved("apply_multimodal")
+    params = inspect.signature(fn).parameters
+    names = list(params)
+    assert tuple(names[:len(APPLY_PARAMS)]) == APPLY_PARAMS, \
+        f"apply signature must start with {APPLY_PARAMS}, got {names}"
+    assert any(p.kind is p.VAR_KEYWORD for p in params.values()), "apply must accept **kwargs"
+    for flag in ("copy", "return_orig_weights", "keep_original_weight"):
+        assert params[flag].default is False, f"{flag} must default to False"
+
+
+def check_request_shapes(method: str) -> None:
+    """A bare dict (EasyEdit's sequential mode) and a list both work."""
+    for shape in ("dict", "list"):
+        s = world_setup(method)
+        before = model_state(s.model)
+        req = s.requests[0] if shape == "dict" else [s.requests[0]]
+        edited, weights_copy = _apply(_entry(method), s, req, train_ds=None)
+        assert edited is not None
+        _restore(weights_copy, s.model)
+        assert_same_state(before, model_state(s.model))
+
+
+def check_exact_restore(method: str) -> None:
+    """After one edit, EasyEdit's restore path leaves the model bit-identical; twice is harmless."""
+    s = world_setup(method)
+    before, hooks, mode = model_state(s.model), hook_count(s.model), s.model.training
+    edited, weights_copy = _apply(_entry(method), s, [s.requests[0]])
+    assert weights_copy is not None, "return a restore object when return_orig_weights=True"
+    _restore(weights_copy, s.model)
+    assert_same_state(before, model_state(s.model))
+    if callable(weights_copy):
+        weights_copy()
+    _restore(weights_copy, s.model)
+    assert_same_state(before, model_state(s.model))
+    assert hook_count(s.model) == hooks, "hooks were left on the model after restore"
+    assert s.model.training == mode, "train/eval mode changed"
+
+
+def check_sequential(method: str) -> None:
+    """Edits accumulate on the same model; restoring in reverse order returns to the original."""
+    s = world_setup(method)
+    before = model_state(s.model)
+    copies = [_apply(_entry(method), s, r)[1] for r in s.requests]
+    for wc in reversed(copies):
+        _restore(wc, s.model)
+    assert_same_state(before, model_state(s.model))
+
+
+def check_bad_input(method: str) -> None:
+    """Missing image field and empty target fail with messages naming the field."""
+    for field_name, mutate in (("image", lambda r: r.pop("image")),
+                               ("target", lambda r: r.__setitem__("target", ""))):
+        s = world_setup(method)
+        req = dict(s.requests[0])
+        mutate(req)
+        try:
+            _apply(_entry(method), s, [req])
+        except (MKEError, ValueError, KeyError, TypeError) as exc:
+            assert field_name in str(exc), f"error for a bad {field_name!r} does not name it: {exc}"
+        else:
+            raise AssertionError(f"a request with a bad {field_name!r} was accepted")
+
+
+def check_bridge_round_trip(method: str) -> None:
+    from mke_plugins.easyedit import install, uninstall
+
+    from .standin import new_host
+
+    host = new_host()
+    entry = _entry(method)
+    report = install(host=host)
+    try:
+        if entry.shadows_easyedit:
+            assert method in report.skipped
+            return
+        assert method in host.alg_dict.ALG_MULTIMODAL_DICT and method in report.injected
+        if entry.spec.trainer is not None:
+            assert method.upper() in host.alg_train_dict.ALG_TRAIN_DICT
+    finally:
+        uninstall()
+    assert method not in host.alg_dict.ALG_MULTIMODAL_DICT
+
+
+def check_entry_point(method: str) -> None:
+    entry = _entry(method)
+    if entry.plugin.builtin:
+        assert entry.plugin.name in DEFAULT_PLUGINS
+        return
+    eps = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == entry.plugin.name]
+    assert eps, f"declare [project.entry-points.{ENTRY_POINT_GROUP}] in your pyproject"
+
+
+CHECKS: dict[str, Callable[[str], None]] = {
+    "spec_valid": check_spec_valid,
+    "light_import": check_light_import,
+    "hparams": check_hparams,
+    "apply_signature": check_apply_signature,
+    "request_shapes": check_request_shapes,
+    "exact_restore": check_exact_restore,
+    "sequential": check_sequential,
+    "bad_input": check_bad_input,
+    "bridge_round_trip": check_bridge_round_trip,
+    "entry_point": check_entry_point,
+}
+
+
+def parametrize_with_checks(methods: Iterable[str], checks: Iterable[str] | None = None):
+    """``pytest.mark.parametrize("method,check", ...)`` over every (method, check) pair."""
+    import pytest
+
+    names = list(checks or CHECKS)
+    params = [pytest.param(m, CHECKS[c], id=f"{m}-{c}") for m in methods for c in names]
+    return pytest.mark.parametrize("method,check", params)
