@@ -1,0 +1,73 @@
+"""Plugin objects used by the registry tests: one good, several broken in distinct ways."""
+
+from __future__ import annotations
+
+import types
+
+from mke_hooks import MethodSpec, hookimpl
+
+
+def _plugin(**hooks):
+    return types.SimpleNamespace(**hooks)
+
+
+def _spec(name, **kw):
+    base = dict(name=name, hparams_cls="mke_plugins.hparams:MultimodalHyperParams",
+                apply_multimodal="sample_plugins:apply", summary=f"{name} sample")
+    base.update(kw)
+    return MethodSpec(**base)
+
+
+def apply(model, tok, requests, hparams, copy=False, return_orig_weights=False,
+          keep_original_weight=False, **kwargs):
+    return model, {"seen": requests}
+
+
+@hookimpl
+def _good(register):
+    register(_spec("Good"))
+    register(_spec("GoodTwo", restore="callable", trainer="sample_plugins:Trainer",
+                   apply_text="sample_plugins:apply"))
+
+
+class Trainer:
+    pass
+
+
+@hookimpl
+def _raises(register):
+    raise RuntimeError("boom inside plugin")
+
+
+@hookimpl
+def _not_a_spec(register):
+    register({"name": "Dict"})
+
+
+@hookimpl
+def _bad_restore(register):
+    register(_spec("BadRestore", restore="undo"))
+
+
+@hookimpl
+def _case_clash(register):
+    register(_spec("good"))
+
+
+@hookimpl
+def _lora(register):
+    register(_spec("LoRA"))
+
+
+@hookimpl
+def _typo(register):  # pragma: no cover - never called
+    pass
+
+
+good = _plugin(mke_register_methods=_good)
+raises = _plugin(mke_register_methods=_raises)
+not_a_spec = _plugin(mke_register_methods=_not_a_spec)
+bad_restore = _plugin(mke_register_methods=_bad_restore)
+case_clash = _plugin(mke_register_methods=_case_clash)
+lora = _plugin(mke_register_methods=_lora)
+misspelled = _plugin(mke_register_method=_typo)

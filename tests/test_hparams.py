@@ -1,0 +1,82 @@
+"""Strict, EasyEdit-compatible hyperparameter loading: every bad file gets a precise message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from mke_hooks import HparamsError
+from mke_plugins.hparams import MultimodalHyperParams, hp
+
+
+@dataclass
+class DemoHyperParams(MultimodalHyperParams):
+    ALG_NAME: ClassVar[str] = "Demo"
+    ALG_ALIASES: ClassVar[dict] = {"DEMO": "Demo"}
+    ALG_REFUSED: ClassVar[dict] = {"Dem0": "Dem0 is another method."}
+    layers: list[int] = hp([1], "Layers to edit.")
+    lr: float = hp(1e-2, "Learning rate.")
+    steps: int = hp(10, "Steps.")
+    required_thing: str = hp(help="A required field.", kw_only=True)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "demo.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_with_or_without_suffix_and_coerces(tmp_path):
+    p = write(tmp_path, "alg_name: DEMO\nmodel_name: m\nlr: '1e-3'\nsteps: 5.0\nrequired_thing: x\ndtype: bf16\n")
+    h = DemoHyperParams.from_hparams(str(p)[:-5])
+    assert h.alg_name == "Demo" and h.lr == 1e-3 and h.steps == 5 and h.dtype is torch.bfloat16
+    assert h.name == "m" and h.layers == [1]
+    h.batch_size = 1  # EasyEdit writes attributes
+    assert DemoHyperParams.from_hparams(p).to_dict()["dtype"] == "bfloat16"
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    p = write(tmp_path, "alg_name: Demo\nrequired_thing: x\nlearning_rat: 1\n")
+    with pytest.raises(HparamsError) as e:
+        DemoHyperParams.from_hparams(p)
+    msg = str(e.value)
+    assert str(p) in msg and "'learning_rat'" in msg and "unknown hyperparameter" in msg
+
+
+def test_unknown_key_close_match(tmp_path):
+    p = write(tmp_path, "alg_name: Demo\nrequired_thing: x\nstep: 1\n")
+    with pytest.raises(HparamsError, match=r"did you mean 'steps'"):
+        DemoHyperParams.from_hparams(p)
+
+
+def test_missing_keys_are_all_listed(tmp_path):
+    p = write(tmp_path, "alg_name: Demo\n")
+    with pytest.raises(HparamsError, match=r"missing required keys: required_thing"):
+        DemoHyperParams.from_hparams(p)
+
+
+def test_bad_yaml_and_wrong_types(tmp_path):
+    with pytest.raises(HparamsError, match=r"not valid YAML"):
+        DemoHyperParams.from_hparams(write(tmp_path, "alg_name: [Demo\n"))
+    with pytest.raises(HparamsError, match=r"key 'steps': expected an integer, got 'many'"):
+        DemoHyperParams.from_hparams(write(tmp_path, "alg_name: Demo\nrequired_thing: x\nsteps: many\n"))
+    with pytest.raises(HparamsError, match=r"key 'dtype': unknown dtype 'float8'"):
+        DemoHyperParams.from_hparams(write(tmp_path, "alg_name: Demo\nrequired_thing: x\ndtype: float8\n"))
+    with pytest.raises(HparamsError, match=r"file not found"):
+        DemoHyperParams.from_hparams(tmp_path / "nope.yaml")
+
+
+def test_alg_name_checks(tmp_path):
+    with pytest.raises(HparamsError, match=r"alg_name is 'Other' but this file is for 'Demo'"):
+        DemoHyperParams.from_hparams(write(tmp_path, "alg_name: Other\nrequired_thing: x\n"))
+    with pytest.raises(HparamsError, match=r"Dem0 is another method"):
+        DemoHyperParams.from_hparams(write(tmp_path, "alg_name: Dem0\nrequired_thing: x\n"))
+
+
+def test_every_field_of_the_base_has_help():
+    assert all(MultimodalHyperParams.field_help().values())
+    with pytest.raises(ValueError):
+        hp(1)
