@@ -1,0 +1,139 @@
+"""Pre-edit quality of a world model: token accuracy per query form, trained and held out.
+
+Sets (drawn deterministically from the world's seed):
+
+- ``trained/<form>``: training templates, training renderings;
+- ``heldout_template/<form>``: held-out templates, training renderings;
+- ``heldout_rendering/<form>``: training templates, held-out renderings (picture forms);
+- ``edit_src``: every edit case's paired ``src`` + ``image`` must give ``pred``;
+- ``composition/<form>``: the derived question for entities whose derived fact was never trained
+  (reported, not part of the floor: it measures whether the tiny model composes).
+
+The floor (WORLD.md): every ``trained`` form >= 0.95, every held-out set >= 0.8.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .build import Split, make_split
+from .data import Encoder, Item
+from .queries import FORMS, IMAGE_FORMS, Question
+from .spec import DERIVED, HELDOUT_RENDERINGS, TRAIN_RENDERINGS, World
+
+TRAINED_FLOOR = 0.95
+HELDOUT_FLOOR = 0.8
+
+
+def _relations_for(world: World, split: Split, entity: int) -> list[str]:
+    rels = [r.key for r in world.relations]
+    if split.derived_trained(entity):
+        rels.append(DERIVED.key)
+    return rels
+
+
+def sample_items(world: World, split: Split, rng: np.random.Generator, form: str, n: int,
+                 heldout_template: bool = False, heldout_rendering: bool = False,
+                 entities: Sequence[int] | None = None, relation: str | None = None) -> list[Item]:
+    """``n`` random items of ``form`` (training data when both held-out flags are off)."""
+    pool = list(entities) if entities is not None else list(range(len(world.entities)))
+    out = []
+    for _ in range(n):
+        e = pool[int(rng.integers(len(pool)))]
+        if form == "ident":
+            rel = None
+            n_t = 1 if heldout_template else 3
+        else:
+            rels = [relation] if relation else _relations_for(world, split, e)
+            rel = rels[int(rng.integers(len(rels)))]
+            r = world.relation(rel)
+            n_t = len(r.heldout_templates if heldout_template else r.train_templates)
+        t = int(rng.integers(n_t))
+        rendering = None
+        if form in IMAGE_FORMS:
+            rendering = (TRAIN_RENDERINGS + int(rng.integers(HELDOUT_RENDERINGS)) if heldout_rendering
+                         else int(rng.integers(TRAIN_RENDERINGS)))
+        out.append(Item(Question(form, e, rel, t, heldout_template), rendering))
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: Any, enc: Encoder, items: Sequence[Item], batch_size: int = 256,
+             targets: Sequence[str] | None = None) -> float:
+    """Teacher-forced target-token accuracy (answers are one token: argmax at the last prompt
+    position equals the target)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    correct = 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        b = enc.encode(chunk, None if targets is None else targets[i:i + batch_size])
+        tids = b.pop("target_ids").to(device)
+        b = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in b.items()}
+        logits = model(**b, logits_to_keep=2).logits[:, 0]
+        correct += int((logits.argmax(-1) == tids).sum())
+    model.train(was_training)
+    return correct / max(1, len(items))
+
+
+def check_sets(world: World, split: Split, n: int, seed_offset: int = 7) -> dict[str, list[Item]]:
+    """The named evaluation sets, ``n`` items each."""
+    rng = np.random.default_rng([world.seed, seed_offset])
+    sets: dict[str, list[Item]] = {}
+    for form in FORMS:
+        sets[f"trained/{form}"] = sample_items(world, split, rng, form, n)
+    for form in FORMS:
+        sets[f"heldout_template/{form}"] = sample_items(world, split, rng, form, n, heldout_template=True)
+    for form in IMAGE_FORMS:
+        sets[f"heldout_rendering/{form}"] = sample_items(world, split, rng, form, n, heldout_rendering=True)
+    port = sorted(split.portability_entities)
+    if port:
+        for form in ("paired", "text", "image"):
+            sets[f"composition/{form}"] = sample_items(world, split, rng, form, n, entities=port,
+                                                       relation=DERIVED.key)
+    return sets
+
+
+def edit_src_items(world: World, records: Sequence[dict[str, Any]]) -> tuple[list[Item], list[str]]:
+    """Items for every record's ``src`` + ``image`` with ``pred`` as target."""
+    from .queries import prompt
+
+    names = {e.name: e.index for e in world.entities}
+    items, targets = [], []
+    for rec in records:
+        e = names[rec["entity"]]
+        rel = world.relation(rec["relation"])
+        t = next(i for i, tpl in enumerate(rel.train_templates)
+                 if prompt(world, Question("paired", e, rel.key, i)) == rec["src"])
+        index = int(rec["image"].rsplit("_r", 1)[1].split(".")[0])
+        items.append(Item(Question("paired", e, rel.key, t), index))
+        targets.append(rec["pred"])
+    return items, targets
+
+
+def run_check(model: Any, processor: Any, world: World, split: Split | None = None, n: int = 512,
+              records: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """All accuracies plus ``floor_met`` and the list of ``failures``."""
+    split = split or make_split(world)
+    enc = Encoder(world, processor)
+    acc: dict[str, float] = {}
+    for name, items in check_sets(world, split, n).items():
+        acc[name] = accuracy(model, enc, items)
+    if records is not None:
+        items, targets = edit_src_items(world, records)
+        acc["edit_src"] = accuracy(model, enc, items, targets=targets)
+    failures = []
+    for name, a in acc.items():
+        if name.startswith("trained/") or name == "edit_src":
+            if a < TRAINED_FLOOR:
+                failures.append(f"{name} {a:.3f} < {TRAINED_FLOOR}")
+        elif name.startswith("heldout_"):
+            if a < HELDOUT_FLOOR:
+                failures.append(f"{name} {a:.3f} < {HELDOUT_FLOOR}")
+    return {"accuracy": acc, "n_per_set": n, "floor": {"trained": TRAINED_FLOOR, "heldout": HELDOUT_FLOOR},
+            "floor_met": not failures, "failures": failures}
