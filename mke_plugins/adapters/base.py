@@ -10,10 +10,17 @@ Conventions shared by every adapter (methods rely on them):
   sequence (for LAVIS-style models that sequence starts with the image query tokens) and is
   -100 everywhere except the target tokens, which sit at the end of each row (right-aligned),
   exactly as EasyEdit's evaluator builds them. ``logits[:, t]`` predicts ``labels[:, t + 1]``.
-* Rows are left-padded; every mask is ``(B, T)`` and aligned with the language model sequence.
+* HF rows are left-padded (each row is built alone, exactly as the evaluator builds it, then
+  padded). LAVIS rows follow the wrapper, which pads on the right. Every mask is ``(B, T)`` and
+  aligned with the language model sequence; use the masks, never assume where padding is.
 * ``Query.image is None`` means a text-only query: no image and no image placeholder.
 * Hook points (:class:`HookPoint`) name a module and whether its *input* (first positional
   argument) or its *output* is meant; ``mke_plugins.core.hooks`` reads and edits them.
+  OPT (blip2) flattens the FFN to ``(B*T, d)``; ``LayerInfo.ffn_flat`` says so and the core
+  hooks reshape to ``(B, T, d)`` when given the batch shape.
+* ``model`` arguments may be a ``GatedModel`` (``mke_plugins.core.wrap``): structure accessors
+  unwrap it (:func:`unwrap_model`), ``forward``/``generate`` call it as given, so gated edits
+  are active exactly when the wrapper is called.
 """
 
 from __future__ import annotations
@@ -22,7 +29,30 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """The base model behind any number of ``GatedModel``-style wrappers (``mke_wrapped = True``)."""
+    while getattr(type(model), "mke_wrapped", False):
+        model = model.model
+    return model
+
+
+def model_device(model: Any) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless model)."""
+    for p in unwrap_model(model).parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """Dtype of the model's first floating parameter (float32 if none)."""
+    for p in unwrap_model(model).parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -66,6 +96,7 @@ class LayerInfo:
     ffn_out: HookPoint
     value_in: HookPoint
     value_name: str = ""  # dotted parameter prefix of ``value`` (``...mlp.down_proj``)
+    ffn_flat: bool = False  # FFN hook tensors are (B*T, .) instead of (B, T, .) (OPT)
 
 
 @dataclass
@@ -140,15 +171,34 @@ class VLMAdapter:
         """The end-of-answer token (tokenizer EOS or the chat template's end-of-turn)."""
         raise NotImplementedError
 
-    def prompt_mask_from_inputs(self, tok: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        """(B, T) bool prompt positions of arbitrary model inputs (no labels needed)."""
+    def prompt_mask_from_inputs(self, tok: Any, inputs: dict[str, Any], model: nn.Module | None = None
+                                ) -> torch.Tensor:
+        """(B, T) bool prompt positions of arbitrary model inputs (no labels needed).
+
+        HF chat families: non-padding positions up to the end of the last
+        ``<|im_start|>assistant\\n`` header (all non-padding positions if there is none). LAVIS:
+        the image prefix plus ``prompts_len`` text tokens; needs ``model=``. ``inputs`` may be a
+        ``Batch.inputs`` dict.
+        """
         raise NotImplementedError
 
     def generate(self, model: nn.Module, tok: Any, query: Query, max_new_tokens: int = 8) -> str:
         """Greedy decoding from ``query``'s prompt (its target is ignored)."""
         raise NotImplementedError
 
+    def validate_image(self, image: Any, field: str = "image") -> Any:
+        """Check a request image's type for this family; return it in the form ``batch`` uses.
+
+        Raises ``mke_hooks.errors.RequestError`` (a ``ValueError``) naming ``field`` and the
+        expected type.
+        """
+        raise NotImplementedError
+
     # -- structure ---------------------------------------------------------------------
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (holds ``layers``); what ``final_norm`` and ``layers`` live in."""
+        raise NotImplementedError
+
     def layers(self, model: nn.Module) -> list[LayerInfo]:
         raise NotImplementedError
 
@@ -160,4 +210,44 @@ class VLMAdapter:
 
     def embed_output(self, model: nn.Module) -> HookPoint:
         """Where the joint text+image sequence enters the first decoder layer."""
-        raise NotImplementedError
+        return HookPoint(self.layers(model)[0].layer, "input")
+
+    # -- shared conveniences -------------------------------------------------------------
+    def image_token_mask(self, batch: Batch) -> torch.Tensor:
+        """(B, T) bool: positions holding image tokens (LAVIS: the image query tokens)."""
+        return batch.image_mask
+
+    def loss(self, model: nn.Module, batch: Batch, logits: torch.Tensor | None = None,
+             reduction: Literal["mean", "row"] = "mean") -> torch.Tensor:
+        """Cross-entropy over the target tokens on fp32 logits.
+
+        ``mean``: one scalar, the mean over every target token of the batch; ``row``: ``(B,)``,
+        each row's mean. ``logits`` skips the forward when already computed.
+        """
+        if logits is None:
+            logits = self.forward(model, batch)
+        lg = logits[:, :-1].float()
+        tg = batch.labels[:, 1:].to(lg.device)
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100,
+                             reduction="none").view(tg.shape)
+        mask = (tg != -100).float()
+        if reduction == "row":
+            return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+
+    @staticmethod
+    def _shifted_hits(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = logits[:, :-1].argmax(-1)
+        targ = batch.labels[:, 1:].to(pred.device)
+        mask = targ != -100
+        return (pred == targ) & mask, mask
+
+    def token_accuracy(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(B,) EasyEdit's accuracy: share of target positions whose shifted argmax equals the label."""
+        hits, mask = self._shifted_hits(logits, batch)
+        return hits.sum(1).float() / mask.sum(1).clamp_min(1).float()
+
+    def success(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(B,) bool: every target token is the argmax at its position (rows without targets: False)."""
+        hits, mask = self._shifted_hits(logits, batch)
+        return (hits == mask).all(1) & mask.any(1)

@@ -1,0 +1,63 @@
+"""Session-wide test fixtures: tiny models built once per session into a temporary directory.
+
+``tiny_dir(family)`` builds (once) and returns the directory of an HF tiny model;
+``tiny_model(family)`` loads a *fresh* ``(model, processor)`` pair from it each call (cheap), so a
+test that edits weights cannot leak into another. ``tiny_lavis(family)`` builds a fresh
+LAVIS-style tiny model (``blip2`` / ``minigpt4``) and returns ``(model, tokenizer)``.
+Other agents: add shared fixtures here, each with a docstring; keep per-area fixtures in the
+test module that uses them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tiny models are built (the path itself carries no family marker)."""
+    return tmp_path_factory.mktemp("tinymodels")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_root: Path) -> Callable[[str], Path]:
+    """``tiny_dir(family)``: directory of the tiny HF model for ``family`` (built once per session)."""
+    from mke_plugins.testing.tiny import build_tiny
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = Path(build_tiny(family, tiny_root))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir: Callable[[str], Path]) -> Callable[[str], tuple[Any, Any]]:
+    """``tiny_model(family)``: a freshly loaded ``(model, processor)`` of the tiny HF model (eval mode)."""
+    from mke_plugins.testing.tiny import load_tiny
+
+    def get(family: str) -> tuple[Any, Any]:
+        return load_tiny(tiny_dir(family))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_lavis() -> Callable[[str], tuple[Any, Any]]:
+    """``tiny_lavis(family)``: a fresh LAVIS-style tiny model and its tokenizer (``blip2``/``minigpt4``)."""
+    def get(family: str) -> tuple[Any, Any]:
+        from mke_plugins.testing.tiny_lavis import build_tiny_lavis
+
+        return build_tiny_lavis(family)
+
+    return get
