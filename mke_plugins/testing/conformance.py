@@ -30,7 +30,6 @@ from mke_hooks import MethodSpec, MKEError
 from ..hparams import is_hparams_class, read_yaml
 from ..plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP
 from ..registry import MethodEntry, get_registry
-from .state import assert_same_state, hook_count, model_state
 
 APPLY_PARAMS = ("model", "tok", "requests", "hparams", "copy", "return_orig_weights",
                 "keep_original_weight")
@@ -60,6 +59,28 @@ def world_setup(method: str, model_key: str = "world") -> Setup:
     model, tok, requests = _world()
     return Setup(copy.deepcopy(model), tok, load_hparams(method, model_key),
                  [dict(r) for r in requests])
+
+
+def _state(model: Any) -> Any:
+    """Bit-exact record of parameters, buffers, module names and train/eval mode."""
+    from mke_plugins.core.snapshot import state_of
+
+    return state_of(model), [n for n, _ in model.named_modules()], model.training
+
+
+def _same(before: Any, model: Any) -> None:
+    from mke_plugins.core.snapshot import assert_same_state
+
+    params, modules, training = before
+    assert_same_state(params, model)
+    assert [n for n, _ in model.named_modules()] == modules, "modules were added or removed"
+    assert model.training == training, "train/eval mode changed"
+
+
+def _hooks(model: Any) -> dict[str, int]:
+    from mke_plugins.core.hooks import hook_counts
+
+    return hook_counts(model)
 
 
 def _entry(method: str) -> MethodEntry:
@@ -143,38 +164,37 @@ def check_request_shapes(method: str) -> None:
     """A bare dict (EasyEdit's sequential mode) and a list both work."""
     for shape in ("dict", "list"):
         s = world_setup(method)
-        before = model_state(s.model)
+        before = _state(s.model)
         req = s.requests[0] if shape == "dict" else [s.requests[0]]
         edited, weights_copy = _apply(_entry(method), s, req, train_ds=None)
         assert edited is not None
         _restore(weights_copy, s.model)
-        assert_same_state(before, model_state(s.model))
+        _same(before, s.model)
 
 
 def check_exact_restore(method: str) -> None:
     """After one edit, EasyEdit's restore path leaves the model bit-identical; twice is harmless."""
     s = world_setup(method)
-    before, hooks, mode = model_state(s.model), hook_count(s.model), s.model.training
+    before, hooks = _state(s.model), _hooks(s.model)
     edited, weights_copy = _apply(_entry(method), s, [s.requests[0]])
     assert weights_copy is not None, "return a restore object when return_orig_weights=True"
     _restore(weights_copy, s.model)
-    assert_same_state(before, model_state(s.model))
+    _same(before, s.model)
     if callable(weights_copy):
         weights_copy()
     _restore(weights_copy, s.model)
-    assert_same_state(before, model_state(s.model))
-    assert hook_count(s.model) == hooks, "hooks were left on the model after restore"
-    assert s.model.training == mode, "train/eval mode changed"
+    _same(before, s.model)
+    assert _hooks(s.model) == hooks, "hooks were left on the model after restore"
 
 
 def check_sequential(method: str) -> None:
     """Edits accumulate on the same model; restoring in reverse order returns to the original."""
     s = world_setup(method)
-    before = model_state(s.model)
+    before = _state(s.model)
     copies = [_apply(_entry(method), s, r)[1] for r in s.requests]
     for wc in reversed(copies):
         _restore(wc, s.model)
-    assert_same_state(before, model_state(s.model))
+    _same(before, s.model)
 
 
 def check_bad_input(method: str) -> None:
