@@ -1,0 +1,221 @@
+"""DECODE step 7 (spec §2): learned offsets on the selected value columns, then folded in.
+
+Each stage trains one fp32 offset row ``z_i`` per neuron of its group, applied by a forward hook
+on the value module (``core.deltas.ColumnDelta``: ``out += a[..., idx] @ Z``, i.e. ``v_i ← v_i + z_i``
+at every position), with loss ``CE(target + EOS) + kl_weight · KL(p_ref ‖ p_edit)`` on the prompt
+positions and Adam. The stage ends early, before any update, once the mean CE is below its
+threshold. The hooks are removed in ``finally``; the offsets are then folded into the weights
+(the sum in fp32, one cast), after the touched columns are snapshotted for an exact restore.
+
+:func:`run_decode` is the whole algorithm over a list of requests (steps 1–8); it returns the
+edited model, the weight snapshot and one :class:`EditReport` per request. The bench calls it
+directly; ``decode_main`` wraps it in EasyEdit's apply signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mke_plugins.adapters import LayerInfo, VLMAdapter, get_adapter
+from mke_plugins.core.deltas import ColumnDelta, DeltaSet
+from mke_plugins.core.snapshot import WeightSnapshot
+
+from .decode_hparams import DECODEHyperParams
+from .localize import Localization, Neuron, StageInput, jaccard, kl_chunk, localize
+
+
+# -- reports ------------------------------------------------------------------------------
+
+@dataclass
+class StageReport:
+    name: str  # text | image | joint
+    group_size: int
+    steps: int = 0  # Adam updates taken
+    final_l_tgt: float | None = None  # last mean CE computed
+    final_l_loc: float | None = None  # last KL computed (None if the stage stopped before any)
+    early_stopped: bool = False
+    skipped: bool = False  # empty group
+    seconds: float = 0.0
+
+
+@dataclass
+class EditReport:
+    """What one request's edit did (spec §2 step 8)."""
+
+    n_text: list[Neuron]
+    n_image: list[Neuron]
+    jaccard: float | None
+    g_text_size: int
+    g_image_size: int
+    layers: list[int]
+    stages: list[StageReport] = field(default_factory=list)
+    localize_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DecodeResult:
+    model: nn.Module
+    snapshot: WeightSnapshot
+    reports: list[EditReport]
+
+
+# -- model state during an edit ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and every parameter frozen; training flags and ``requires_grad`` put back after."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, rg in flags:
+            p.requires_grad_(rg)
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def seeded(model: nn.Module, seed: int) -> Iterator[None]:
+    """Seed torch for the block without disturbing the caller's RNG streams."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+# -- losses ---------------------------------------------------------------------------------
+
+def kl_loss(logits: torch.Tensor, stage: StageInput) -> torch.Tensor:
+    """Mean over the KL positions of KL(p_ref ‖ p_edit), fp32, computed in position chunks."""
+    ref = stage.ref_logprobs
+    if ref is None or ref.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    sel = logits[stage.kl_pos.to(logits.device)]
+    ref = ref.to(sel.device)
+    total = sel.new_zeros((), dtype=torch.float32)
+    step = kl_chunk(sel.shape[-1])
+    for c in range(0, sel.shape[0], step):
+        lp_ref = ref[c:c + step].float()
+        lp = F.log_softmax(sel[c:c + step].float(), dim=-1)
+        total = total + (lp_ref.exp() * (lp_ref - lp)).sum()
+    return total / sel.shape[0]
+
+
+# -- step 7: one stage --------------------------------------------------------------------------
+
+def by_layer(group: Sequence[Neuron]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for layer, idx in sorted(group):
+        out.setdefault(layer, []).append(idx)
+    return out
+
+
+def make_deltas(infos: Sequence[LayerInfo], group: Sequence[Neuron]) -> DeltaSet:
+    """Zero-initialised fp32 offsets, one ``ColumnDelta`` per touched layer (on its device)."""
+    return DeltaSet(ColumnDelta(infos[layer].value, cols) for layer, cols in by_layer(group).items())
+
+
+def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group: Sequence[Neuron],
+                infos: Sequence[LayerInfo], threshold: float, hparams: DECODEHyperParams,
+                snapshot: WeightSnapshot, name: str) -> StageReport:
+    """Optimise the group's offsets on the stage batch, then fold them (spec §2 step 7)."""
+    report = StageReport(name, len(group))
+    if not group:
+        report.skipped = True
+        return report
+    t0 = time.perf_counter()
+    deltas = make_deltas(infos, group)
+    opt = torch.optim.Adam(list(deltas.parameters()), lr=hparams.lr)
+    try:
+        deltas.install()
+        with torch.enable_grad():
+            for _ in range(hparams.max_steps):
+                logits = adapter.forward(model, stage.batch)
+                l_tgt = adapter.loss(model, stage.batch, logits=logits)
+                report.final_l_tgt = float(l_tgt.detach())
+                if report.final_l_tgt < threshold:
+                    report.early_stopped = True
+                    break
+                l_loc = kl_loss(logits, stage)
+                report.final_l_loc = float(l_loc.detach())
+                loss = l_tgt + hparams.kl_weight * l_loc
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                report.steps += 1
+                del logits, loss, l_tgt, l_loc
+    finally:
+        deltas.remove()
+    if report.steps:  # an early stop before any update leaves the weights untouched
+        deltas.fold(model, snapshot)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+STAGE_THRESHOLDS = {"text": "early_stop_text", "image": "early_stop_image", "joint": "early_stop_joint"}
+
+
+def plan_stages(loc: Localization, hparams: DECODEHyperParams) -> list[tuple[str, StageInput | None, list[Neuron]]]:
+    """``stage_order`` → [(name, stage input, group)]; stages without input or group are skipped later."""
+    text = ("text", loc.text, loc.g_text)
+    image = ("image", loc.image, loc.g_image)
+    if hparams.stage_order == "joint":
+        joint_group = sorted(set(loc.g_text) | set(loc.g_image))
+        return [("joint", loc.paired, joint_group)]
+    return [text, image] if hparams.stage_order == "text_first" else [image, text]
+
+
+# -- steps 1–8 for a list of requests ------------------------------------------------------------
+
+def edit_request(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[str, Any],
+                 hparams: DECODEHyperParams, snapshot: WeightSnapshot,
+                 infos: list[LayerInfo] | None = None) -> EditReport:
+    """One edit: localise on the model as it is, then run the stages and fold each."""
+    t0 = time.perf_counter()
+    infos = infos if infos is not None else adapter.layers(model)
+    loc = localize(adapter, model, tok, request, hparams, infos)
+    t_loc = time.perf_counter() - t0
+    report = EditReport(n_text=sorted(loc.n_text), n_image=sorted(loc.n_image),
+                        jaccard=jaccard(loc.n_text, loc.n_image) if loc.image is not None else None,
+                        g_text_size=len(loc.g_text), g_image_size=len(loc.g_image), layers=loc.layers,
+                        localize_seconds=t_loc)
+    for name, stage, group in plan_stages(loc, hparams):
+        if stage is None:
+            report.stages.append(StageReport(name, 0, skipped=True))
+            continue
+        threshold = getattr(hparams, STAGE_THRESHOLDS[name])
+        report.stages.append(train_stage(adapter, model, stage, group, infos, threshold, hparams, snapshot, name))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def run_decode(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hparams: DECODEHyperParams,
+               *, adapter: VLMAdapter | None = None, snapshot: WeightSnapshot | None = None) -> DecodeResult:
+    """DECODE over ``requests`` in order (each its own edit), folding into ``model`` in place.
+
+    Requests must already be validated (``decode_main`` does it). ``snapshot`` receives the
+    original bits of every column this call changes (the earliest copy wins on restore).
+    """
+    adapter = adapter or get_adapter(model, hparams)
+    snapshot = snapshot if snapshot is not None else WeightSnapshot(model)
+    reports = []
+    with frozen_eval(model), seeded(model, hparams.seed):
+        infos = adapter.layers(model)
+        for request in requests:
+            reports.append(edit_request(adapter, model, tok, request, hparams, snapshot, infos))
+    return DecodeResult(model, snapshot, reports)
