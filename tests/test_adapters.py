@@ -21,7 +21,7 @@ from mke_plugins.testing.images import make_image, make_lavis_image
 
 HF = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision"]
 LAVIS = ["blip2", "minigpt4"]
-ALL = HF  # LAVIS families join once their tiny models land
+ALL = HF + LAVIS
 ADAPTER_FAMILY = {"qwen2.5-vl": "qwen2-vl"}
 
 #: per family: (layer path prefix, value suffix, key suffixes, final norm, lm_head)

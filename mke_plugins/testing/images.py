@@ -7,6 +7,7 @@ base crop in the tiny LLaVA-OneVision model; the LAVIS-style tiny models take th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -29,7 +30,7 @@ def make_image(seed: int = 0, size: int = 56) -> Image.Image:
 def make_lavis_image(seed: int = 0, size: int = 364) -> torch.Tensor:
     """A ``(3, size, size)`` float32 tensor like EasyEdit's BLIP eval processor output."""
     img = make_image(seed, 56).resize((size, size))
-    data = torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, 3)
+    data = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (H, W, 3)
     data = data.permute(2, 0, 1) / 255.0
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)

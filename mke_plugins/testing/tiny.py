@@ -80,11 +80,14 @@ def _round64(n: int) -> int:
     return (n + 63) // 64 * 64
 
 
-def train_tokenizer(specials: list[str], vocab_size: int = 400, extra_tokens: dict[str, str] | None = None):
+def train_tokenizer(specials: list[str], vocab_size: int = 400, extra_tokens: dict[str, str] | None = None, *,
+                    eos: str | None = None, pad: str | None = None, bos: str | None = None, unk: str | None = None,
+                    padding_side: str = "left"):
     """A fast byte-level BPE tokenizer trained on the built-in corpus, with ``specials`` added.
 
-    The first special is EOS and PAD (``<|endoftext|>``); padding is on the left.
-    ``extra_tokens`` sets named attributes such as ``image_token``.
+    EOS and PAD default to the first special (``<|endoftext|>`` for the chat families); padding is
+    on the left unless ``padding_side`` says otherwise. ``extra_tokens`` sets named attributes
+    such as ``image_token``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -95,10 +98,16 @@ def train_tokenizer(specials: list[str], vocab_size: int = 400, extra_tokens: di
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=specials[0], pad_token=specials[0],
-                                   padding_side="left", model_max_length=4096,
-                                   extra_special_tokens=extra_tokens or {})
-    fast.add_special_tokens({"additional_special_tokens": list(specials[1:])})
+    named = {"eos_token": eos or specials[0], "pad_token": pad or specials[0]}
+    if bos:
+        named["bos_token"] = bos
+    if unk:
+        named["unk_token"] = unk
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, padding_side=padding_side, model_max_length=4096,
+                                   extra_special_tokens=extra_tokens or {}, **named)
+    rest = [t for t in specials if t not in named.values()]
+    if rest:
+        fast.add_special_tokens({"additional_special_tokens": rest})
     return fast
 
 
