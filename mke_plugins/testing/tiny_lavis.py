@@ -92,6 +92,7 @@ class _TinyLavisBase(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.config = None  # as in EasyEdit's wrappers
         self.visual_encoder = _PatchEncoder()
         self.ln_vision = nn.LayerNorm(VIS_DIM)
         self.Qformer = _TinyQFormer()

@@ -1,0 +1,133 @@
+"""Gates and ``GatedModel``: hook-based edits that are active only when the edited model is called.
+
+Hook-based methods (UniKE's neurons, LDKE's routed weights, ASAM's patches) install hooks on the
+base model but check a named *gate* before acting. :class:`GatedModel` is what such a method
+returns as ``edited_model``: calling it (``__call__``, ``forward``, ``generate``) opens its gates
+for the duration of the call, so EasyEdit's evaluators see the edit through ``edited_model``
+while the base model's own forward stays original (honest "pre" metrics). Gates live in a side
+table keyed weakly by the model, never in its module tree.
+
+``GatedModel`` is a plain object, not an ``nn.Module``: everything it does not define is
+forwarded to the base model (``config``, ``device``, ``parameters()``, ``state_dict()``...), and
+wrapping a ``GatedModel`` again merges the gate names instead of nesting (:func:`gated`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import Counter
+from typing import Any, Iterable, Iterator
+
+from torch import nn
+
+from mke_plugins.adapters.base import unwrap_model
+
+__all__ = ["GatedModel", "gate_open", "gated", "is_gate_open", "set_always_on"]
+
+
+class _GateState:
+    def __init__(self) -> None:
+        self.depth: Counter[str] = Counter()
+        self.always: set[str] = set()
+
+
+_GATES: "weakref.WeakKeyDictionary[nn.Module, _GateState]" = weakref.WeakKeyDictionary()
+
+
+def _state(model: Any) -> _GateState:
+    base = unwrap_model(model)
+    st = _GATES.get(base)
+    if st is None:
+        st = _GATES[base] = _GateState()
+    return st
+
+
+def is_gate_open(model: Any, name: str) -> bool:
+    """True while a ``GatedModel`` call (or :func:`gate_open`) has ``name`` open, or it is always on."""
+    st = _GATES.get(unwrap_model(model))
+    return st is not None and (st.depth[name] > 0 or name in st.always)
+
+
+@contextlib.contextmanager
+def gate_open(model: Any, *names: str) -> Iterator[None]:
+    """Open the named gates of ``model`` for the block (re-entrant; closed again on exceptions)."""
+    st = _state(model)
+    for n in names:
+        st.depth[n] += 1
+    try:
+        yield
+    finally:
+        for n in names:
+            st.depth[n] -= 1
+            if st.depth[n] <= 0:
+                del st.depth[n]
+
+
+def set_always_on(model: Any, name: str, on: bool = True) -> None:
+    """Keep gate ``name`` open on the bare model too (e.g. ``unike.set_active(model, True)``)."""
+    st = _state(model)
+    if on:
+        st.always.add(name)
+    else:
+        st.always.discard(name)
+
+
+class GatedModel:
+    """The base model with its gates opened on every call. ``.model`` is the base model itself."""
+
+    mke_wrapped = True
+
+    def __init__(self, model: nn.Module, gates: Iterable[str]) -> None:
+        object.__setattr__(self, "model", unwrap_model(model))
+        object.__setattr__(self, "gates", tuple(dict.fromkeys(gates)))
+        if not self.gates:
+            raise ValueError("GatedModel needs at least one gate name")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with gate_open(self.model, *self.gates):
+            return self.model(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with gate_open(self.model, *self.gates):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        with gate_open(self.model, *self.gates):
+            return self.model.generate(*args, **kwargs)
+
+    # chainable module methods return the wrapper, not the bare model
+    def to(self, *args: Any, **kwargs: Any) -> "GatedModel":
+        self.model.to(*args, **kwargs)
+        return self
+
+    def cuda(self, *args: Any, **kwargs: Any) -> "GatedModel":
+        self.model.cuda(*args, **kwargs)
+        return self
+
+    def cpu(self) -> "GatedModel":
+        self.model.cpu()
+        return self
+
+    def eval(self) -> "GatedModel":
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "GatedModel":
+        self.model.train(mode)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "model"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.model, name, value)
+
+    def __repr__(self) -> str:
+        return f"GatedModel(gates={list(self.gates)}, model={type(self.model).__name__})"
+
+
+def gated(model: Any, *names: str) -> GatedModel:
+    """Wrap ``model`` with gates ``names``; an existing ``GatedModel`` keeps its gates too (no nesting)."""
+    old = tuple(model.gates) if isinstance(model, GatedModel) else ()
+    return GatedModel(unwrap_model(model), old + names)
