@@ -225,3 +225,32 @@ def test_value_column_delta_restores_bit_exactly(family, setup):
     assert hook_counts(model) == counts
     with torch.no_grad():
         assert torch.equal(adapter.forward(model, batch), base)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "blip2"])
+def test_bf16_model_gets_model_dtype_inputs_and_exact_restore(family, setup):
+    model, tok, adapter, _ = setup(family)
+    model.to(torch.bfloat16)
+    batch = adapter.batch(model, tok, queries(family)[:2])
+    if family in HF:
+        assert batch.inputs["pixel_values"].dtype == torch.bfloat16
+        assert batch.inputs["input_ids"].dtype == torch.long
+    before = state_of(model)
+    info = adapter.layers(model)[0]
+    handle = RestoreHandle([WeightSnapshot(model).add(info.value.weight, columns=[0, 5])])
+    with torch.no_grad():
+        info.value.weight[:, [0, 5]] += 0.01
+        logits = adapter.forward(model, batch)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(adapter.loss(model, batch, logits))
+    handle()
+    assert_same_state(before, model)
+
+
+def test_normalize_requests_checks_image_types_with_the_adapter(setup):
+    from mke_plugins.core.requests import normalize_requests
+
+    model, tok, adapter, _ = setup("llava-onevision")
+    good = {"prompt": "q?", "target": "a", "image": make_image(0)}
+    assert len(normalize_requests(good, adapter)) == 1
+    with pytest.raises(RequestError, match=r"request #1, field 'image_rephrase'.*PIL"):
+        normalize_requests([good, {**good, "image_rephrase": torch.zeros(3, 4, 4)}], adapter)

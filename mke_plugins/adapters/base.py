@@ -103,7 +103,10 @@ class LayerInfo:
 class Batch:
     """Teacher-forced model inputs plus the position bookkeeping every method needs."""
 
-    inputs: dict[str, Any]  # what the adapter's ``forward`` passes to the model
+    #: what the adapter's ``forward`` passes to the model. HF: the processor outputs, called as
+    #: ``model(**inputs)``; LAVIS: ``{"samples": sample_dict_or_list}``, called as
+    #: ``model(inputs["samples"])``. Always go through ``adapter.forward``.
+    inputs: dict[str, Any]
     labels: torch.Tensor  # (B, T) long, -100 except the right-aligned target ids
     attention_mask: torch.Tensor  # (B, T) long/bool, 0 on padding
     image_mask: torch.Tensor  # (B, T) bool, True on image tokens

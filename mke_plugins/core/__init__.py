@@ -1,1 +1,10 @@
-"""mke_plugins.core"""
+"""Family-agnostic editing machinery shared by every method.
+
+* ``requests``: normalise EasyEdit requests (dict or list), check fields, read optional ones.
+* ``hooks``: capture / intervene on activations at adapter hook points; persistent hook sets.
+* ``snapshot``: exact weight snapshots, the ``RestoreHandle`` EasyEdit calls, state comparison.
+* ``deltas``: trainable fp32 value-column deltas applied by hook and folded exactly.
+* ``neurons``: T-Patcher-style key-value neuron blocks kept outside the module tree.
+* ``wrap``: named gates and ``GatedModel``, the ``edited_model`` of hook-based methods.
+* ``scoring``: metrics (owned by the bench).
+"""
