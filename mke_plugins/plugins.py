@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "mke_plugins"
 #: Built-in plugins: modules implementing ``mke_register_methods``. A method is listed here only
 #: once it works end to end (no method is registered before it is complete).
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mke_plugins.methods.baselines",
 )
 
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("mke_"))

@@ -1,0 +1,95 @@
+"""``mke-plugins bench``: run methods on edit cases, print a table, write JSON and a plot.
+
+With no arguments it runs every registered method with a ``world`` YAML (the FT and LoRA
+baselines included) on the first cases of the bundled world, in single-edit mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mke_hooks import MKEError
+
+EXAMPLES = """examples:
+  mke-plugins bench
+  mke-plugins bench --methods FT,LoRA --cases 200 --json ft-lora.json --plot ft-lora.png
+  mke-plugins bench --methods "DECODE,DECODE[group_mode=disjoint],LDKE[router=false]"
+  mke-plugins bench --mode sequential --sequential-n 50 --cases 200
+  mke-plugins bench --data path/to/mmedit --model path/to/qwen2-vl-dir --hparams world
+  mke-plugins bench --methods FT,easyedit:GRACE --easyedit-hparams GRACE=hparams/GRACE/qwen2vl-7b.yaml
+"""
+
+
+def _easyedit_yaml(values: list[str] | None) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise MKEError(f"--easyedit-hparams {v!r}: write NAME=PATH")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from .runner import DEFAULT_CASES
+
+    p = subparsers.add_parser("bench", help="benchmark editing methods (default: all registered, on the world)",
+                              description=__doc__, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", help="comma-separated methods; NAME[key=value,...] adds an ablation row; "
+                                     "easyedit:NAME runs EasyEdit's own method (default: every registered method "
+                                     "with a YAML for --hparams)")
+    p.add_argument("--cases", type=int, default=DEFAULT_CASES,
+                   help=f"use the first N records (default {DEFAULT_CASES}; 0 = all)")
+    p.add_argument("--mode", choices=("single", "sequential"), default="single",
+                   help="single: edit, evaluate, restore per case; sequential: edits accumulate")
+    p.add_argument("--sequential-n", type=int, default=None,
+                   help="sequential mode: edits per sequence, evaluated after the last (default: all cases)")
+    p.add_argument("--json", default="bench-results.json", help="result file (default bench-results.json)")
+    p.add_argument("--plot", default="bench-results.png", help="plot file (default bench-results.png; '' for none)")
+    p.add_argument("--data", help="MMEdit JSON file or folder (default: the bundled world's edit split)")
+    p.add_argument("--image-root", help="folder the records' image paths are relative to (default: the JSON's)")
+    p.add_argument("--model", help="Hugging Face VLM directory to edit (default: the bundled world model)")
+    p.add_argument("--hparams", default="world", help="bundled YAML key of each method (default world)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for the bench and every method's `seed` (default: methods keep their YAML seed)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    p.add_argument("--no-verify-restore", dest="verify_restore", action="store_false",
+                   help="skip the bit-exact check of the model after each restore")
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="skip greedy generation of the paired query (exact match)")
+    p.add_argument("--per-case", action="store_true", help="also write every case's results into the JSON")
+    p.add_argument("--probe-batch", type=int, default=64, help="probe rows per forward pass (default 64)")
+    p.add_argument("--easyedit-hparams", action="append", metavar="NAME=PATH",
+                   help="YAML for an easyedit:NAME method (repeatable)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for models under 50M parameters on CPU, else torch's)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .report import plot, table, write_json
+    from .runner import BenchConfig, methods_from, run_bench
+
+    cfg = BenchConfig(
+        methods=methods_from(args.methods), cases=args.cases or None, mode=args.mode,
+        sequential_n=args.sequential_n, data=args.data, image_root=args.image_root, model=args.model,
+        hparams=args.hparams, seed=args.seed, device=args.device, dtype=args.dtype,
+        verify_restore=args.verify_restore, generate=args.generate, keep_cases=args.per_case,
+        probe_batch=args.probe_batch, easyedit_hparams=_easyedit_yaml(args.easyedit_hparams),
+        progress=args.progress, threads=args.threads)
+    if args.sequential_n is not None and args.mode != "sequential":
+        raise MKEError("--sequential-n needs --mode sequential")
+    result = run_bench(cfg)
+    print(table(result))
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
+    if args.plot:
+        print(f"wrote {plot(result, args.plot)}")
+    sys.stdout.flush()
+    return 0

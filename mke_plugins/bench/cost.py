@@ -1,0 +1,115 @@
+"""What an edit costs: wall time, peak memory, and one forward+backward pass as the unit of work.
+
+Seconds depend on the machine; the ratio of edit time to one forward+backward pass of the same
+model on the same request does much less, so the bench reports both. Peak memory is measured
+around the edit only: on CUDA with ``torch.cuda.max_memory_allocated`` after resetting the peak;
+on CPU as the process's peak resident set size (``VmHWM``), reset before the edit by writing
+``5`` to ``/proc/self/clear_refs``. Where that reset is not allowed the lifetime peak of
+``resource.getrusage`` is used and :attr:`PeakMemory.source` says so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels so wall-clock time covers them (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Context manager: peak memory (MB) while the block runs, and its rise over the start."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb: float | None = None
+        self.delta_mb: float | None = None
+        self.source = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+            self.source = "cuda.max_memory_allocated"
+        else:
+            rss = _status_kb("VmRSS")
+            if rss is not None and _reset_hwm():
+                self._start = rss / 1024
+                self.source = "VmHWM"
+            else:
+                self._start = self._rusage_mb()
+                self.source = "ru_maxrss"
+        return self
+
+    @staticmethod
+    def _rusage_mb() -> float:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 2**20 if sys.platform == "darwin" else kb / 1024  # bytes on macOS, KiB on Linux
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.source.startswith("cuda"):
+            sync(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.source == "VmHWM":
+            hwm = _status_kb("VmHWM")
+            self.peak_mb = hwm / 1024 if hwm is not None else self._rusage_mb()
+        else:
+            self.peak_mb = self._rusage_mb()
+        self.delta_mb = max(0.0, self.peak_mb - self._start)
+
+
+def fwd_bwd_seconds(adapter: Any, model: Any, batch: Any) -> float:
+    """Seconds of one forward and backward pass of ``model`` on ``batch`` (all weights trainable).
+
+    ``requires_grad`` flags and ``.grad`` of every parameter are put back afterwards.
+    """
+    from mke_plugins.adapters.base import model_device, unwrap_model
+
+    params = [p for p in unwrap_model(model).parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    device = model_device(model)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            loss = adapter.loss(model, batch)
+            loss.backward()
+        sync(device)
+        return time.perf_counter() - t0
+    finally:
+        for p, flag, grad in zip(params, flags, grads):
+            p.grad = grad
+            p.requires_grad_(flag)

@@ -1,0 +1,146 @@
+"""Edit cases for the bench: MMEdit E-VQA records (plus the world's extensions) as request dicts.
+
+The bench runs on the bundled world by default, or on any folder/file in MMEdit's format
+(``--data``). Both go through one loader so every dataset is read the same way: the record
+fields of EASYEDIT.md §8 become EasyEdit's request keys (``src`` → ``prompt``, ``alt`` →
+``target``, ``loc`` → ``locality_prompt``, ...), the optional extensions (``text_only_prompt``,
+``image_only_prompt``, ``portability``, ``fine_locality``) are kept when present, and every
+image becomes the family-native object the method and the scorer expect
+(:func:`mke_plugins.adapters.images.image_for_family`). Image paths are relative to the image
+root (EasyEdit's ``coco_image``), by default the JSON file's folder. Empty strings count as
+absent, as in EasyEdit's loaders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mke_hooks import MKEError
+
+#: MMEdit record field -> EasyEdit request key (text fields)
+TEXT_FIELDS = {
+    "src": "prompt", "alt": "target", "pred": "pred", "rephrase": "rephrase_prompt",
+    "loc": "locality_prompt", "loc_ans": "locality_ground_truth",
+    "m_loc_q": "multimodal_locality_prompt", "m_loc_a": "multimodal_locality_ground_truth",
+    "text_only_prompt": "text_only_prompt", "image_only_prompt": "image_only_prompt",
+}
+#: MMEdit record field -> EasyEdit request key (image paths)
+IMAGE_FIELDS = {"image": "image", "image_rephrase": "image_rephrase", "m_loc": "multimodal_locality_image"}
+PROBE_LISTS = ("portability", "fine_locality")
+PASSTHROUGH = ("case_id", "entity", "relation")
+
+
+def find_json(data: str | Path) -> Path:
+    """The records file: ``data`` itself, or ``data/edit.json`` (a world folder), or a folder's only JSON."""
+    p = Path(data)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise MKEError(f"--data {data}: no such file or folder; pass an MMEdit JSON file or a folder holding "
+                       f"edit.json")
+    if (p / "edit.json").is_file():
+        return p / "edit.json"
+    found = sorted(x for x in p.glob("*.json") if x.name not in ("world.json", "train.json"))
+    if len(found) == 1:
+        return found[0]
+    raise MKEError(f"--data {data}: expected edit.json or exactly one records JSON in the folder, found "
+                   f"{[x.name for x in found] or 'none'}; pass the JSON file itself")
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list, dict)) and len(value) == 0)
+
+
+def record_to_request(record: dict[str, Any], image_root: Path, index: int) -> dict[str, Any]:
+    """One MMEdit record as an EasyEdit request dict, images still as absolute paths."""
+    for key in ("src", "alt", "image"):
+        if _absent(record.get(key)):
+            raise MKEError(f"record {index}: field {key!r} is missing or empty (MMEdit records need src, alt "
+                           f"and image)")
+    req: dict[str, Any] = {"file_type": "image"}
+    for src, dst in TEXT_FIELDS.items():
+        if not _absent(record.get(src)):
+            req[dst] = str(record[src])
+    for src, dst in IMAGE_FIELDS.items():
+        if not _absent(record.get(src)):
+            req[dst] = str(image_root / record[src])
+    for key in PROBE_LISTS:
+        items = record.get(key)
+        if _absent(items):
+            continue
+        if isinstance(items, dict):
+            items = [items]
+        out = []
+        for j, item in enumerate(items):
+            if not isinstance(item, dict) or _absent(item.get("prompt")) or _absent(item.get("answer")):
+                raise MKEError(f"record {index}: {key}[{j}] needs non-empty 'prompt' and 'answer'")
+            item = dict(item)
+            item["image"] = None if _absent(item.get("image")) else str(image_root / item["image"])
+            out.append(item)
+        req[key] = out
+    for key in PASSTHROUGH:
+        if key in record:
+            req[key] = record[key]
+    req.setdefault("case_id", index)
+    # a request without the multimodal-locality image cannot have that probe
+    if "multimodal_locality_image" not in req:
+        req.pop("multimodal_locality_prompt", None)
+        req.pop("multimodal_locality_ground_truth", None)
+    if "locality_ground_truth" not in req:
+        req.pop("locality_prompt", None)
+    return req
+
+
+def load_requests(data: str | Path, *, cases: int | None = None,
+                  image_root: str | Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """``(json_path, requests)``: the first ``cases`` records as request dicts with image paths."""
+    path = find_json(data)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MKEError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, list) or not raw:
+        raise MKEError(f"{path}: expected a non-empty JSON list of MMEdit records")
+    if cases is not None:
+        if cases < 1:
+            raise MKEError(f"--cases must be at least 1, got {cases}")
+        raw = raw[:cases]
+    root = Path(image_root) if image_root is not None else path.parent
+    return path, [record_to_request(r, root, i) for i, r in enumerate(raw)]
+
+
+class ImageCache:
+    """Loads each picture once per family and hands out the family-native object."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self._cache: dict[str, Any] = {}
+
+    def __call__(self, path: str | None) -> Any:
+        if path is None:
+            return None
+        if path not in self._cache:
+            from mke_plugins.adapters.images import image_for_family
+
+            if not Path(path).is_file():
+                raise MKEError(f"image {path} not found; check --data and --image-root")
+            self._cache[path] = image_for_family(self.adapter, path)
+        return self._cache[path]
+
+
+def with_images(requests: list[dict[str, Any]], adapter: Any) -> list[dict[str, Any]]:
+    """Copies of ``requests`` whose image paths are replaced by family-native images."""
+    load = ImageCache(adapter)
+    out = []
+    for r in requests:
+        r = dict(r)
+        for key in IMAGE_FIELDS.values():
+            if key in r:
+                r[key] = load(r[key])
+        for key in PROBE_LISTS:
+            if key in r:
+                r[key] = [dict(item, image=load(item.get("image"))) for item in r[key]]
+        out.append(r)
+    return out

@@ -1,0 +1,212 @@
+"""Which methods a bench run compares, and how each one is called.
+
+A method string is a registered name (``FT``), optionally with hyperparameter overrides for an
+ablation row (``DECODE[group_mode=disjoint]``, ``ASAM[lar=false,rcsl=false]``; values parsed as
+YAML scalars; the row is named exactly as written), or ``easyedit:NAME`` for a method from
+EasyEdit's own ``ALG_MULTIMODAL_DICT`` (EasyEdit must be importable; its YAML comes from
+``--easyedit-hparams NAME=PATH``).
+
+Our methods are called through :func:`mke_plugins.easyedit.make_apply`, the same wrapper
+EasyEdit's editor gets; EasyEdit's through their registry entry, always with a list of requests.
+Each bound method also knows how EasyEdit would restore it (``MethodSpec.restore`` for ours,
+EasyEdit's restore sets for theirs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from mke_hooks import MKEError
+
+EASYEDIT_PREFIX = "easyedit:"
+#: EasyEdit methods the bench cannot run as editors (why)
+EASYEDIT_REFUSED = {
+    "IKE": "its apply returns in-context examples, not an edited model",
+}
+_ITEM_RE = re.compile(r"^\s*(?P<name>[^\[\]\s]+)\s*(?:\[(?P<over>[^\[\]]*)\])?\s*$")
+
+
+@dataclass(frozen=True)
+class MethodRequest:
+    """One row of the bench: its label (as written), method name, source and overrides."""
+
+    label: str
+    name: str
+    easyedit: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def split_methods(text: str) -> list[str]:
+    """Split ``A,B[x=1,y=2],C`` at the commas outside brackets."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise MKEError(f"--methods {text!r}: ']' without '['")
+        if ch == "," and depth == 0:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise MKEError(f"--methods {text!r}: '[' is never closed")
+    items.append("".join(cur).strip())
+    return [i for i in items if i]
+
+
+def parse_overrides(text: str, label: str) -> dict[str, Any]:
+    """``k=v,k2=v2`` → dict with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise MKEError(f"method {label!r}: override {part!r} must look like key=value")
+        try:
+            out[key] = yaml.safe_load(value.strip()) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise MKEError(f"method {label!r}: value of {key!r} is not a YAML scalar: {exc}") from None
+    return out
+
+
+def parse_method(text: str) -> MethodRequest:
+    """``NAME`` / ``NAME[k=v,...]`` / ``easyedit:NAME[...]`` → :class:`MethodRequest`."""
+    m = _ITEM_RE.match(text)
+    if not m:
+        raise MKEError(f"cannot read method {text!r}; write NAME or NAME[key=value,...]")
+    name, over = m.group("name"), m.group("over")
+    easy = name.startswith(EASYEDIT_PREFIX)
+    if easy:
+        name = name[len(EASYEDIT_PREFIX):]
+        if not name:
+            raise MKEError(f"method {text!r}: name the EasyEdit method after 'easyedit:'")
+    return MethodRequest(text.strip(), name, easy, parse_overrides(over or "", text.strip()))
+
+
+def parse_methods(text: str) -> list[MethodRequest]:
+    reqs = [parse_method(t) for t in split_methods(text)]
+    labels = [r.label for r in reqs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise MKEError(f"--methods lists {dup} more than once")
+    return reqs
+
+
+@dataclass
+class BoundMethod:
+    """A method ready to run: its apply function, hyperparameters and EasyEdit restore policy."""
+
+    request: MethodRequest
+    apply: Callable[..., Any]
+    hparams: Any
+    restore: str  # "snapshot" | "callable" | "peft" | "keep"
+    source: str  # plugin label or "EasyEdit"
+
+    @property
+    def label(self) -> str:
+        return self.request.label
+
+
+def _apply_overrides(hparams: Any, overrides: dict[str, Any], label: str) -> None:
+    for key, value in overrides.items():
+        if not hasattr(hparams, key):
+            raise MKEError(f"method {label!r}: {type(hparams).__name__} has no hyperparameter {key!r}")
+        setattr(hparams, key, value)
+
+
+def bind_ours(req: MethodRequest, hparams_key: str, common: dict[str, Any]) -> BoundMethod:
+    """A registered method: hparams from its bundled YAML for ``hparams_key`` plus overrides."""
+    from mke_plugins.easyedit import make_apply
+    from mke_plugins.hparams import load_hparams
+    from mke_plugins.registry import get_registry
+
+    entry = get_registry().get(req.name)
+    hparams = load_hparams(req.name, hparams_key, **{**common, **req.overrides})
+    return BoundMethod(req, make_apply(entry), hparams, entry.spec.restore, entry.plugin.label)
+
+
+def _easyedit_hparams_class(fn: Callable[..., Any], name: str) -> type:
+    """The hyperparameter class in the package that defines EasyEdit's apply ``fn``."""
+    owner = getattr(fn, "__self__", None)
+    module_name = (type(owner).__module__ if owner is not None else getattr(fn, "__module__", "")) or ""
+    parts = module_name.split(".")
+    candidates: list[type] = []
+    for depth in range(len(parts), 1, -1):
+        try:
+            mod = importlib.import_module(".".join(parts[:depth]))
+        except ImportError:
+            continue
+        candidates = [v for k, v in vars(mod).items() if isinstance(v, type) and re.search(r"H(yper)?[Pp]arams$", k)
+                      and hasattr(v, "from_hparams")]
+        if candidates:
+            break
+    multimodal = [c for c in candidates if "multimodal" in c.__name__.lower()]
+    chosen = multimodal or candidates
+    if len(chosen) != 1:
+        raise MKEError(f"easyedit:{name}: cannot tell its hyperparameter class from {module_name!r} "
+                       f"(found {[c.__name__ for c in chosen]})")
+    return chosen[0]
+
+
+def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[str, Any]) -> BoundMethod:
+    """One of EasyEdit's own multimodal methods, called with a list of requests."""
+    from mke_plugins.easyedit import easyedit_importable
+
+    name = req.name
+    if name in EASYEDIT_REFUSED:
+        raise MKEError(f"easyedit:{name} cannot be benched: {EASYEDIT_REFUSED[name]}")
+    if not easyedit_importable():
+        raise MKEError(f"easyedit:{name} needs EasyEdit (easyeditor) on PYTHONPATH; see README, 'Using a method "
+                       f"from EasyEdit'")
+    alg_dict = importlib.import_module("easyeditor.util.alg_dict")
+    table = alg_dict.ALG_MULTIMODAL_DICT
+    if name not in table:
+        raise MKEError(f"easyedit:{name}: EasyEdit's ALG_MULTIMODAL_DICT has no {name!r}; it has "
+                       f"{sorted(table)}")
+    if name not in yaml_paths:
+        raise MKEError(f"easyedit:{name}: pass its EasyEdit YAML with --easyedit-hparams {name}=PATH")
+    fn = table[name]
+    cls = _easyedit_hparams_class(fn, name)
+    hparams = cls.from_hparams(yaml_paths[name])
+    if "dtype" in common:
+        from mke_plugins.hparams import to_dtype
+
+        common = dict(common, dtype=to_dtype(common["dtype"]))
+    _apply_overrides(hparams, {k: v for k, v in common.items() if hasattr(hparams, k)}, req.label)
+    _apply_overrides(hparams, req.overrides, req.label)
+    try:
+        utils = importlib.import_module("easyeditor.editors.utils")
+    except ImportError:
+        utils = None
+    policy = "snapshot"
+    for attr, pol in (("CALLABLE_RESTORE_ALGS", "callable"), ("PEFT_RESTORE_ALGS", "peft"),
+                      ("KEEP_EDITED_MODEL_ALGS", "keep")):
+        if utils is not None and name in getattr(utils, attr, ()):
+            policy = pol
+
+    def apply(model, tok, requests, hparams, copy=False, return_orig_weights=False,
+              keep_original_weight=False, **kwargs):
+        if isinstance(requests, dict):
+            requests = [requests]
+        return fn(model, tok, list(requests), hparams, copy=copy, return_orig_weights=return_orig_weights,
+                  keep_original_weight=keep_original_weight, **kwargs)
+
+    return BoundMethod(req, apply, hparams, policy, "EasyEdit")
+
+
+def bind(req: MethodRequest, *, hparams_key: str, common: dict[str, Any],
+         easyedit_yaml: dict[str, str] | None = None) -> BoundMethod:
+    """Resolve a :class:`MethodRequest` (``common`` overrides go first, the row's own win)."""
+    if req.easyedit:
+        return bind_easyedit(req, easyedit_yaml or {}, common)
+    return bind_ours(req, hparams_key, common)

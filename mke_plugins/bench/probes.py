@@ -1,0 +1,134 @@
+"""The probe queries of one edit case and their batched, teacher-forced evaluation.
+
+A case's probes are every query its metrics need: the edit itself (reliability), its text and
+image paraphrases (T-Gen, M-Gen), the two locality questions, the text-only and image-only forms
+(decoupling), and the portability and fine-locality items. They are built as adapter
+``Query`` objects (image ``None`` = text-only, no placeholder), batched into as few forward
+passes as possible (the adapter builds each row exactly as EasyEdit's evaluator does, then
+left-pads), and run once on the unedited model and once on the edited one with the same inputs.
+:class:`ProbeOutput` keeps what the scorer needs from each row, so logits never outlive a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from mke_plugins.adapters.base import Batch, Query
+from mke_plugins.core import scoring
+
+#: probe kinds whose score is agreement with the pre-edit model rather than accuracy
+LOCALITY_KINDS = ("locality", "multimodal_locality", "fine_locality")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One query of a case: its metric kind, the query, and tags (fine-locality scope, form)."""
+
+    kind: str
+    query: Query
+    tags: tuple[str, ...] = ()
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, (str, list, tuple)) and len(value) == 0)
+
+
+def fine_scope(item: dict[str, Any]) -> str:
+    """``same_image`` or ``same_entity`` for a fine-locality item.
+
+    An explicit ``scope`` field wins; otherwise an item shown with a picture (the edit's own, in
+    the world) is ``same_image`` and a text-only item (it names the entity) is ``same_entity``.
+    """
+    scope = item.get("scope")
+    if scope in ("same_image", "same_entity"):
+        return scope
+    return "same_image" if _present(item.get("image")) else "same_entity"
+
+
+def case_probes(request: dict[str, Any]) -> list[Probe]:
+    """All probes ``request`` supports, in a fixed order (``rewrite`` first)."""
+    img, prompt, target = request.get("image"), request["prompt"], request["target"]
+    probes = [Probe("rewrite", Query(img, prompt, target))]
+    if _present(request.get("rephrase_prompt")):
+        probes.append(Probe("rephrase", Query(img, request["rephrase_prompt"], target)))
+    if _present(request.get("image_rephrase")):
+        probes.append(Probe("image_rephrase", Query(request["image_rephrase"], prompt, target)))
+    if _present(request.get("locality_prompt")) and _present(request.get("locality_ground_truth")):
+        probes.append(Probe("locality", Query(None, request["locality_prompt"], request["locality_ground_truth"])))
+    if all(_present(request.get(k)) for k in ("multimodal_locality_image", "multimodal_locality_prompt",
+                                              "multimodal_locality_ground_truth")):
+        probes.append(Probe("multimodal_locality", Query(request["multimodal_locality_image"],
+                                                         request["multimodal_locality_prompt"],
+                                                         request["multimodal_locality_ground_truth"])))
+    if _present(request.get("text_only_prompt")):
+        probes.append(Probe("text_only", Query(None, request["text_only_prompt"], target)))
+    if _present(request.get("image_only_prompt")) and _present(img):
+        probes.append(Probe("image_only", Query(img, request["image_only_prompt"], target)))
+    for item in request.get("portability") or []:
+        image = item.get("image") if _present(item.get("image")) else None
+        probes.append(Probe("portability", Query(image, item["prompt"], str(item["answer"])),
+                            tags=(str(item.get("form", "")),)))
+    for item in request.get("fine_locality") or []:
+        image = item.get("image") if _present(item.get("image")) else None
+        probes.append(Probe("fine_locality", Query(image, item["prompt"], str(item["answer"])),
+                            tags=(fine_scope(item), str(item.get("form", "")))))
+    return probes
+
+
+@dataclass
+class ProbeOutput:
+    """What the scorer keeps from one probe row."""
+
+    acc: float | None  # token accuracy against the probe's target (None: no target tokens)
+    success: bool  # every target token is the argmax
+    top1: torch.Tensor  # (n_answer, 1) argmax ids at the answer positions
+    seq_topk: torch.Tensor | None = None  # (n_tokens, 10) top-10 ids over the whole row (M-Loc only)
+
+
+@dataclass
+class ProbeBatches:
+    """The probes of one case and their model inputs, built once and reused for pre and post."""
+
+    probes: list[Probe]
+    batches: list[Batch] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.probes)
+
+
+def build_batches(adapter: Any, model: Any, tok: Any, probes: Sequence[Probe], max_rows: int = 64) -> ProbeBatches:
+    """Adapter batches of at most ``max_rows`` rows covering ``probes`` in order."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    probes = list(probes)
+    out = ProbeBatches(probes)
+    for start in range(0, len(probes), max_rows):
+        chunk = probes[start:start + max_rows]
+        out.batches.append(adapter.batch(model, tok, [p.query for p in chunk]))
+    return out
+
+
+@torch.no_grad()
+def run_probes(adapter: Any, model: Any, pb: ProbeBatches, topk: int = 10) -> list[ProbeOutput]:
+    """Evaluate every probe on ``model`` (teacher forced); one forward pass per batch."""
+    outputs: list[ProbeOutput] = []
+    i = 0
+    for batch in pb.batches:
+        logits = adapter.forward(model, batch)
+        labels = batch.labels.to(logits.device)
+        acc = scoring.token_accuracy(logits, labels).tolist()
+        ok = scoring.success(logits, labels).tolist()
+        top1 = scoring.answer_topk(logits, labels, k=1)
+        for b in range(len(batch)):
+            probe = pb.probes[i + b]
+            seq = None
+            if probe.kind == "multimodal_locality":
+                seq = scoring.sequence_topk(logits[b:b + 1], batch.attention_mask[b:b + 1], k=topk)[0]
+            outputs.append(ProbeOutput(scoring.finite(acc[b]), bool(ok[b]), top1[b], seq))
+        i += len(batch)
+        del logits
+    return outputs

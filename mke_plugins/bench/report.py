@@ -1,0 +1,139 @@
+"""Show bench results: a text table, the JSON file tools read, and a PNG of metrics per method.
+
+The JSON keeps the schema of issue 4 (``model``, ``data``, ``mode``, ``cases`` and per method the
+keys in :data:`mke_plugins.bench.score.SCHEMA_KEYS`, accuracies in [0, 1], ``null`` where the
+data has no probe for a metric) plus extra keys. It is written with ``allow_nan=False``: a NaN
+is a bug, never a number in the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+#: (column header, result key, kind) for the table and the plot; kind: "acc" higher is better,
+#: "rate" lower is better, "sec", "ratio", "mb"
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("Rel", "rewrite_acc", "acc"),
+    ("Rel-S", "rewrite_success", "acc"),
+    ("T-Gen", "rephrase_acc", "acc"),
+    ("M-Gen", "image_rephrase_acc", "acc"),
+    ("T-Loc", "locality_acc", "acc"),
+    ("M-Loc", "multimodal_locality_acc", "acc"),
+    ("Text", "text_only_acc", "acc"),
+    ("Image", "image_only_acc", "acc"),
+    ("FineLoc", "fine_locality_acc", "acc"),
+    ("Port", "portability_acc", "acc"),
+    ("DFR_T", "dfr_text", "rate"),
+    ("DFR_I", "dfr_image", "rate"),
+    ("Joint", "joint_consistency", "acc"),
+    ("s/edit", "edit_seconds_median", "sec"),
+    ("p90", "edit_seconds_p90", "sec"),
+    ("xFwdBwd", "edit_to_fwdbwd_ratio", "ratio"),
+    ("PeakMB", "peak_memory_mb", "mb"),
+)
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind in ("acc", "rate"):
+        return f"{value:.3f}"
+    if kind == "sec":
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    if kind == "ratio":
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """A fixed-width table: one row per method, the main metrics as columns."""
+    names = list(result["methods"])
+    width = max([len("method")] + [len(n) for n in names])
+    header = f"{'method':<{width}}  " + "  ".join(f"{h:>7}" for h, _, _ in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name in names:
+        row = result["methods"][name]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(row.get(k), kind):>7}" for _, k, kind in COLUMNS))
+    seq = f", sequences of {result['sequential_n']}" if result.get("mode") == "sequential" else ""
+    first = next(iter(result["methods"].values()), {})
+    n = first.get("decoupling_n")
+    lines.append(f"{result['cases']} cases, {result['mode']} mode{seq}; model {result['model']}; data "
+                 f"{result['data']}; decoupling over N={n} cases. Accuracies are teacher-forced target-token "
+                 f"accuracy; locality = agreement with the unedited model's top-1; DFR/Joint success-based.")
+    for note in result.get("notes") or []:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bars: quality metrics (higher is better), failure rates (lower), seconds per edit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(result["methods"])
+    rows = [result["methods"][n] for n in names]
+    quality = [(h, k) for h, k, kind in COLUMNS if kind == "acc"]
+    rates = [(h, k) for h, k, kind in COLUMNS if kind == "rate"]
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [6, 1.4, 1.6]})
+
+    def bars(ax, items, ylim=(0, 1.05)):
+        n = max(len(names), 1)
+        w = 0.8 / n
+        for j, (name, row) in enumerate(zip(names, rows)):
+            xs, ys, missing = [], [], []
+            for i, (_, key) in enumerate(items):
+                x = i - 0.4 + w * (j + 0.5)
+                if row.get(key) is None:
+                    missing.append(x)
+                else:
+                    xs.append(x)
+                    ys.append(row[key])
+            ax.bar(xs, ys, width=w, color=cmap(j % 10), label=name)
+            for x in missing:
+                ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
+        ax.set_xticks(range(len(items)))
+        ax.set_xticklabels([h for h, _ in items], rotation=30, ha="right")
+        ax.set_ylim(*ylim)
+        ax.grid(axis="y", alpha=0.3)
+
+    bars(axes[0], quality)
+    axes[0].set_title("Quality (higher is better)")
+    axes[0].set_ylabel("share")
+    bars(axes[1], rates)
+    axes[1].set_title("Decoupling failure\n(lower is better)")
+    secs = [r.get("edit_seconds_median") or 0.0 for r in rows]
+    p90 = [r.get("edit_seconds_p90") or 0.0 for r in rows]
+    ax = axes[2]
+    ax.bar(range(len(names)), secs, color=[cmap(j % 10) for j in range(len(names))],
+           yerr=[[0] * len(names), [max(0.0, b - a) for a, b in zip(secs, p90)]], capsize=3)
+    for j, r in enumerate(rows):
+        ratio = r.get("edit_to_fwdbwd_ratio")
+        if ratio is not None:
+            ax.text(j, secs[j], f"{ratio:.0f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_title("Seconds per edit\n(median, p90; label: x fwd+bwd)")
+    ax.grid(axis="y", alpha=0.3)
+    seq = f", N={result['sequential_n']}" if result.get("mode") == "sequential" else ""
+    fig.suptitle(f"mke-plugins bench: {result['cases']} cases, {result['mode']}{seq}; model "
+                 f"{Path(result['model']).name}", fontsize=11)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

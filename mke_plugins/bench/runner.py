@@ -1,0 +1,361 @@
+"""Run methods on edit cases and score them: the single-edit and sequential protocols.
+
+Single mode (per case): build the case's probe batches once, evaluate them on the unedited model
+(pre), time one forward+backward pass, apply the edit through the method's EasyEdit-facing apply
+(a list of one request), evaluate the same batches on the returned model (post), greedy-decode
+the paired query, undo the edit the way EasyEdit main does and check that the model is
+bit-identical to its state at the start (``verify_restore``; a failure names the method). Cases
+are the outer loop and methods the inner one, so every method sees the same machine load and
+the pre-edit outputs are computed once per case.
+
+Sequential mode (per method, per chunk of ``sequential_n`` cases): pre for every case of the
+chunk on the unedited model, then the edits accumulate (EasyEdit's way: each apply gets the
+model, the last returned model is evaluated), then every case is evaluated after the last edit,
+then the edits are undone in reverse order and the model is checked.
+
+Methods may attach JSON-serialisable stats to what they return: a ``stats`` dict on
+``weights_copy`` (``RestoreHandle`` is a dict subclass; set ``handle.stats = {...}``) or an
+``mke_stats`` dict on the edited model. They appear per case under ``extra`` and, aggregated, in
+the method row.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from mke_hooks import MKEError
+
+from .cost import PeakMemory, fwd_bwd_seconds, sync
+from .data import load_requests, with_images
+from .methods import BoundMethod, MethodRequest, bind
+from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
+from .restore import StateCheck, restore_like_easyedit
+from .score import SCHEMA_KEYS, aggregate, score_case
+
+log = logging.getLogger(__name__)
+
+#: default number of cases of `mke-plugins bench` with no arguments (a few minutes on 2 CPU cores)
+DEFAULT_CASES = 50
+
+
+@dataclass
+class BenchConfig:
+    """Everything a bench run depends on (the CLI fills it; tests build it directly)."""
+
+    methods: list[MethodRequest] | None = None  # None: every registered method with a YAML for `hparams`
+    cases: int | None = DEFAULT_CASES  # first N records (None: all)
+    mode: str = "single"
+    sequential_n: int | None = None  # sequential mode: edits per sequence (None: all cases at once)
+    data: str | None = None  # MMEdit JSON or folder (None: the bundled world's edit split)
+    image_root: str | None = None
+    model: str | None = None  # model directory (None: the bundled world model)
+    hparams: str = "world"  # bundled YAML key of each method
+    seed: int | None = None  # None: global RNG seeded with 0, methods keep their YAML seed
+    device: str = "cpu"
+    dtype: str = "float32"
+    verify_restore: bool = True
+    generate: bool = True
+    keep_cases: bool = False
+    probe_batch: int = 64
+    easyedit_hparams: dict[str, str] = field(default_factory=dict)
+    progress: bool = True
+    threads: int | None = None  # CPU threads for torch; None: 1 for small models on CPU, else torch's default
+
+
+#: models below this many parameters run single-threaded on CPU by default: their kernels are too
+#: small to gain from threads, and on a shared machine extra threads only wait for each other
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_model(path: str | None, device: str, dtype: str) -> tuple[Any, Any, str]:
+    """``(model, processor, path)``: the bundled world model, or an HF VLM directory."""
+    from mke_plugins.hparams import to_dtype
+
+    torch_dtype = to_dtype(dtype)
+    if path is None:
+        from mke_plugins import world
+
+        model, tok = world.load(device=device, dtype=torch_dtype)
+        return model, tok, str(world.model_path())
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise MKEError(f"--model {path}: no config.json there; pass a saved Hugging Face model directory "
+                       f"(blip2/minigpt4 need EasyEdit's LAVIS wrappers and cannot be loaded by path)")
+    from transformers import AutoModelForImageTextToText
+
+    from mke_plugins.adapters.processors import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
+    model.to(device).eval()
+    return model, load_processor(p), str(p)
+
+
+def method_extra(edited: Any, weights_copy: Any) -> dict[str, Any]:
+    """Stats a method attached to its outputs (``weights_copy.stats`` or ``edited.mke_stats``)."""
+    for obj, attr in ((weights_copy, "stats"), (edited, "mke_stats")):
+        stats = getattr(obj, attr, None)
+        if isinstance(stats, dict):
+            return _jsonable(stats)
+        if isinstance(stats, list) and len(stats) == 1 and isinstance(stats[0], dict):
+            return _jsonable(stats[0])
+    return {}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return _jsonable(obj.tolist()) if obj.numel() > 1 else _jsonable(obj.item())
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+class Bench:
+    """One configured run: the model, the cases and the bound methods."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        from mke_plugins.adapters import get_adapter
+
+        if cfg.mode not in ("single", "sequential"):
+            raise MKEError(f"--mode must be single or sequential, got {cfg.mode!r}")
+        if cfg.sequential_n is not None and cfg.sequential_n < 1:
+            raise MKEError(f"--sequential-n must be at least 1, got {cfg.sequential_n}")
+        self.cfg = cfg
+        self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype)
+        self.threads = cfg.threads
+        if self.threads is None and cfg.device == "cpu" and \
+                sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
+            self.threads = 1
+        self.adapter = get_adapter(self.model, SimpleNamespace(model_name=self.model_path))
+        data = cfg.data
+        if data is None:
+            from mke_plugins import world
+
+            data = str(world.data_dir())
+        self.data_path, raw = load_requests(data, cases=cfg.cases, image_root=cfg.image_root)
+        self.requests = with_images(raw, self.adapter)
+        self.methods = [self._bind(r) for r in (cfg.methods or self.default_methods(cfg.hparams))]
+        if not self.methods:
+            raise MKEError("no methods to run: nothing is registered with hyperparameters for "
+                           f"{cfg.hparams!r}; see `mke-plugins methods`")
+        self._pre: dict[int, list[ProbeOutput]] = {}
+        self.notes: list[str] = []
+
+    @staticmethod
+    def default_methods(hparams_key: str) -> list[MethodRequest]:
+        """Every registered method that ships a YAML for ``hparams_key``."""
+        from mke_plugins.registry import get_registry
+
+        return [MethodRequest(e.name, e.name) for e in get_registry() if hparams_key in e.hparams_models()]
+
+    def _bind(self, req: MethodRequest) -> BoundMethod:
+        common: dict[str, Any] = {"device": self.cfg.device, "dtype": self.cfg.dtype}
+        if self.cfg.model is not None:
+            common.update(model_name=self.model_path, name=self.model_path)
+        if self.cfg.seed is not None:
+            common["seed"] = self.cfg.seed
+        return bind(req, hparams_key=self.cfg.hparams, common=common, easyedit_yaml=self.cfg.easyedit_hparams)
+
+    # -- pieces --------------------------------------------------------------------------
+    def _batches(self, request: dict[str, Any]) -> tuple[ProbeBatches, Any]:
+        probes = case_probes(request)
+        pb = build_batches(self.adapter, self.model, self.tok, probes, self.cfg.probe_batch)
+        edit_batch = self.adapter.batch(self.model, self.tok, [probes[0].query])
+        return pb, edit_batch
+
+    def _pre_outputs(self, index: int, pb: ProbeBatches) -> list[ProbeOutput]:
+        if index not in self._pre:
+            self._pre[index] = run_probes(self.adapter, self.model, pb)
+        return self._pre[index]
+
+    def _apply(self, m: BoundMethod, request: dict[str, Any], seed: int) -> tuple[Any, Any, float, PeakMemory]:
+        seed_all(seed)
+        device = next(self.model.parameters()).device
+        with PeakMemory(device) as mem:
+            sync(device)
+            t0 = time.perf_counter()
+            out = m.apply(self.model, self.tok, [dict(request)], m.hparams, copy=False, return_orig_weights=True,
+                          keep_original_weight=False)
+            sync(device)
+            seconds = time.perf_counter() - t0
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise MKEError(f"method {m.label!r}: apply returned {type(out).__name__}, not (edited_model, weights_copy)")
+        return out[0], out[1], seconds, mem
+
+    def _generate(self, m: BoundMethod, edited: Any, request: dict[str, Any], n_tokens: int) -> str | None:
+        if not self.cfg.generate:
+            return None
+        from mke_plugins.adapters.base import Query
+
+        try:
+            return self.adapter.generate(edited, self.tok, Query(request.get("image"), request["prompt"],
+                                                                 request["target"]),
+                                         max_new_tokens=max(1, n_tokens))
+        except (AttributeError, NotImplementedError) as exc:
+            note = f"{m.label}: greedy generation unavailable ({type(exc).__name__}: {exc})"
+            if note not in self.notes:
+                self.notes.append(note)
+            return None
+
+    def _case(self, index: int, request: dict[str, Any], pb: ProbeBatches, pre: list[ProbeOutput],
+              post: list[ProbeOutput], generated: str | None) -> dict[str, Any]:
+        case = {"index": index, "case_id": request.get("case_id", index)}
+        case.update(score_case(pb.probes, pre, post))
+        case["generated"] = generated
+        case["rewrite_exact_match"] = (None if generated is None
+                                       else generated.strip() == str(request["target"]).strip())
+        return case
+
+    @staticmethod
+    def _cost(case: dict[str, Any], seconds: float, fwdbwd: float, mem: PeakMemory, extra: dict[str, Any]) -> None:
+        case.update(edit_seconds=seconds, fwdbwd_seconds=fwdbwd, peak_memory_mb=mem.peak_mb,
+                    peak_memory_delta_mb=mem.delta_mb, memory_source=mem.source, extra=extra)
+
+    # -- protocols -----------------------------------------------------------------------
+    def run_single(self, tick: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+        check = StateCheck(self.model) if self.cfg.verify_restore else None
+        results: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
+        base_seed = self.cfg.seed or 0
+        for i, request in enumerate(self.requests):
+            pb, edit_batch = self._batches(request)
+            pre = self._pre_outputs(i, pb)
+            n_target = int(pre[0].top1.shape[0])
+            for m in self.methods:
+                fwdbwd = fwd_bwd_seconds(self.adapter, self.model, edit_batch)
+                edited, wc, seconds, mem = self._apply(m, request, base_seed + i)
+                post = run_probes(self.adapter, edited, pb)
+                generated = self._generate(m, edited, request, n_target)
+                extra = method_extra(edited, wc)
+                self.model = restore_like_easyedit(m.restore, self.model, edited, wc)
+                del edited, wc
+                if check is not None:
+                    check.verify(self.model, m.label, f"after case {i} (case_id {request.get('case_id', i)})")
+                case = self._case(i, request, pb, pre, post, generated)
+                self._cost(case, seconds, fwdbwd, mem, extra)
+                results[m.label].append(case)
+                tick(m.label)
+        return results
+
+    def chunks(self) -> list[list[int]]:
+        n = len(self.requests)
+        size = self.cfg.sequential_n or n
+        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+    def run_sequential(self, tick: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+        check = StateCheck(self.model) if self.cfg.verify_restore else None
+        results: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
+        base_seed = self.cfg.seed or 0
+        for m in self.methods:
+            for chunk in self.chunks():
+                prepared = []
+                for i in chunk:
+                    pb, edit_batch = self._batches(self.requests[i])
+                    prepared.append((i, pb, self._pre_outputs(i, pb),
+                                     fwd_bwd_seconds(self.adapter, self.model, edit_batch)))
+                done: list[tuple[Any, Any]] = []
+                costs = []
+                edited = self.model
+                try:
+                    for i, _, _, fwdbwd in prepared:
+                        edited, wc, seconds, mem = self._apply(m, self.requests[i], base_seed + i)
+                        done.append((edited, wc))
+                        costs.append((seconds, fwdbwd, mem, method_extra(edited, wc)))
+                    for (i, pb, pre, _), cost in zip(prepared, costs):
+                        post = run_probes(self.adapter, edited, pb)
+                        generated = self._generate(m, edited, self.requests[i], int(pre[0].top1.shape[0]))
+                        case = self._case(i, self.requests[i], pb, pre, post, generated)
+                        self._cost(case, *cost)
+                        case["sequence_length"] = len(chunk)
+                        results[m.label].append(case)
+                        tick(m.label)
+                finally:
+                    for edited_k, wc_k in reversed(done):
+                        self.model = restore_like_easyedit(m.restore, self.model, edited_k, wc_k)
+                    del done, edited
+                if check is not None:
+                    check.verify(self.model, m.label, f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
+        return results
+
+    def run(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        total = len(self.requests) * len(self.methods)
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with tqdm(total=total, desc="bench", unit="edit", disable=not self.cfg.progress,
+                      dynamic_ncols=True) as bar:
+                def tick(label: str) -> None:
+                    bar.set_description(f"bench {label}", refresh=False)
+                    bar.update(1)
+
+                runs = self.run_single(tick) if self.cfg.mode == "single" else self.run_sequential(tick)
+        finally:
+            torch.set_num_threads(before)
+        return self.report(runs)
+
+    def report(self, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        methods: dict[str, Any] = {}
+        for m in self.methods:
+            cases = runs[m.label]
+            row = aggregate(cases)
+            ordered = {k: row.pop(k) for k in SCHEMA_KEYS}
+            ordered.update(row)
+            ordered["source"] = m.source
+            ordered["restore"] = m.restore
+            ordered["restore_verified"] = self.cfg.verify_restore
+            ordered["hparams"] = _jsonable(m.hparams.to_dict() if hasattr(m.hparams, "to_dict") else vars(m.hparams))
+            if self.cfg.keep_cases:
+                ordered["cases"] = cases
+            methods[m.label] = ordered
+        return {
+            "model": self.model_path,
+            "data": str(self.data_path),
+            "mode": self.cfg.mode,
+            "cases": len(self.requests),
+            "sequential_n": (self.cfg.sequential_n or len(self.requests)) if self.cfg.mode == "sequential" else None,
+            "seed": self.cfg.seed,
+            "device": str(next(self.model.parameters()).device),
+            "threads": self.threads or torch.get_num_threads(),
+            "hparams": self.cfg.hparams,
+            "notes": list(self.notes),
+            "methods": methods,
+        }
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the configured bench and return the result dict (see ``mke_plugins.bench``)."""
+    return Bench(cfg).run()
+
+
+def methods_from(text: str | Sequence[str] | None) -> list[MethodRequest] | None:
+    from .methods import parse_method, parse_methods
+
+    if text is None:
+        return None
+    if isinstance(text, str):
+        return parse_methods(text)
+    return [parse_method(t) for t in text]

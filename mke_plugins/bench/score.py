@@ -1,0 +1,139 @@
+"""Per-case metrics from the pre- and post-edit probe outputs, and their per-method aggregate.
+
+Every number comes from :mod:`mke_plugins.core.scoring`; this module only decides which probe
+feeds which metric (see the table in WORLD.md and the method specs):
+
+* ``rewrite`` / ``rephrase`` / ``image_rephrase`` / ``text_only`` / ``image_only`` /
+  ``portability``: post-edit token accuracy against the probe's target (``*_acc``) and success
+  (``*_success``: every target token argmax-correct); the same on the unedited model as ``pre_*``.
+* ``locality`` / ``multimodal_locality`` / ``fine_locality``: share of answer positions whose
+  post-edit top-1 token equals the pre-edit top-1 token; ``multimodal_locality_top10`` is
+  EasyEdit main's top-10, rank-by-rank agreement over the whole M-Loc sequence.
+* ``unit_consistency``: anchor, T-Gen and M-Gen all succeed (ASAM's UC).
+* Decoupling (DFR_T, DFR_I, joint consistency) is aggregated from the per-case success flags.
+
+A metric whose probe the case does not carry is ``None``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any, Iterable, Sequence
+
+from mke_plugins.core import scoring
+
+from .probes import Probe, ProbeOutput
+
+ACCURACY_KINDS = ("rewrite", "rephrase", "image_rephrase", "text_only", "image_only")
+
+#: the result-schema keys every method row carries (WORLD.md, issue 4 part 5)
+SCHEMA_KEYS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc",
+               "text_only_acc", "image_only_acc", "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
+               "joint_consistency", "edit_seconds_median", "edit_seconds_p90", "edit_to_fwdbwd_ratio",
+               "peak_memory_mb")
+#: per-case keys averaged over cases into the method row (beside the schema's accuracy keys)
+CASE_MEAN_KEYS = (
+    "rewrite_acc", "rewrite_success", "rephrase_acc", "rephrase_success", "image_rephrase_acc",
+    "image_rephrase_success", "locality_acc", "multimodal_locality_acc", "multimodal_locality_top10",
+    "text_only_acc", "text_only_success", "image_only_acc", "image_only_success", "fine_locality_acc",
+    "fine_locality_same_image", "fine_locality_same_entity", "portability_acc", "portability_success",
+    "unit_consistency", "rewrite_exact_match",
+    "pre_rewrite_acc", "pre_rewrite_success", "pre_rephrase_acc", "pre_image_rephrase_acc", "pre_text_only_acc",
+    "pre_image_only_acc", "pre_portability_acc",
+)
+
+
+def _mean(values: Iterable[float | bool | None]) -> float | None:
+    return scoring.mean_or_none(list(values))
+
+
+def score_case(probes: Sequence[Probe], pre: Sequence[ProbeOutput], post: Sequence[ProbeOutput]) -> dict[str, Any]:
+    """The metrics of one case (``None`` where the case has no probe for them)."""
+    if not len(probes) == len(pre) == len(post):
+        raise ValueError(f"probes, pre and post differ in length: {len(probes)}, {len(pre)}, {len(post)}")
+    rows: dict[str, list[tuple[Probe, ProbeOutput, ProbeOutput]]] = defaultdict(list)
+    for p, a, b in zip(probes, pre, post):
+        rows[p.kind].append((p, a, b))
+    out: dict[str, Any] = {}
+    for kind in ACCURACY_KINDS:
+        if rows[kind]:
+            _, a, b = rows[kind][0]
+            out.update({f"{kind}_acc": b.acc, f"{kind}_success": b.success,
+                        f"pre_{kind}_acc": a.acc, f"pre_{kind}_success": a.success})
+        else:
+            out.update({f"{kind}_acc": None, f"{kind}_success": None,
+                        f"pre_{kind}_acc": None, f"pre_{kind}_success": None})
+    port = rows["portability"]
+    out["portability_acc"] = _mean(b.acc for _, _, b in port)
+    out["portability_success"] = _mean(b.success for _, _, b in port)
+    out["pre_portability_acc"] = _mean(a.acc for _, a, _ in port)
+    out["portability_n"] = len(port)
+
+    loc = rows["locality"]
+    out["locality_acc"] = scoring.agreement(loc[0][1].top1, loc[0][2].top1) if loc else None
+    mloc = rows["multimodal_locality"]
+    if mloc:
+        _, a, b = mloc[0]
+        out["multimodal_locality_acc"] = scoring.agreement(a.top1, b.top1)
+        out["multimodal_locality_top10"] = (scoring.topk_agreement(a.seq_topk, b.seq_topk)
+                                            if a.seq_topk is not None and b.seq_topk is not None else None)
+    else:
+        out["multimodal_locality_acc"] = out["multimodal_locality_top10"] = None
+    fine = [(p, scoring.agreement(a.top1, b.top1)) for p, a, b in rows["fine_locality"]]
+    out["fine_locality_acc"] = _mean(v for _, v in fine)
+    for scope in ("same_image", "same_entity"):
+        out[f"fine_locality_{scope}"] = _mean(v for p, v in fine if p.tags[0] == scope)
+    forms = sorted({p.tags[1] for p, _ in fine if len(p.tags) > 1 and p.tags[1]})
+    out["fine_locality_by_form"] = {f: _mean(v for p, v in fine if p.tags[1] == f) for f in forms}
+    out["fine_locality_n"] = len(fine)
+    if out["rephrase_success"] is None or out["image_rephrase_success"] is None:
+        out["unit_consistency"] = None
+    else:
+        out["unit_consistency"] = scoring.all_or_none(
+            [out["rewrite_success"], out["rephrase_success"], out["image_rephrase_success"]])
+    return out
+
+
+def _numbers(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def aggregate_extra(extras: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-method summary of the stats methods attach: numbers averaged, labels counted."""
+    keys = list(dict.fromkeys(k for e in extras for k in e))
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [e[k] for e in extras if k in e]
+        nums = _numbers(vals)
+        if nums and len(nums) == len(vals):
+            out[k] = sum(nums) / len(nums)
+        elif all(isinstance(v, (str, bool)) for v in vals):
+            out[k] = dict(Counter(str(v) for v in vals))
+    return out
+
+
+def aggregate(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The method row from its per-case results (metrics, decoupling and cost)."""
+    row: dict[str, Any] = {k: _mean(c.get(k) for c in cases) for k in CASE_MEAN_KEYS}
+    dec = scoring.decoupling([c.get("rewrite_success") for c in cases],
+                             [c.get("text_only_success") for c in cases],
+                             [c.get("image_only_success") for c in cases])
+    row.update(dec.as_dict())
+    forms = sorted({f for c in cases for f in (c.get("fine_locality_by_form") or {})})
+    row["fine_locality_by_form"] = {f: _mean((c.get("fine_locality_by_form") or {}).get(f) for c in cases)
+                                    for f in forms}
+    seconds = _numbers(c.get("edit_seconds") for c in cases)
+    fwdbwd = _numbers(c.get("fwdbwd_seconds") for c in cases)
+    row["edit_seconds_median"] = scoring.percentile(seconds, 50)
+    row["edit_seconds_p90"] = scoring.percentile(seconds, 90)
+    fb = scoring.percentile(fwdbwd, 50)
+    row["fwdbwd_seconds_median"] = fb
+    row["edit_to_fwdbwd_ratio"] = (row["edit_seconds_median"] / fb
+                                   if row["edit_seconds_median"] is not None and fb else None)
+    peaks = _numbers(c.get("peak_memory_mb") for c in cases)
+    deltas = _numbers(c.get("peak_memory_delta_mb") for c in cases)
+    row["peak_memory_mb"] = max(peaks) if peaks else None
+    row["peak_memory_delta_mb"] = max(deltas) if deltas else None
+    row["n_cases"] = len(cases)
+    row["extra"] = aggregate_extra([c.get("extra") or {} for c in cases])
+    return row

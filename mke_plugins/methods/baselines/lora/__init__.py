@@ -1,0 +1,1 @@
+"""LoRA baseline: peft LoRA adapters on one decoder layer, trained on the paired edit query."""

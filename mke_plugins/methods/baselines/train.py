@@ -1,0 +1,64 @@
+"""The optimisation loop both baselines share: Adam on a few tensors until the edit succeeds.
+
+Loss and success come from the family adapter (cross-entropy on the target tokens in fp32;
+success = every target token is the argmax), on inputs the adapter builds exactly as EasyEdit's
+evaluator does. The optimiser keeps fp32 master copies, so bf16/fp16 weights are updated
+honestly (the weight gets the rounded master after each step). Only the trained tensors'
+``requires_grad`` is switched on, and it is put back afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass
+class FitResult:
+    steps: int  # optimiser steps taken
+    success: bool  # every target token is the argmax after the last step
+    loss: float  # target cross-entropy after the last step
+    first_loss: float  # target cross-entropy before any step
+
+
+def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *, lr: float, max_steps: int,
+        weight_decay: float = 0.0,
+        project: Callable[[list[torch.Tensor]], None] | None = None) -> FitResult:
+    """Adam on ``params`` to fit ``batch``'s targets; stop when all target tokens are argmax-correct.
+
+    ``project`` may modify the fp32 masters in place after every step (e.g. a norm constraint).
+    """
+    params = list(params)
+    masters = [p.detach().float().clone() for p in params]
+    opt = torch.optim.Adam(masters, lr=lr, weight_decay=weight_decay)
+    flags = [p.requires_grad for p in params]
+    steps, first = 0, None
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        while True:
+            with torch.enable_grad():
+                logits = adapter.forward(model, batch)
+                loss = adapter.loss(model, batch, logits=logits)
+            if first is None:
+                first = float(loss.detach())
+            ok = bool(adapter.success(logits, batch).all())
+            if ok or steps >= max_steps:
+                return FitResult(steps, ok, float(loss.detach()), first)
+            grads = torch.autograd.grad(loss, params)
+            del logits, loss
+            for m, g in zip(masters, grads):
+                m.grad = g.detach().float()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if project is not None:
+                project(masters)
+            with torch.no_grad():
+                for p, m in zip(params, masters):
+                    p.copy_(m.to(p.dtype))
+            steps += 1
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
