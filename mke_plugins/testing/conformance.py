@@ -49,8 +49,15 @@ class Setup:
 def _world() -> tuple[Any, Any, list[dict]]:
     from mke_plugins import world
 
+    from mke_plugins.adapters import Query, get_adapter
+
     model, tok = world.load()
-    return model, tok, world.records("edit")[:2]
+    requests = world.records("edit")[:2]
+    # transformers registers some hooks lazily on the first forward: warm up before counting
+    adapter = get_adapter(model)
+    r = requests[0]
+    adapter.forward(model, adapter.batch(model, tok, [Query(r["image"], r["prompt"], r["target"])]))
+    return model, tok, requests
 
 
 def world_setup(method: str, model_key: str = "world") -> Setup:
