@@ -24,7 +24,9 @@ import torch
 from mke_plugins.easyedit import HostModules
 
 _EASYEDIT_MULTIMODAL = ("MEND", "SERAC", "SERAC_MULTI", "IKE", "LoRA", "WISE", "GRACE")
-_EASYEDIT_TEXT = ("ROME", "MEMIT", "FT", "KN", "MEND", "SERAC", "IKE", "LoRA", "GRACE", "WISE")
+_EASYEDIT_TEXT = ("ROME", "MEMIT", "MEMIT-FE", "FT", "DINM", "KN", "MEND", "SERAC", "IKE", "FT-Api", "QLoRA",
+                  "LoRA", "DPO", "GRACE", "PMET", "MELO", "WISE", "R-ROME", "EMMET", "EAMET", "AlphaEdit",
+                  "SPHERE", "ULTRAEDIT", "CORE", "DeepEdit-Api", "SimIE", "DEFER")  # EasyEdit main's ALG_DICT
 
 
 def _easyedit_builtin(name: str) -> Callable[..., Any]:

@@ -25,7 +25,7 @@ HELLO_METHOD = "HelloFT"
 
 SETUP_HINT = (
     "The EasyEdit host check needs an EasyEdit main checkout and an interpreter where "
-    "`import easyeditor` works. See the README's contributor section ('EasyEdit host check'), or run:\n"
+    "`import easyeditor` works. See README.md, section 'Contributing', paragraph 'Host tests'; in short:\n"
     "  git -C <EasyEdit clone> archive HEAD | tar -x -C /some/easyedit   # never inside this repo\n"
     "  bash tests/host/setup_host_env.sh /some/easyedit .venv-host\n"
     "  EASYEDIT_SRC=/some/easyedit PYTHONPATH=/some/easyedit .venv-host/bin/python -m pytest tests/host"

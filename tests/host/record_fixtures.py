@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +37,21 @@ def easyedit_commit(src: str) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def dumps(value: Any, indent: int = 0) -> str:
+    """JSON with one key per line but flat lists (ids, masks, tokens) on a single line: readable diffs."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f'{pad} {json.dumps(k)}: {dumps(v, indent + 1)}' for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        if all(isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v) for v in value):
+            return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+        return "[\n" + ",\n".join(f"{pad} {dumps(v, indent + 1)}" for v in value) + f"\n{pad}]"
+    return json.dumps(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 data = record_easyedit_inputs(family, model_dir, root / "images", commit=commit)
                 out = fixture_path(family)
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(data, indent=1) + "\n")
+                out.write_text(dumps(data) + "\n")
                 print(f"{family}: {len(data['requests'])} requests -> {out}")
         finally:
             os.chdir(old_cwd)

@@ -111,6 +111,13 @@ def test_single_edit_restores_bit_identically(easyedit: Any, mke_installed: Any,
     write_images(data)
     records = mmedit_records(1)
     editor = _editor(easyedit, family, tiny_dir(family), data)
+    # transformers 5 installs its output-capturing forward hooks on each sub-model at that
+    # sub-model's first forward; run EasyEdit's evaluator once so they exist before the snapshot.
+    from easyeditor.evaluate import compute_multimodal_hf_edit_results
+
+    for request in editor._prepare_requests(**editor_inputs(records, data)):
+        compute_multimodal_hf_edit_results(editor.model, editor.model_name, editor.hparams, editor.tok,
+                                           request, editor.hparams.device)
     before = state_snapshot(editor.model)
     model_before = editor.model
     metrics, edited_model, weights_copy = editor.edit(**editor_inputs(records, data), verbose=False)
