@@ -30,7 +30,7 @@ def test_hparams_prints_the_resolved_yaml(capsys):
     assert main(["hparams", "FT", "world", "-v"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# FT on world: ") and "ft/world.yaml" in out.splitlines()[0]
-    assert "# Method name as EasyEdit's alg_name, exact case.\nalg_name: FT\n" in out
+    assert "\nalg_name: FT\n# Model path (also the family key for EasyEdit)" in out
     assert "world-qwen2-vl" in out
 
 
