@@ -1,0 +1,234 @@
+"""UniKE's per-model runtime (spec §3 "Inference", §5): latent memories, feature-shift hooks, neurons.
+
+Everything lives outside the model's module tree, in a side registry keyed weakly by the base
+model, so ``named_parameters()`` and ``state_dict()`` never see it:
+
+* per edited layer, the latent memory M_l (all edits' entries; bank entries shared by several
+  edits are stored once, with a reference count) and the frozen EncSem_l and μ_l;
+* one gated forward pre-hook per layer on the FFN input that applies the feature shift
+  x′ = (1−α)x + α·h_know (installed once, idempotent on an edited model);
+* the key-value neuron blocks, in the core's ``NeuronPatches`` under the same gate, which read
+  the FFN input after the shift.
+
+The gate (:data:`GATE`) is opened by the ``GatedModel`` returned as ``edited_model`` and inside
+training; :func:`set_active` keeps it open on the bare model. When the last edit is removed,
+every hook and the registry entry go, so the model is bit-identical to the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from typing import Any, Hashable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mke_plugins.adapters.base import LayerInfo, VLMAdapter, unwrap_model
+from mke_plugins.core.hooks import HookSet
+from mke_plugins.core.neurons import NeuronPatches, patches_for
+from mke_plugins.core.wrap import _GATES, is_gate_open, set_always_on
+
+GATE = "unike"
+
+
+class _LayerMemory:
+    """The latent memory of one layer: entries keyed by origin, stacked on demand."""
+
+    def __init__(self, info: LayerInfo, enc_sem: nn.Module, mu: torch.Tensor) -> None:
+        self.info = info
+        self.enc_sem = enc_sem
+        self.mu = mu
+        self.entries: dict[Hashable, list[Any]] = {}  # key -> [tensor (d,), refcount]
+        self._stacked: torch.Tensor | None = None
+
+    def add(self, key: Hashable, value: torch.Tensor) -> None:
+        if key in self.entries:
+            self.entries[key][1] += 1
+        else:
+            self.entries[key] = [value.detach().float().clone(), 1]
+            self._stacked = None
+
+    def release(self, key: Hashable) -> None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self.entries[key]
+            self._stacked = None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self._stacked is None:
+            self._stacked = torch.stack([v for v, _ in self.entries.values()]) if self.entries else None
+        return self._stacked  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class UniKERuntime:
+    """UniKE's state on one model (get it with :func:`runtime_for`)."""
+
+    def __init__(self, model: nn.Module, adapter: VLMAdapter) -> None:
+        self._model_ref = weakref.ref(unwrap_model(model))
+        self.adapter = adapter
+        self.memories: dict[int, _LayerMemory] = {}
+        self.hooks: dict[int, HookSet] = {}
+        self.edits: dict[int, dict[int, list[Hashable]]] = {}  # edit id -> layer -> memory keys
+        self.blocks: dict[int, list[Any]] = {}  # edit id -> neuron blocks
+        self.next_id = 0
+        self.alpha_mode = "dynamic"
+        self.alpha_fixed = 0.5
+        self.suspended = 0
+        self.last_alpha: dict[int, torch.Tensor] = {}  # diagnostics: last α per layer (detached)
+        self.record_alpha = False
+
+    @property
+    def model(self) -> nn.Module:
+        m = self._model_ref()
+        if m is None:
+            raise RuntimeError("the edited model no longer exists")
+        return m
+
+    @property
+    def patches(self) -> NeuronPatches:
+        p = patches_for(self.model, self.adapter, gate=GATE)
+        assert p is not None
+        return p
+
+    def active(self) -> bool:
+        return self.suspended == 0 and is_gate_open(self.model, GATE)
+
+    @contextlib.contextmanager
+    def pristine(self) -> Iterator[None]:
+        """Run the model with every UniKE edit inactive, even if :func:`set_active` is on."""
+        st = _GATES.get(self.model)
+        always = st is not None and GATE in st.always
+        if always:
+            set_always_on(self.model, GATE, False)
+        self.suspended += 1
+        try:
+            yield
+        finally:
+            self.suspended -= 1
+            if always:
+                set_always_on(self.model, GATE, True)
+
+    # -- the feature shift (spec §3 Inference, steps 1-3) -------------------------------------
+    def _shift(self, mem: _LayerMemory, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.active() or len(mem) == 0:
+            return None
+        M = mem.matrix
+        xf = x.float()
+        d = xf.shape[-1]
+        p = torch.softmax(xf @ M.t() / math.sqrt(d), dim=-1)
+        hk = p @ M
+        hk = hk * (xf.norm(dim=-1, keepdim=True) / hk.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        if self.alpha_mode == "fixed":
+            alpha = torch.full_like(xf[..., :1], float(self.alpha_fixed))
+        else:
+            e = mem.enc_sem(hk)
+            alpha = F.cosine_similarity(e - mem.mu, xf - mem.mu, dim=-1).clamp(0.0, 1.0).unsqueeze(-1)
+        if self.record_alpha:
+            self.last_alpha[mem.info.index] = alpha.detach().squeeze(-1)
+        return ((1.0 - alpha) * xf + alpha * hk).to(x.dtype)
+
+    def ensure_layer(self, info: LayerInfo, enc_sem: nn.Module, mu: torch.Tensor) -> _LayerMemory:
+        """The layer's memory, creating it (and its hook, once) when missing."""
+        mem = self.memories.get(info.index)
+        if mem is None:
+            mem = self.memories[info.index] = _LayerMemory(info, enc_sem, mu)
+        else:  # the latest archive's encoder and mean serve every entry of the layer
+            mem.enc_sem, mem.mu = enc_sem, mu
+        if info.index not in self.hooks:
+            hs = HookSet()
+            hs.add(info.ffn_in, lambda x, mem=mem: self._shift(mem, x))
+            self.hooks[info.index] = hs
+        return mem
+
+    # -- edits -------------------------------------------------------------------------------
+    def new_edit(self) -> int:
+        eid = self.next_id
+        self.next_id += 1
+        self.edits[eid] = {}
+        self.blocks[eid] = []
+        return eid
+
+    def add_memory(self, eid: int, layer: int, keys: list[Hashable], values: torch.Tensor) -> None:
+        mem = self.memories[layer]
+        for k, v in zip(keys, values):
+            mem.add(k, v)
+        self.edits[eid].setdefault(layer, []).extend(keys)
+
+    def remove_edit(self, eid: int) -> None:
+        """Remove one edit's memory entries and neuron blocks; tear everything down when none remains."""
+        for layer, keys in self.edits.pop(eid, {}).items():
+            mem = self.memories.get(layer)
+            if mem is None:
+                continue
+            for k in keys:
+                mem.release(k)
+        patches = patches_for(self.model, gate=GATE, create=False)
+        for block in self.blocks.pop(eid, []):
+            if patches is not None:
+                patches.remove_block(block)
+        for layer in [l for l, m in self.memories.items() if len(m) == 0]:
+            del self.memories[layer]
+            hs = self.hooks.pop(layer, None)
+            if hs is not None:
+                hs.remove()
+        if not self.edits:
+            self.teardown()
+
+    def teardown(self) -> None:
+        """Remove every hook, block and memory, and the registry entry."""
+        for hs in self.hooks.values():
+            hs.remove()
+        self.hooks.clear()
+        self.memories.clear()
+        self.edits.clear()
+        self.blocks.clear()
+        patches = patches_for(self.model, gate=GATE, create=False)
+        if patches is not None:
+            patches.remove_all()
+        set_always_on(self.model, GATE, False)
+        _RUNTIMES.pop(self.model, None)
+
+    @property
+    def n_edits(self) -> int:
+        return len(self.edits)
+
+
+_RUNTIMES: "weakref.WeakKeyDictionary[nn.Module, UniKERuntime]" = weakref.WeakKeyDictionary()
+
+
+def runtime_for(model: Any, adapter: VLMAdapter | None = None, *, create: bool = True) -> UniKERuntime | None:
+    """The model's UniKE runtime (created with ``adapter`` when missing and ``create``)."""
+    base = unwrap_model(model)
+    rt = _RUNTIMES.get(base)
+    if rt is None and create:
+        if adapter is None:
+            raise ValueError("runtime_for(model, adapter) needs the adapter the first time")
+        rt = _RUNTIMES[base] = UniKERuntime(base, adapter)
+    return rt
+
+
+def set_active(model: Any, on: bool = True) -> None:
+    """Make UniKE's edits act on the bare model too (``on=False`` limits them to ``edited_model`` again)."""
+    set_always_on(unwrap_model(model), GATE, on)
+
+
+def restore_all(model: Any) -> None:
+    """Remove every UniKE edit from ``model``: hooks, neurons, memories and the registry entry."""
+    rt = runtime_for(model, create=False)
+    if rt is not None:
+        rt.teardown()
+    else:
+        patches = patches_for(model, gate=GATE, create=False)
+        if patches is not None:
+            patches.remove_all()
+        set_always_on(unwrap_model(model), GATE, False)

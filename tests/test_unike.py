@@ -1,0 +1,324 @@
+"""UniKE (spec unike.md): hparams, offline archive, edit, restore, sequential edits, ablations, trainer glue.
+
+Every archive here is built by the real offline code on tiny models in seconds; nothing is
+mocked. The world-model checks (conformance, acceptance numbers) live in the conformance kit and
+``mke-plugins bench``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mke_hooks import HparamsError
+from mke_plugins.adapters import get_adapter
+from mke_plugins.adapters.base import Query
+from mke_plugins.core.hooks import hook_counts
+from mke_plugins.core.snapshot import assert_same_state, state_of
+from mke_plugins.methods.unike.archive import UniKEArchiveError, read_payload, record_hash
+from mke_plugins.methods.unike.unike_hparams import UniKEHyperParams, UniKETrainingHparams
+from mke_plugins.testing.images import make_image, make_lavis_image
+
+HERE = Path(__file__).resolve().parent.parent / "mke_plugins" / "methods" / "unike" / "hparams"
+FAMILY_YAML = {"qwen2-vl": "qwen2vl-7b", "qwen2.5-vl": "qwen2.5vl-7b", "qwen3-vl": "qwen3vl-4b",
+               "llava-onevision": "llavaov-7b", "blip2": "blip2", "minigpt4": "minigpt4"}
+LAVIS = ("blip2", "minigpt4")
+WORDS = ["red", "blue", "green", "cat", "dog", "tree", "house", "river", "apple", "lemon", "star", "moon"]
+
+
+def _image(family: str, seed: int) -> Any:
+    if family in LAVIS:
+        return make_lavis_image(seed)
+    if family == "llava-onevision":
+        return make_image(seed)
+    return [make_image(seed)]
+
+
+def _records(family: str, n: int, offset: int = 0) -> list[dict[str, Any]]:
+    out = []
+    for i in range(offset, offset + n):
+        out.append({"prompt": f"What is the {WORDS[i % 12]} thing number {i}?", "target": WORDS[(i * 5 + 3) % 12],
+                    "image": _image(family, i), "rephrase_prompt": f"Name the {WORDS[i % 12]} one, {i}?",
+                    "image_rephrase": _image(family, 100 + i)})
+    return out
+
+
+def _train_hparams(model_name: str, **over: Any) -> UniKETrainingHparams:
+    cfg = dict(alg_name="UniKE", model_name=model_name, layers=[-2, -1], bank_size=64, enc_batch_size=16,
+               enc_epochs=3, holdout=0.2, tru_dim=None, enc_lr=1e-3, zeta_fit_size=None, seed=7)
+    cfg.update(over)
+    return UniKETrainingHparams.from_config(cfg)
+
+
+def _edit_hparams(model_name: str, archive: str | None = None, **over: Any) -> UniKEHyperParams:
+    cfg = dict(alg_name="UniKE", model_name=model_name, archive=archive, layers=[-2, -1], num_neurons=2,
+               top_k=4, edit_lr=5e-2, max_edit_steps=6, stop_loss=0.0)
+    cfg.update(over)
+    return UniKEHyperParams.from_config(cfg)
+
+
+def _build(model: Any, tok: Any, family: str, path: Path, **over: Any) -> dict[str, Any]:
+    from mke_plugins.methods.unike.train_cli import build_archive
+
+    hp = _train_hparams(family, **over)
+    return build_archive(hp, model, tok, _records(family, 12), "test", str(path), progress=False)
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_dir, tmp_path_factory) -> dict[str, Any]:
+    """A tiny qwen2-vl model, its processor and an archive built on it by the offline stage."""
+    from mke_plugins.testing.tiny import load_tiny
+
+    model, tok = load_tiny(tiny_dir("qwen2-vl"))
+    path = tmp_path_factory.mktemp("unike") / "tiny.pt"
+    summary = _build(model, tok, "qwen2-vl", path)
+    return {"model": model, "tok": tok, "archive": str(path), "summary": summary, "dir": tiny_dir("qwen2-vl")}
+
+
+def _apply(setup: dict[str, Any], requests: Any, **over: Any) -> tuple[Any, Any]:
+    from mke_plugins.methods.unike.unike_main import apply_unike_to_multimodal_model
+
+    over.setdefault("archive", setup["archive"])
+    hp = _edit_hparams("qwen2-vl", **over)
+    return apply_unike_to_multimodal_model(setup["model"], setup["tok"], requests, hp)
+
+
+def _nll(setup: dict[str, Any], model: Any, rec: dict[str, Any]) -> float:
+    ad = get_adapter(setup["model"])
+    b = ad.batch(setup["model"], setup["tok"], [Query(rec["image"], rec["prompt"], rec["target"])])
+    with torch.no_grad():
+        return float(ad.loss(model, b))
+
+
+# -- hparams -----------------------------------------------------------------------------------
+def test_every_yaml_loads_and_layers_fit_the_family_structure(tiny_model, tiny_lavis) -> None:
+    from mke_plugins.methods.unike.archive import resolve_layers
+
+    for family, key in FAMILY_YAML.items():
+        hp = UniKEHyperParams.from_hparams(HERE / f"{key}.yaml")
+        tr = UniKETrainingHparams.from_hparams(HERE / "training" / f"{key}.yaml")
+        assert hp.alg_name == "UniKE" and tr.alg == "UniKE" and tr.lr == tr.enc_lr
+        assert set(hp.layers) <= set(tr.layers), f"{key}: editing layers must be banked by the training YAML"
+        model, _ = tiny_lavis(family) if family in LAVIS else tiny_model(family)
+        n = len(get_adapter(model).layers(model))
+        assert resolve_layers(hp.layers, n) == list(range(n - 4, n))
+    world = UniKEHyperParams.from_hparams(HERE / "world.yaml")
+    assert world.archive.endswith("archives/world.pt") and world.layers == [-2, -1] and world.top_k == 16
+
+
+def test_names_and_validation() -> None:
+    assert UniKEHyperParams.from_config({"alg_name": "UNIKE"}).alg_name == "UniKE"
+    for bad in ("UnKE", "UNKE"):
+        with pytest.raises(HparamsError, match="UnKE"):
+            UniKEHyperParams.from_config({"alg_name": bad})
+    with pytest.raises(HparamsError, match="alpha_mode"):
+        UniKEHyperParams.from_config({"alpha_mode": "adaptive"})
+    with pytest.raises(HparamsError, match="use_intrinsic"):
+        UniKEHyperParams.from_config({"use_intrinsic": False, "use_external": False})
+    with pytest.raises(HparamsError, match="cloc"):
+        UniKETrainingHparams.from_config({"cloc": 1})
+    from mke_hooks import close_matches
+    assert "UnKE" not in close_matches("UniKE", ["UnKE", "MEND"])
+    assert "UniKE" not in close_matches("UnKE", ["UniKE", "MEND"])
+
+
+# -- offline stage -----------------------------------------------------------------------------
+def test_archive_is_plain_and_complete(qwen) -> None:
+    obj = torch.load(qwen["archive"], weights_only=True)
+    payload = read_payload(qwen["archive"])
+    meta = payload["meta"]
+    assert set(obj) == {"model"} and meta["format"] == "mke-unike/1" and meta["layers"] == [2, 3]
+    n = meta["n_triplets"]
+    assert n == qwen["summary"]["triplets"] > 0 and payload["bank.h_pos"].shape == (n, 2, 32)
+    assert payload["bank.h_sem"].dtype == torch.float16 and payload["mu"].dtype == torch.float32
+    assert payload["w_zeta"].shape == (2, 32, 32) and payload["zeta"].shape == (2, 32)
+    assert any(k.startswith("enc_sem.2.") for k in payload) and any(k.startswith("enc_tru.3.") for k in payload)
+    assert record_hash("What is the red thing number 0?", "cat") in meta["record_hashes"]
+    assert torch.isfinite(payload["w_zeta"]).all() and payload["zeta"].norm() > 0
+
+
+def test_offline_is_deterministic(qwen, tmp_path) -> None:
+    _build(qwen["model"], qwen["tok"], "qwen2-vl", tmp_path / "again.pt")
+    a, b = read_payload(qwen["archive"]), read_payload(tmp_path / "again.pt")
+    for k, v in a.items():
+        assert (torch.equal(v, b[k]) if torch.is_tensor(v) else v == b[k]), k
+
+
+def test_loss_trains_only_encoders(qwen) -> None:
+    from mke_plugins.methods.unike.offline import UniKEOffline
+
+    model, tok = qwen["model"], qwen["tok"]
+    off = UniKEOffline(model, tok, _train_hparams("qwen2-vl", enc_batch_size=8))
+    ad = get_adapter(model)
+    recs = _records("qwen2-vl", 4)
+    b = ad.batch(model, tok, [Query(r["image"], r["prompt"], r["target"]) for r in recs])
+    states = off.observe(b, add_to_bank=True)
+    assert len(states) + states.skipped == 4 and off.bank_size == len(states) and off.mu_count > 0
+    loss, parts = off.loss(states)
+    loss.backward()
+    assert all(p.grad is not None for p in off.encoder_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    again = off.observe(b, add_to_bank=True)  # same rows: never banked twice
+    assert off.bank_size == len(states) and len(again) == len(states)
+    assert {"unike/l_tru", "unike/l_sem"} <= set(parts)
+
+
+# -- archive errors ----------------------------------------------------------------------------
+def test_archive_errors_are_specific(qwen, tmp_path) -> None:
+    rec = _records("qwen2-vl", 1, offset=40)[0]
+    with pytest.raises(UniKEArchiveError, match="mke-plugins train UniKE"):
+        _apply(qwen, rec, archive=None)
+    with pytest.raises(UniKEArchiveError, match="does not exist"):
+        _apply(qwen, rec, archive=str(tmp_path / "nope.pt"))
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"meta": {"format": "other"}}}, bad)
+    with pytest.raises(UniKEArchiveError, match="format"):
+        _apply(qwen, rec, archive=str(bad))
+    with pytest.raises(UniKEArchiveError, match="covers only"):
+        _apply(qwen, rec, layers=[0, 3])
+    import copy
+
+    other = copy.deepcopy(qwen["model"])
+    with torch.no_grad():
+        get_adapter(other).layers(other)[3].keys[0].weight.add_(0.5)
+    from mke_plugins.methods.unike.unike_main import apply_unike_to_multimodal_model
+    with pytest.raises(UniKEArchiveError, match="fingerprint"):
+        apply_unike_to_multimodal_model(other, qwen["tok"], rec, _edit_hparams("qwen2-vl", qwen["archive"]))
+
+
+# -- edit, restore, sequential, ablations ------------------------------------------------------
+def test_edit_learns_restores_bit_exactly_and_keeps_bare_model(qwen) -> None:
+    model = qwen["model"]
+    rec = _records("qwen2-vl", 1, offset=30)[0]
+    before, hooks = state_of(model), hook_counts(model)
+    pre = _nll(qwen, model, rec)
+    edited, handle = _apply(qwen, rec)
+    assert edited.model is model and handle.stats["steps"] > 0
+    assert _nll(qwen, edited, rec) < pre - 0.1
+    assert _nll(qwen, model, rec) == pytest.approx(pre, abs=0)  # the bare model is untouched
+    assert_same_state(before, model)
+    list(handle.items())
+    assert_same_state(before, model)
+    assert hook_counts(model) == hooks
+    handle()  # idempotent
+    from mke_plugins.core.neurons import _REGISTRY
+    from mke_plugins.methods.unike.runtime import _RUNTIMES
+    assert model not in _RUNTIMES and model not in _REGISTRY
+
+
+def test_sequential_edits_accumulate_and_undo_in_any_order(qwen) -> None:
+    from mke_plugins.methods.unike import restore_all, set_active
+    from mke_plugins.methods.unike.runtime import runtime_for
+
+    model = qwen["model"]
+    recs = _records("qwen2-vl", 3, offset=50)
+    before, hooks = state_of(model), hook_counts(model)
+    e1, h1 = _apply(qwen, recs[0])
+    e2, h2 = _apply(qwen, recs[1:])  # a list of two: one call, two edits
+    rt = runtime_for(model, create=False)
+    assert rt.n_edits == 3 and len(rt.patches) == 6
+    mem = rt.memories[3]
+    assert len(mem) <= 3 * 4  # bank entries shared by edits are stored once
+    assert _nll(qwen, e2, recs[0]) < _nll(qwen, model, recs[0])
+    set_active(model, True)
+    assert _nll(qwen, model, recs[0]) == pytest.approx(_nll(qwen, e2, recs[0]))
+    set_active(model, False)
+    h1()  # remove the first edit first
+    assert rt.n_edits == 2 and len(rt.patches) == 4
+    h2()
+    assert_same_state(before, model) and hook_counts(model) == hooks
+    _apply(qwen, recs[0])
+    restore_all(model)
+    assert hook_counts(model) == hooks and runtime_for(model, create=False) is None
+
+
+@pytest.mark.parametrize("over,blocks,memory", [({"use_external": False}, 2, False),
+                                                ({"use_intrinsic": False}, 0, True),
+                                                ({"alpha_mode": "fixed", "use_zeta": False}, 2, True)])
+def test_ablation_switches(qwen, over, blocks, memory) -> None:
+    from mke_plugins.methods.unike.runtime import runtime_for
+
+    model = qwen["model"]
+    before = state_of(model)
+    edited, handle = _apply(qwen, _records("qwen2-vl", 1, offset=60)[0], **over)
+    rt = runtime_for(model, create=False)
+    assert len(rt.patches.blocks()) == blocks and bool(rt.memories) == memory
+    handle()
+    assert_same_state(before, model)
+
+
+def test_alpha_is_in_unit_interval_and_shift_acts_only_through_the_gate(qwen) -> None:
+    from mke_plugins.methods.unike.runtime import runtime_for
+
+    model, tok = qwen["model"], qwen["tok"]
+    rec = _records("qwen2-vl", 1, offset=70)[0]
+    edited, handle = _apply(qwen, rec, use_intrinsic=False)
+    rt = runtime_for(model, create=False)
+    rt.record_alpha = True
+    ad = get_adapter(model)
+    b = ad.batch(model, tok, [Query(rec["image"], rec["prompt"], rec["target"])])
+    with torch.no_grad():
+        bare = ad.forward(model, b)
+        assert not rt.last_alpha
+        shifted = ad.forward(edited, b)
+    alpha = rt.last_alpha[3]
+    assert ((alpha >= 0) & (alpha <= 1)).all() and alpha.max() > 0
+    assert not torch.equal(bare, shifted)
+    handle()
+
+
+# -- other families: the same code through the adapter -------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava-onevision", "blip2"])
+def test_other_families_edit_and_restore(family, tiny_model, tiny_lavis, tmp_path) -> None:
+    from mke_plugins.methods.unike.unike_main import apply_unike_to_multimodal_model
+
+    model, tok = tiny_lavis(family) if family in LAVIS else tiny_model(family)
+    _build(model, tok, family, tmp_path / "a.pt", enc_epochs=1)
+    rec = _records(family, 1, offset=80)[0]
+    before = state_of(model)
+    hp = _edit_hparams(family, str(tmp_path / "a.pt"))
+    edited, handle = apply_unike_to_multimodal_model(model, tok, rec, hp)
+    ad = get_adapter(model, hp)
+    b = ad.batch(model, tok, [Query(rec["image"], rec["prompt"], rec["target"])])
+    with torch.no_grad():
+        assert float(ad.loss(edited, b)) < float(ad.loss(model, b))
+    handle()
+    assert_same_state(before, model)
+
+
+# -- EasyEdit trainer glue (without EasyEdit: the same class on its stand-in base) ----------------
+def test_trainable_edit_loss_and_archive_round_trip(qwen, tmp_path) -> None:
+    from mke_plugins.methods.unike.archive import save_archive
+    from mke_plugins.methods.unike.trainable import UniKETrainable
+
+    model, tok = qwen["model"], qwen["tok"]
+    cfg = _train_hparams(str(qwen["dir"]), enc_batch_size=8)
+    tr = UniKETrainable(model, cfg, lambda: None)
+    tr.train(True)
+    assert not model.training
+    ad = get_adapter(model)
+    recs = _records("qwen2-vl", 3, offset=90)
+    for r in recs:
+        b = ad.batch(model, tok, [Query(r["image"], r["prompt"], r["target"])])
+        batch = dict(b.inputs, labels=b.labels)
+        edited, info = tr.edit(batch, None)
+        out = edited(batch)
+        assert out.logits.shape[:2] == b.labels.shape
+        stats = tr.edit_loss_fn(cfg, out.logits, b.labels)
+        assert stats["nll"] is tr._last_loss
+        grads = torch.autograd.grad(stats["nll"], tr.outer_parameters(), allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) or info["unike/bank_size"] == 0
+    assert {"unike/l_tru", "unike/l_sem", "unike/bank_size"} <= set(info)
+    payload = tr.state_dict()
+    path = save_archive(payload, tmp_path / "trainer.pt", {"opt": {}, "val_stats": {"x": 1.0}})
+    assert read_payload(path)["meta"]["n_triplets"] == int(info["unike/bank_size"])
+    tr2 = UniKETrainable(model, cfg, lambda: None)
+    tr2.load_state_dict(read_payload(path))
+    assert tr2.off.bank_size == tr.off.bank_size
+    assert all(p.requires_grad is False for p in model.parameters())
+    for p in model.parameters():  # the trainer froze the shared fixture model: unfreeze for other tests
+        p.requires_grad_(True)
