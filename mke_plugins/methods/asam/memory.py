@@ -1,0 +1,239 @@
+"""ASAM's memory bank M (spec §2.1 step 3): FFN-input states of unrelated training-split prompts.
+
+The memory loss keeps each new patch silent on M. M holds, for every edited layer, the FFN-input
+states of the *unedited* model at the prompt positions of up to ``memory_size`` prompts read from
+``memory_data`` (prompt plus image, no answer: the answer tokens come after the prompt, so with a
+causal model they cannot change a prompt position's state).
+
+Where the prompts come from (project decision). ``memory_data`` is an MMEdit-style records JSON
+file (image paths relative to ``coco_image``, else to the file's folder) or a folder holding
+``train.json`` (the world's layout; ``"@world-data"`` resolves to the bundled world). From every
+record the fields in ``memory_fields`` are used: ``src`` with ``image``, ``text_only_prompt`` (no
+image), ``image_only_prompt`` with ``image``, ``loc`` (no image), ``m_loc_q`` with ``m_loc``. The
+world YAML uses the first three only: they are the training split's own facts, while the world's
+``loc`` / ``m_loc_q`` / ``fine_locality`` items name arbitrary other facts and can be edit-split
+facts, which the bank must never hold (it would push the patch to stay silent on its own edit).
+Paraphrases (``rephrase``) and held-out renderings (``image_rephrase``) are never read.
+
+Caching. A bank is identified by a fingerprint over the model's weights (a cheap digest: per
+parameter its name, shape, dtype, full sum and a strided sample), the family, the device type,
+the records file's bytes, the fields, ``memory_size``, ``memory_positions``, the layers and the
+seed. Banks are kept in memory per model (weakly keyed, so they die with the model) and, when
+``memory_cache`` names a folder, also on disk as ``asam-bank-<fingerprint>.pt`` (plain tensors,
+loadable with ``torch.load(weights_only=True)``). Nothing is ever written inside the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mke_hooks import HparamsError
+from mke_plugins.adapters import Query, VLMAdapter, unwrap_model
+from mke_plugins.adapters.images import image_for_family
+from mke_plugins.core.hooks import capture
+
+log = logging.getLogger(__name__)
+
+#: record field -> (image field or None, answer fields tried in order for the batch's dummy target)
+FIELD_SPECS: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "src": ("image", ("pred", "alt")),
+    "text_only_prompt": (None, ("pred", "alt")),
+    "image_only_prompt": ("image", ("pred", "alt")),
+    "loc": (None, ("loc_ans",)),
+    "m_loc_q": ("m_loc", ("m_loc_a",)),
+}
+
+Bank = dict[int, torch.Tensor]  # layer index -> (N, d) FFN-input states
+
+_BANKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, Bank]]" = weakref.WeakKeyDictionary()
+
+
+def _error(msg: str) -> HparamsError:
+    return HparamsError(f"ASAM's memory loss needs training-split prompts: {msg}", key="memory_data",
+                        fix="set `memory_data` to a readable records JSON or a folder holding train.json "
+                            "('@world-data' for the bundled world), or `lambda_mem: 0` (ablation).")
+
+
+def records_file(memory_data: str | None) -> Path:
+    """The records JSON named by ``memory_data`` (a file, or a folder's ``train.json``)."""
+    if not memory_data:
+        raise _error("memory_data is not set.")
+    p = Path(str(memory_data)).expanduser()
+    if p.is_dir():
+        p = p / "train.json"
+    if not p.is_file():
+        raise _error(f"{p} does not exist.")
+    return p
+
+
+def _absent(v: Any) -> bool:
+    return v is None or (isinstance(v, (str, list, dict)) and len(v) == 0)
+
+
+def memory_queries(hparams: Any, adapter: VLMAdapter, raw_bytes: bytes | None = None) -> list[Query]:
+    """The bank's prompts as Queries (family-native images), read from ``memory_data``."""
+    path = records_file(hparams.memory_data)
+    raw_bytes = path.read_bytes() if raw_bytes is None else raw_bytes
+    try:
+        records = json.loads(raw_bytes)
+    except json.JSONDecodeError as exc:
+        raise _error(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(records, list) or not records:
+        raise _error(f"{path} must hold a non-empty JSON list of records.")
+    root = Path(hparams.coco_image) if getattr(hparams, "coco_image", "") and path.name != "train.json" \
+        else path.parent
+    images: dict[str, Any] = {}
+
+    def image(rel: str) -> Any:
+        if rel not in images:
+            f = Path(rel) if Path(rel).is_absolute() else root / rel
+            if not f.is_file():
+                raise _error(f"image {f} (from {path}) does not exist; check coco_image.")
+            images[rel] = image_for_family(adapter, f)
+        return images[rel]
+
+    items: list[tuple[str, str | None, str]] = []
+    for rec in records:
+        if not isinstance(rec, dict):
+            continue
+        for fld in hparams.memory_fields:
+            img_field, answer_fields = FIELD_SPECS[fld]
+            prompt = rec.get(fld)
+            if _absent(prompt):
+                continue
+            img = rec.get(img_field) if img_field else None
+            if img_field and _absent(img):
+                continue
+            answer = next((str(rec[a]) for a in answer_fields if not _absent(rec.get(a))), None)
+            if answer is None:
+                continue
+            items.append((str(prompt), img, answer))
+    items = list(dict.fromkeys(items))  # the same prompt and picture once
+    if not items:
+        raise _error(f"{path} has no usable prompts in fields {list(hparams.memory_fields)}.")
+    if len(items) > int(hparams.memory_size):
+        gen = torch.Generator().manual_seed(int(hparams.seed))
+        keep = sorted(torch.randperm(len(items), generator=gen)[: int(hparams.memory_size)].tolist())
+        items = [items[i] for i in keep]
+    return [Query(image(img) if img else None, prompt, answer) for prompt, img, answer in items]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A cheap fingerprint of the weights: per parameter its name, shape, dtype, sum and a strided sample."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in unwrap_model(model).named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 1024)
+            sample = flat[::step][:1024].float().cpu()
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+            h.update(struct.pack("<d", float(flat.sum(dtype=torch.float32))))
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model: nn.Module, adapter: VLMAdapter, hparams: Any, layers: Sequence[int], data: bytes) -> str:
+    """The bank's identity (see the module docstring)."""
+    device = next(unwrap_model(model).parameters()).device.type
+    h = hashlib.sha256()
+    h.update(weights_digest(model).encode())
+    h.update(hashlib.sha256(data).hexdigest().encode())
+    h.update(json.dumps([adapter.family, device, list(hparams.memory_fields), int(hparams.memory_size),
+                         hparams.memory_positions, sorted(int(x) for x in layers), int(hparams.seed)]).encode())
+    return h.hexdigest()[:24]
+
+
+def position_mask(prompt_mask: torch.Tensor, positions: int | str, gen: torch.Generator) -> torch.Tensor:
+    """(B, T) bool: every prompt position ('all'), or the last one plus N-1 random others per row."""
+    if positions == "all":
+        return prompt_mask.clone()
+    out = torch.zeros_like(prompt_mask)
+    for b in range(prompt_mask.shape[0]):
+        idx = prompt_mask[b].nonzero().flatten().cpu()
+        if idx.numel() == 0:
+            continue
+        last, others = idx[-1:], idx[:-1]
+        k = min(int(positions) - 1, others.numel())
+        pick = others[torch.randperm(others.numel(), generator=gen)[:k]] if k > 0 else others[:0]
+        out[b, torch.cat([last, pick]).to(out.device)] = True
+    return out
+
+
+def ffn_states(model: nn.Module, tok: Any, adapter: VLMAdapter, queries: Sequence[Query], layers: Sequence[int],
+               *, positions: int | str = "all", batch_size: int = 32, seed: int = 0, dtype: torch.dtype | None = None,
+               progress: bool = False) -> Bank:
+    """FFN-input states at the prompt positions of ``queries`` under the model as it is called (no gradient)."""
+    infos = adapter.layers(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    starts = range(0, len(queries), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="ASAM memory bank", unit="batch", leave=False)
+    with torch.no_grad():
+        for s in starts:
+            batch = adapter.batch(model, tok, list(queries[s:s + batch_size]))
+            mask = position_mask(batch.prompt_mask, positions, gen)
+            with capture({l: infos[l].ffn_in for l in layers}, positions=mask) as rec:
+                adapter.forward(model, batch)
+            for l in layers:
+                v = rec[l]
+                out[l].append(v.to(dtype) if dtype is not None else v)
+    return {l: torch.cat(v, dim=0) for l, v in out.items()}
+
+
+def bank_dtype(model: nn.Module) -> torch.dtype:
+    """fp32 for fp32 models; fp16 for half-precision (bf16/fp16) models (spec §4)."""
+    for p in unwrap_model(model).parameters():
+        if p.is_floating_point():
+            return torch.float32 if p.dtype == torch.float32 else torch.float16
+    return torch.float32
+
+
+def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, layers: Sequence[int]
+             ) -> tuple[Bank, str, str]:
+    """``(bank, fingerprint, source)`` for the layers, from memory, disk or a fresh build (source says which)."""
+    base = unwrap_model(model)
+    data = records_file(hparams.memory_data).read_bytes()
+    fp = fingerprint(base, adapter, hparams, layers, data)
+    per_model = _BANKS.setdefault(base, {})
+    if fp in per_model:
+        return per_model[fp], fp, "memory"
+    device = next(base.parameters()).device
+    cache_file = Path(hparams.memory_cache).expanduser() / f"asam-bank-{fp}.pt" if hparams.memory_cache else None
+    if cache_file is not None and cache_file.is_file():
+        loaded = torch.load(cache_file, map_location=device, weights_only=True)
+        bank = {int(k): v for k, v in loaded.items()}
+        per_model[fp] = bank
+        return bank, fp, "disk"
+    queries = memory_queries(hparams, adapter, data)
+    bank = ffn_states(base, tok, adapter, queries, layers, positions=hparams.memory_positions,
+                      batch_size=int(hparams.memory_batch), seed=int(hparams.seed), dtype=bank_dtype(base),
+                      progress=len(queries) > 4 * int(hparams.memory_batch))
+    log.info("ASAM: built memory bank %s from %d prompts (%s states per layer)", fp, len(queries),
+             {l: int(v.shape[0]) for l, v in bank.items()})
+    per_model[fp] = bank
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save({str(k): v.cpu() for k, v in bank.items()}, tmp)
+        tmp.replace(cache_file)
+    return bank, fp, "built"
+
+
+def clear_cache(model: nn.Module | None = None) -> None:
+    """Forget in-memory banks (of one model, or all)."""
+    if model is None:
+        _BANKS.clear()
+    else:
+        _BANKS.pop(unwrap_model(model), None)
