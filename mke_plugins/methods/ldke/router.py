@@ -1,0 +1,258 @@
+"""The Disentanglement Classifier (spec §2.3): features, head, calibration and the LDKE archive.
+
+* **Features** (``features: hidden``): one forward pass with every LDKE delta off, read at the
+  residual output of decoder layer ``f``; phi(x) = [LN(mean over image positions); LN(mean over
+  text prompt positions); LN(last prompt position)], LN without parameters, image part 0 for
+  text-only rows. The pass may stop right after layer ``f``.
+* **Head**: u = P phi(x), w = P phi(e) with P = Linear o LayerNorm; ``pair``:
+  s = sigmoid(MLP([u; w; |u-w|; u*w])); ``distance`` (ablation): s = sigmoid(b - a ||u-w||^2).
+* **Calibration**: tau maximises balanced accuracy between positives and hard negatives on a
+  0.05..0.95 grid (the middle of the best plateau).
+* **Archive**: a plain dict of tensors, numbers, strings and lists, saved with ``torch.save`` and
+  read with ``torch.load(weights_only=True)`` (nothing is unpickled): format version, model
+  fingerprint, head, tau, the layer baseline mu, training metadata and validation routing rates.
+  An EasyEdit ``MultimodalTrainer`` checkpoint (``{"model": archive, "opt": ...}``) is accepted too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mke_hooks import ArchiveError
+from mke_plugins.adapters.base import VLMAdapter, unwrap_model
+
+from .inputs import InputsView
+
+ARCHIVE_FORMAT = "ldke-archive"
+ARCHIVE_VERSION = 1
+TAU_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+TRAIN_COMMAND = "mke-plugins train LDKE --hparams <training yaml> --out <archive>"
+
+
+# -- features ------------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    """Raised by the feature hook to end a forward pass right after layer f."""
+
+
+@dataclass
+class Features:
+    """phi(x) for a batch, plus what the exact-match guard compares."""
+
+    phi: torch.Tensor  # (B, 3d) float32
+    image_mean: torch.Tensor  # (B, d) float32, pre-LN mean over image positions (0 without image)
+    has_image: torch.Tensor  # (B,) bool
+    prompt_tokens: list[tuple[int, ...]]
+
+
+def feature_layer_index(n_layers: int, feature_layer: int | None) -> int:
+    f = n_layers // 2 if feature_layer is None else int(feature_layer)
+    if not 0 <= f < n_layers:
+        raise ArchiveError(f"hparams.feature_layer = {feature_layer} is outside the model's {n_layers} decoder "
+                           f"layers; use 0..{n_layers - 1} or null (= {n_layers // 2}).")
+    return f
+
+
+def _phi(states: torch.Tensor, view: InputsView) -> Features:
+    h = states.float()
+    B, T, d = h.shape
+    prompt = view.prompt_mask.to(h.device)[:, :T]
+    image = view.image_mask.to(h.device)[:, :T] & prompt
+    text = prompt & ~image
+    img_n = image.sum(1, keepdim=True)
+    txt_n = text.sum(1, keepdim=True)
+    img_mean = (h * image.unsqueeze(-1)).sum(1) / img_n.clamp_min(1)
+    txt_mean = (h * text.unsqueeze(-1)).sum(1) / txt_n.clamp_min(1)
+    idx = torch.arange(T, device=h.device).expand(B, T)
+    last = torch.where(prompt, idx, torch.full_like(idx, -1)).max(1).values.clamp_min(0)
+    last_state = h[torch.arange(B, device=h.device), last]
+    has_image = img_n.squeeze(1) > 0
+    img_part = torch.where(has_image.unsqueeze(1), F.layer_norm(img_mean, (d,)), torch.zeros_like(img_mean))
+    phi = torch.cat([img_part, F.layer_norm(txt_mean, (d,)), F.layer_norm(last_state, (d,))], dim=1)
+    return Features(phi, img_mean, has_image, list(view.prompt_tokens))
+
+
+def hidden_features(adapter: VLMAdapter, model: nn.Module, view: InputsView, layer: int, *,
+                    stop_early: bool = True) -> tuple[Features, Any]:
+    """phi for ``view`` from layer ``layer`` of ``model`` (called as given, deltas are the caller's
+    business). Returns ``(features, model output)``; the output is ``None`` when stopped early."""
+    module = adapter.layers(model)[layer].layer
+    captured: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        captured.append(out[0] if isinstance(out, tuple) else out)
+        if stop_early:
+            raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    output = None
+    try:
+        output = view.call(model)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"LDKE features: decoder layer {layer} was not run by the forward pass")
+    states = captured[0]
+    if states.dim() == 2:  # flattened (B*T, d)
+        states = states.view(view.batch_size, -1, states.shape[-1])
+    return _phi(states.detach(), view), output
+
+
+# -- head ------------------------------------------------------------------------------------
+
+class RouterHead(nn.Module):
+    """s(x, e) from phi(x) and phi(e); ``project`` gives u (or w) for the cosine pre-filter."""
+
+    def __init__(self, in_dim: int, proj_dim: int, hidden: int, kind: str = "pair") -> None:
+        super().__init__()
+        if kind not in ("pair", "distance"):
+            raise ValueError(f"head kind must be 'pair' or 'distance', got {kind!r}")
+        self.kind, self.in_dim, self.proj_dim, self.hidden = kind, in_dim, proj_dim, hidden
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, proj_dim)
+        if kind == "pair":
+            self.mlp = nn.Sequential(nn.Linear(4 * proj_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        else:
+            self.log_a = nn.Parameter(torch.zeros(()))
+            self.b = nn.Parameter(torch.full((), 2.0))
+
+    def project(self, phi: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(phi.float()))
+
+    def logit(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid score for broadcastable ``u`` (..., p) and ``w`` (..., p)."""
+        u, w = torch.broadcast_tensors(u, w)
+        if self.kind == "pair":
+            return self.mlp(torch.cat([u, w, (u - w).abs(), u * w], dim=-1)).squeeze(-1)
+        return self.b - F.softplus(self.log_a) * (u - w).pow(2).sum(-1) / math.sqrt(self.proj_dim)
+
+    def forward(self, phi_x: torch.Tensor, phi_e: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(self.project(phi_x), self.project(phi_e)))
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_dim": self.in_dim, "proj_dim": self.proj_dim, "hidden": self.hidden}
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+def balanced_accuracy(pos: Sequence[float], neg: Sequence[float], tau: float) -> float:
+    tpr = sum(1 for s in pos if s >= tau) / max(1, len(pos))
+    tnr = sum(1 for s in neg if s < tau) / max(1, len(neg))
+    return 0.5 * (tpr + tnr)
+
+
+def calibrate_threshold(pos: Sequence[float], hard_neg: Sequence[float]) -> tuple[float, float]:
+    """``(tau, balanced accuracy)``: the best grid value (middle of the best plateau)."""
+    if not pos or not hard_neg:
+        return 0.5, float("nan")
+    scores = [balanced_accuracy(pos, hard_neg, t) for t in TAU_GRID]
+    best = max(scores)
+    plateau = [t for t, s in zip(TAU_GRID, scores) if s == best]
+    return plateau[len(plateau) // 2], best
+
+
+def rates(pos: Sequence[float], hard: Sequence[float], easy: Sequence[float], tau: float) -> dict[str, float]:
+    """Share routed to the edit (s >= tau) per kind."""
+    def share(xs: Sequence[float]) -> float | None:
+        return sum(1 for s in xs if s >= tau) / len(xs) if xs else None
+
+    return {"positive": share(pos), "hard_negative": share(hard), "easy_negative": share(easy),
+            "balanced_accuracy": balanced_accuracy(pos, hard, tau) if pos and hard else None}
+
+
+# -- archive -----------------------------------------------------------------------------------
+
+def fingerprint(adapter: VLMAdapter, model: nn.Module, feature_layer: int | None, features: str) -> dict[str, Any]:
+    """What an archive must match: family, decoder depth L, width d, feature layer f, feature kind."""
+    infos = adapter.layers(unwrap_model(model))
+    d = int(infos[0].value.weight.shape[0])
+    return {"family": adapter.family, "num_layers": len(infos), "hidden_size": d,
+            "feature_layer": feature_layer_index(len(infos), feature_layer), "features": features,
+            "feature_dim": 3 * d}
+
+
+def make_archive(head: RouterHead, fp: dict[str, Any], *, tau: float = 0.5, mu: torch.Tensor | None = None,
+                 mu_count: int = 0, meta: dict[str, Any] | None = None, val_rates: dict[str, Any] | None = None,
+                 loc_prompts: Sequence[str] = ()) -> dict[str, Any]:
+    return {
+        "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "fingerprint": dict(fp),
+        "head": {**head.config(), "state": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}},
+        "tau": float(tau), "mu": None if mu is None else mu.detach().float().cpu().clone(), "mu_count": int(mu_count),
+        "meta": dict(meta or {}), "val_rates": dict(val_rates or {}), "loc_prompts": list(loc_prompts),
+    }
+
+
+def save_archive(archive: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(archive, path)
+    return path
+
+
+def _missing(field: str, detail: str) -> ArchiveError:
+    return ArchiveError(f"hparams.{field}: {detail} LDKE needs a trained Disentanglement Classifier: run "
+                        f"`{TRAIN_COMMAND}` and set {field} to the file it writes, or set `router: false` with "
+                        f"`layer_prior: none` (ablation, no archive needed).")
+
+
+def load_archive(path: str | Path | None, *, field: str = "classifier_archive") -> dict[str, Any]:
+    """Read an archive (or a MultimodalTrainer checkpoint holding one) without unpickling objects."""
+    if not path:
+        raise _missing(field, "is not set.")
+    p = Path(str(path))
+    if not p.is_file():
+        raise _missing(field, f"file {str(p)!r} does not exist.")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal means the file is not an archive we can trust
+        raise ArchiveError(f"hparams.{field}: {str(p)!r} cannot be read as an LDKE archive with "
+                           f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc)[:200]}). Rebuild it "
+                           f"with `{TRAIN_COMMAND}`.") from None
+    if isinstance(data, dict) and data.get("format") != ARCHIVE_FORMAT and isinstance(data.get("model"), dict):
+        data = data["model"]  # EasyEdit MultimodalTrainer checkpoint
+    if not isinstance(data, dict) or data.get("format") != ARCHIVE_FORMAT:
+        raise ArchiveError(f"hparams.{field}: {str(p)!r} is not an LDKE archive (no format {ARCHIVE_FORMAT!r}). "
+                           f"Rebuild it with `{TRAIN_COMMAND}`.")
+    if int(data.get("version", -1)) != ARCHIVE_VERSION:
+        raise ArchiveError(f"hparams.{field}: {str(p)!r} has archive version {data.get('version')}, this LDKE "
+                           f"reads version {ARCHIVE_VERSION}. Rebuild it with `{TRAIN_COMMAND}`.")
+    data["path"] = str(p)
+    return data
+
+
+def check_fingerprint(archive: dict[str, Any], expected: dict[str, Any], *, field: str = "classifier_archive") -> None:
+    got = archive.get("fingerprint", {})
+    diffs = [f"{k}: archive {got.get(k)!r}, model/hparams {v!r}" for k, v in expected.items() if got.get(k) != v]
+    if diffs:
+        raise ArchiveError(f"hparams.{field}: {archive.get('path', 'the archive')!r} was trained for another "
+                           f"model or feature setting ({'; '.join(diffs)}). Train one for this model with "
+                           f"`{TRAIN_COMMAND}` (matching feature_layer and features).")
+
+
+def head_from_archive(archive: dict[str, Any], device: torch.device | str = "cpu") -> RouterHead:
+    h = archive["head"]
+    head = RouterHead(int(h["in_dim"]), int(h["proj_dim"]), int(h["hidden"]), str(h["kind"]))
+    head.load_state_dict(h["state"])
+    return head.to(device).eval()
+
+
+def archive_mu(archive: dict[str, Any] | None, n_layers: int, *, field: str = "classifier_archive") -> torch.Tensor:
+    """The layer baseline mu of an archive (an error naming the field if it has none)."""
+    mu = None if archive is None else archive.get("mu")
+    if mu is None or int(archive.get("mu_count", 0)) == 0:
+        where = "no archive is set" if archive is None else f"{archive.get('path')!r} has no layer baseline mu"
+        raise ArchiveError(f"hparams.layer_prior is 'archive' but {where}. Build an archive with `{TRAIN_COMMAND}` "
+                           f"(it averages mu over prior_edits training edits) and set {field}, or set "
+                           f"`layer_prior: none`.")
+    if mu.numel() != n_layers:
+        raise ArchiveError(f"hparams.{field}: mu has {mu.numel()} layers, the model has {n_layers}.")
+    return mu.float()
