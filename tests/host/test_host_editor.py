@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from easyedit_host import (FAMILIES, HELLO_METHOD, METRIC_KEYS, editor_inputs, mmedit_records,
+from easyedit_host import (FAMILIES, HELLO_METHOD, HELLO_TINY_OVERRIDES, METRIC_KEYS, editor_inputs, mmedit_records,
                            pick_hparams_model, snapshot_differences, state_snapshot, write_images,
                            write_vqa_file)
 
@@ -29,7 +29,7 @@ def _hparams(family: str, model_dir: Path, data_dir: Path) -> Any:
     model_key = pick_hparams_model(entry.hparams_models(), family)
     hp = mke_plugins.load_hparams(HELLO_METHOD, model_key, model_name=str(model_dir), name=str(model_dir),
                                   device="cpu", dtype="float32", coco_image=str(data_dir),
-                                  rephrase_image=str(data_dir))
+                                  rephrase_image=str(data_dir), **HELLO_TINY_OVERRIDES)
     assert hp.alg_name == HELLO_METHOD, f"load_hparams gave alg_name {hp.alg_name!r}"
     return hp
 
@@ -73,12 +73,12 @@ def test_edit_dataset_rewrite_rises(easyedit: Any, mke_installed: Any, tiny_dir:
     from easyeditor import VQADataset
 
     data = scratch / "data"
-    json_path = write_vqa_file(data, count=3)
+    json_path = write_vqa_file(data, count=2)
     editor = _editor(easyedit, family, tiny_dir(family), data)
     ds = VQADataset(str(json_path), config=editor.hparams)
-    assert len(ds) == 3, f"VQADataset kept {len(ds)} of 3 records"
+    assert len(ds) == 2, f"VQADataset kept {len(ds)} of 2 records"
     metrics, edited_model, _ = editor.edit_dataset(ds, keep_original_weight=True, verbose=False)
-    assert len(metrics) == 3
+    assert len(metrics) == 2
     _check_post_metrics(metrics)
     _check_rewrite_rises(metrics)
     assert (scratch / "logs" / "run.log").exists(), "EasyEdit's editor should log to ./logs/run.log (cwd)"
@@ -90,7 +90,7 @@ def test_sequential_edit_one_entry_per_request(easyedit: Any, mke_installed: Any
     """edit(sequential_edit=True) hands the method a bare dict; we must return one entry per request."""
     data = scratch / "data"
     write_images(data)
-    records = mmedit_records(3)
+    records = mmedit_records(2)
     editor = _editor(easyedit, family, tiny_dir(family), data)
     metrics, _, _ = editor.edit(**editor_inputs(records, data), sequential_edit=True, verbose=False)
     assert len(metrics) == len(records), f"{len(metrics)} metrics entries for {len(records)} requests"
