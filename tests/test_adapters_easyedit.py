@@ -5,7 +5,7 @@ Reference data, in order of preference:
   exists, ``tests/fixtures/make_fixtures.py`` runs there in a subprocess and records EasyEdit's own
   output now;
 * otherwise the recorded files ``tests/fixtures/easyedit_inputs_<family>.json`` (written by the
-  same script, or for the HF families by ``tests/host/record_fixtures.py``; same format).
+  same script).
 
 HF: token ids, attention mask, ``mm_token_type_ids``, labels equal; image tensors equal by shape and
 checksums. LAVIS: the sample dict equals ``prepare_multimodal_edit``'s, ``batch.labels`` equals the

@@ -1,4 +1,4 @@
-"""Shared helpers for the EasyEdit host check (``tests/host``) and ``record_fixtures.py``.
+"""Shared helpers for the EasyEdit host check (``tests/host``) and ``tests/fixtures/make_fixtures.py``.
 
 The host check runs EasyEdit main's own ``MultimodalEditor`` on tiny local models, so it needs
 an EasyEdit checkout (``EASYEDIT_SRC``) and an interpreter in which ``import easyeditor`` works
@@ -39,7 +39,7 @@ SETUP_HINT = (
 METRIC_KEYS: tuple[str, ...] = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc",
                                 "multimodal_locality_acc")
 
-#: fixed requests recorded by ``record_fixtures.py`` and compared in CI:
+#: fixed requests recorded by ``tests/fixtures/make_fixtures.py`` and compared in CI:
 #: (image seed or None for a text-only query, prompt, target)
 FIXED_REQUESTS: tuple[tuple[int | None, str, str], ...] = (
     (0, "What is in the picture?", "a red circle"),
@@ -201,7 +201,7 @@ def tensor_record(value: Any) -> dict[str, Any]:
             "values": value.tolist()}
 
 
-# -- recorded EasyEdit inputs (record_fixtures.py writes them, CI compares the adapters with them) --
+# -- recorded EasyEdit inputs (tests/fixtures/make_fixtures.py writes them, CI compares the adapters with them) --
 
 FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -280,8 +280,8 @@ def record_easyedit_inputs(family: str, model_dir: Path, work: Path, commit: str
     return {
         "family": family,
         "what": "EasyEdit main's prepare_multimodal_hf_edit output for FIXED_REQUESTS on build_tiny(family); "
-                "written by tests/host/record_fixtures.py, compared with the adapters by "
-                "tests/host/test_recorded_easyedit_inputs.py",
+                "written by tests/fixtures/make_fixtures.py, compared with the adapters by "
+                "tests/test_adapters_easyedit.py",
         "easyedit_commit": commit,
         "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
                      "torch": torch.__version__},

@@ -71,11 +71,11 @@ def test_recorded_fixture_is_current(easyedit: Any, tiny_dir: Any, scratch: Path
     """tests/fixtures/easyedit_inputs_<family>.json equal what this EasyEdit builds now."""
     path = fixture_path(family)
     if not path.exists():
-        pytest.fail(f"{path} is missing: run tests/host/record_fixtures.py in this interpreter")
+        pytest.fail(f"{path} is missing: run tests/fixtures/make_fixtures.py in this interpreter")
     stored = json.loads(path.read_text())
     fresh = record_easyedit_inputs(family, tiny_dir(family), scratch / "images")
     for key in ("easyedit_commit", "versions"):
         stored.pop(key, None)
         fresh.pop(key, None)
     assert fresh == stored, (f"{path} is stale (EasyEdit, the tiny builder or FIXED_REQUESTS changed): "
-                             "re-run tests/host/record_fixtures.py")
+                             "re-run tests/fixtures/make_fixtures.py")
