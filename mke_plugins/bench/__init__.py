@@ -1,1 +1,51 @@
-"""mke_plugins.bench"""
+"""``mke-plugins bench``: every method measured the same way, on the same cases, by one scorer.
+
+Why it exists: the methods in this package make claims (decoupling, generality, locality,
+portability, cost) that only mean something against baselines measured identically. The bench
+runs any registered method (ours, the FT/LoRA baselines, third-party plugins) through the same
+EasyEdit-facing apply wrapper EasyEdit uses, and EasyEdit's own methods as ``easyedit:NAME``.
+
+Layout: :mod:`.data` (MMEdit records → requests with family-native images), :mod:`.probes`
+(the probe queries of a case, batched evaluation), :mod:`.score` (per-case and per-method
+metrics from :mod:`mke_plugins.core.scoring`), :mod:`.cost` (time, memory, fwd+bwd unit),
+:mod:`.restore` (EasyEdit's restore rules, bit-exact check), :mod:`.methods` (method strings,
+ablation overrides, binding), :mod:`.runner` (single and sequential protocols), :mod:`.report`
+(table, JSON, plot), :mod:`.cli`.
+
+Result JSON (read by tools; these keys are stable)::
+
+    {"model": str, "data": str, "mode": "single"|"sequential", "cases": int,
+     "methods": {NAME: {"rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc",
+                        "multimodal_locality_acc", "text_only_acc", "image_only_acc",
+                        "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
+                        "joint_consistency", "edit_seconds_median", "edit_seconds_p90",
+                        "edit_to_fwdbwd_ratio", "peak_memory_mb", ...extras}}}
+
+Accuracies are in [0, 1]; a metric the data cannot provide is ``null``. Extras per method:
+``*_success`` (every target token argmax-correct), ``pre_*`` (the unedited model),
+``multimodal_locality_top10`` (EasyEdit main's M-Loc), ``fine_locality_same_image`` /
+``_same_entity`` / ``_by_form``, ``unit_consistency``, ``rewrite_exact_match`` (greedy
+generation), ``decoupling_n`` / ``decoupling_n_paired_success``, ``fwdbwd_seconds_median``,
+``peak_memory_delta_mb``, ``n_cases``, ``extra`` (stats the method attached), ``hparams``,
+``source``, ``restore``, and with ``--per-case`` a ``cases`` list. Top level also holds
+``sequential_n``, ``seed``, ``device``, ``threads``, ``hparams`` and ``notes``.
+
+Programmatic use::
+
+    from mke_plugins.bench import BenchConfig, run_bench, methods_from
+    result = run_bench(BenchConfig(methods=methods_from("FT,LoRA"), cases=20))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["BenchConfig", "methods_from", "run_bench"]
+
+
+def __getattr__(name: str) -> Any:  # keep `import mke_plugins.bench` free of torch
+    if name in __all__:
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

@@ -63,7 +63,7 @@ def split_methods(text: str) -> list[str]:
 
 
 def parse_overrides(text: str, label: str) -> dict[str, Any]:
-    """``k=v,k2=v2`` → dict with YAML-parsed values."""
+    """``k=v,k2=v2`` → dict with YAML-parsed values (scientific notation such as 1e-2 is a float)."""
     out: dict[str, Any] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -73,9 +73,15 @@ def parse_overrides(text: str, label: str) -> dict[str, Any]:
         if not sep or not key:
             raise MKEError(f"method {label!r}: override {part!r} must look like key=value")
         try:
-            out[key] = yaml.safe_load(value.strip()) if value.strip() else ""
+            parsed = yaml.safe_load(value.strip()) if value.strip() else ""
         except yaml.YAMLError as exc:
             raise MKEError(f"method {label!r}: value of {key!r} is not a YAML scalar: {exc}") from None
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-2 as a string; EasyEdit reads it as a float
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key] = parsed
     return out
 
 

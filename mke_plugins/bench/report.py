@@ -123,10 +123,11 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     for j, r in enumerate(rows):
         ratio = r.get("edit_to_fwdbwd_ratio")
         if ratio is not None:
-            ax.text(j, secs[j], f"{ratio:.0f}x", ha="center", va="bottom", fontsize=8)
+            ax.text(j, max(secs[j], p90[j]) * 1.02, f"{ratio:.0f}x", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_title("Seconds per edit\n(median, p90; label: x fwd+bwd)")
+    ax.set_ylim(0, max(p90 + secs + [1e-3]) * 1.15)
     ax.grid(axis="y", alpha=0.3)
     seq = f", N={result['sequential_n']}" if result.get("mode") == "sequential" else ""
     fig.suptitle(f"mke-plugins bench: {result['cases']} cases, {result['mode']}{seq}; model "

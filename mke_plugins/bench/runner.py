@@ -161,6 +161,7 @@ class Bench:
             raise MKEError("no methods to run: nothing is registered with hyperparameters for "
                            f"{cfg.hparams!r}; see `mke-plugins methods`")
         self._pre: dict[int, list[ProbeOutput]] = {}
+        self._check: StateCheck | None = None
         self.notes: list[str] = []
 
     @staticmethod
@@ -179,6 +180,16 @@ class Bench:
         return bind(req, hparams_key=self.cfg.hparams, common=common, easyedit_yaml=self.cfg.easyedit_hparams)
 
     # -- pieces --------------------------------------------------------------------------
+    def _state_check(self) -> StateCheck | None:
+        """The reference state, recorded once, after the first forward and backward passes.
+
+        Some transformers versions install output-capturing hooks on a model's first forward; the
+        record is taken after the unedited model has run, so only the edits are compared.
+        """
+        if self.cfg.verify_restore and self._check is None:
+            self._check = StateCheck(self.model)
+        return self._check
+
     def _batches(self, request: dict[str, Any]) -> tuple[ProbeBatches, Any]:
         probes = case_probes(request)
         pb = build_batches(self.adapter, self.model, self.tok, probes, self.cfg.probe_batch)
@@ -235,7 +246,6 @@ class Bench:
 
     # -- protocols -----------------------------------------------------------------------
     def run_single(self, tick: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-        check = StateCheck(self.model) if self.cfg.verify_restore else None
         results: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
         base_seed = self.cfg.seed or 0
         for i, request in enumerate(self.requests):
@@ -244,6 +254,7 @@ class Bench:
             n_target = int(pre[0].top1.shape[0])
             for m in self.methods:
                 fwdbwd = fwd_bwd_seconds(self.adapter, self.model, edit_batch)
+                check = self._state_check()
                 edited, wc, seconds, mem = self._apply(m, request, base_seed + i)
                 post = run_probes(self.adapter, edited, pb)
                 generated = self._generate(m, edited, request, n_target)
@@ -264,7 +275,6 @@ class Bench:
         return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
     def run_sequential(self, tick: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-        check = StateCheck(self.model) if self.cfg.verify_restore else None
         results: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
         base_seed = self.cfg.seed or 0
         for m in self.methods:
@@ -274,6 +284,7 @@ class Bench:
                     pb, edit_batch = self._batches(self.requests[i])
                     prepared.append((i, pb, self._pre_outputs(i, pb),
                                      fwd_bwd_seconds(self.adapter, self.model, edit_batch)))
+                check = self._state_check()
                 done: list[tuple[Any, Any]] = []
                 costs = []
                 edited = self.model
