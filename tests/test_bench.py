@@ -48,9 +48,11 @@ def test_method_strings_split_outside_brackets_and_parse_yaml_values():
     r = parse_method("ASAM[lar=false, lar_eps=1e-2, rcsl_rank=2, name=x]")
     assert r.label == "ASAM[lar=false, lar_eps=1e-2, rcsl_rank=2, name=x]" and r.name == "ASAM"
     assert r.overrides == {"lar": False, "lar_eps": 0.01, "rcsl_rank": 2, "name": "x"}
+    assert parse_method("LoRA[layers=[0, 1],lr=1e-3]").overrides == {"layers": [0, 1], "lr": 0.001}
     e = parse_method("easyedit:GRACE")
     assert e.easyedit and e.name == "GRACE" and e.overrides == {}
-    for bad, msg in (("A[x=1", "never closed"), ("A],B", "without"), ("A[x]", "key=value"), ("A,A", "more than once")):
+    for bad, msg in (("A[x=1", "never closed"), ("A],B", "without"), ("A[x]", "key=value"), ("A,A", "more than once"),
+                     ("[x=1]", "cannot read")):
         with pytest.raises(MKEError, match=msg):
             parse_methods(bad)
 

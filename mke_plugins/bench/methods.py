@@ -28,7 +28,7 @@ EASYEDIT_PREFIX = "easyedit:"
 EASYEDIT_REFUSED = {
     "IKE": "its apply returns in-context examples, not an edited model",
 }
-_ITEM_RE = re.compile(r"^\s*(?P<name>[^\[\]\s]+)\s*(?:\[(?P<over>[^\[\]]*)\])?\s*$")
+_NAME_RE = re.compile(r"^(easyedit:)?[A-Za-z0-9_\-.]*$")
 
 
 @dataclass(frozen=True)
@@ -41,31 +41,36 @@ class MethodRequest:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def split_methods(text: str) -> list[str]:
-    """Split ``A,B[x=1,y=2],C`` at the commas outside brackets."""
+def _split_top(text: str, what: str) -> list[str]:
+    """Split at the commas outside brackets and braces."""
     items, depth, cur = [], 0, []
     for ch in text:
-        if ch == "[":
+        if ch in "[{":
             depth += 1
-        elif ch == "]":
+        elif ch in "]}":
             depth -= 1
             if depth < 0:
-                raise MKEError(f"--methods {text!r}: ']' without '['")
+                raise MKEError(f"{what} {text!r}: '{ch}' without its opening bracket")
         if ch == "," and depth == 0:
             items.append("".join(cur).strip())
             cur = []
         else:
             cur.append(ch)
     if depth:
-        raise MKEError(f"--methods {text!r}: '[' is never closed")
+        raise MKEError(f"{what} {text!r}: a '[' or '{{' is never closed")
     items.append("".join(cur).strip())
     return [i for i in items if i]
+
+
+def split_methods(text: str) -> list[str]:
+    """Split ``A,B[x=1,y=[2,3]],C`` at the commas outside brackets."""
+    return _split_top(text, "--methods")
 
 
 def parse_overrides(text: str, label: str) -> dict[str, Any]:
     """``k=v,k2=v2`` → dict with YAML-parsed values (scientific notation such as 1e-2 is a float)."""
     out: dict[str, Any] = {}
-    for part in (p.strip() for p in text.split(",")):
+    for part in _split_top(text, f"method {label!r}"):
         if not part:
             continue
         key, sep, value = part.partition("=")
@@ -86,17 +91,24 @@ def parse_overrides(text: str, label: str) -> dict[str, Any]:
 
 
 def parse_method(text: str) -> MethodRequest:
-    """``NAME`` / ``NAME[k=v,...]`` / ``easyedit:NAME[...]`` → :class:`MethodRequest`."""
-    m = _ITEM_RE.match(text)
-    if not m:
-        raise MKEError(f"cannot read method {text!r}; write NAME or NAME[key=value,...]")
-    name, over = m.group("name"), m.group("over")
+    """``NAME`` / ``NAME[k=v,...]`` / ``easyedit:NAME[...]`` → :class:`MethodRequest`.
+
+    Values may be YAML flow collections (``LoRA[layers=[1, 2]]``).
+    """
+    label = text.strip()
+    name, bracket, rest = label.partition("[")
+    name = name.strip()
+    if bracket and not rest.endswith("]"):
+        raise MKEError(f"cannot read method {label!r}: the overrides must end with ']'")
+    over = rest[:-1] if bracket else ""
+    if not name or not _NAME_RE.match(name):
+        raise MKEError(f"cannot read method {label!r}; write NAME or NAME[key=value,...]")
     easy = name.startswith(EASYEDIT_PREFIX)
     if easy:
         name = name[len(EASYEDIT_PREFIX):]
         if not name:
-            raise MKEError(f"method {text!r}: name the EasyEdit method after 'easyedit:'")
-    return MethodRequest(text.strip(), name, easy, parse_overrides(over or "", text.strip()))
+            raise MKEError(f"method {label!r}: name the EasyEdit method after 'easyedit:'")
+    return MethodRequest(label, name, easy, parse_overrides(over, label))
 
 
 def parse_methods(text: str) -> list[MethodRequest]:
