@@ -135,5 +135,8 @@ def aggregate(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     row["peak_memory_mb"] = max(peaks) if peaks else None
     row["peak_memory_delta_mb"] = max(deltas) if deltas else None
     row["n_cases"] = len(cases)
+    for key in ("portability_acc", "fine_locality_acc", "locality_acc", "multimodal_locality_acc",
+                "rephrase_acc", "image_rephrase_acc", "text_only_acc", "image_only_acc"):
+        row[f"{key.removesuffix('_acc')}_cases"] = sum(c.get(key) is not None for c in cases)
     row["extra"] = aggregate_extra([c.get("extra") or {} for c in cases])
     return row
