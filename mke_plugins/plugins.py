@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "mke_plugins"
 #: once it works end to end (no method is registered before it is complete).
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "mke_plugins.methods.baselines",
+    "mke_plugins.methods.asam",
 )
 
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("mke_"))

@@ -32,6 +32,15 @@ EVAL_ONLY = ("rephrase_prompt", "image_rephrase", "locality_prompt", "locality_g
              "portability", "fine_locality", "text_only_prompt", "image_only_prompt", "pred", "loc_prompt")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; OpenMP threads competing for shared cores run 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def native_image(family: str, seed: int = 0) -> Any:
     if family in LAVIS:
         return make_lavis_image(seed)
@@ -76,9 +85,10 @@ def world_model():
 
 
 def world_hparams(**kw: Any) -> ASAMHyperParams:
-    from mke_plugins.hparams import load_hparams
+    from mke_plugins.hparams import read_yaml
 
-    return load_hparams("ASAM", str(HPARAMS_DIR / "world.yaml"), **kw)
+    path = HPARAMS_DIR / "world.yaml"
+    return ASAMHyperParams.from_config({**read_yaml(path), **kw}, path=str(path))
 
 
 # -- the conformance kit ------------------------------------------------------------------------
