@@ -26,7 +26,7 @@ from .render import render
 from .spec import (CITY_COUNTRY, DEFAULT_EDITS, DEFAULT_ENTITIES, DEFAULT_SEED, DERIVED,
                    HELDOUT_RENDERINGS, LINK_SOURCE, TRAIN_RENDERINGS, World, make_world)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever generated content changes (cache key)
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,10 @@ def check_sets(world: World, split: Split, n: int, seed_offset: int = 7) -> dict
 
 
 def edit_src_items(world: World, records: Sequence[dict[str, Any]]) -> tuple[list[Item], list[str]]:
-    """Items for every record's ``src`` + ``image`` with ``pred`` as target."""
+    """Items for every request's ``prompt`` + ``image`` with ``pred`` as target.
+
+    ``records`` are :func:`mke_plugins.world.record_paths` dicts (image paths, not pictures).
+    """
     from .queries import prompt
 
     names = {e.name: e.index for e in world.entities}
@@ -109,8 +112,8 @@ def edit_src_items(world: World, records: Sequence[dict[str, Any]]) -> tuple[lis
         e = names[rec["entity"]]
         rel = world.relation(rec["relation"])
         t = next(i for i, tpl in enumerate(rel.train_templates)
-                 if prompt(world, Question("paired", e, rel.key, i)) == rec["src"])
-        index = int(rec["image"].rsplit("_r", 1)[1].split(".")[0])
+                 if prompt(world, Question("paired", e, rel.key, i)) == rec["prompt"])
+        index = int(str(rec["image"]).rsplit("_r", 1)[1].split(".")[0])
         items.append(Item(Question("paired", e, rel.key, t), index))
         targets.append(rec["pred"])
     return items, targets

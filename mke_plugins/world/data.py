@@ -29,6 +29,7 @@ class Item:
 
     question: Question
     rendering: int | None
+    text: str | None = None  # overrides the question's text (training augmentation)
 
 
 def chat_text(processor: Any, text: str, has_image: bool) -> str:
@@ -94,7 +95,7 @@ class Encoder:
         rows, tids, pics = [], [], []
         for k, it in enumerate(items):
             q = it.question
-            text = prompt(self.world, q)
+            text = it.text if it.text is not None else prompt(self.world, q)
             tgt = targets[k] if targets is not None else answer(self.world, self.world.entities[q.entity], q.relation)
             tid = self.target_id(tgt)
             rows.append(self.prompt_ids(text, q.has_image) + [tid])

@@ -50,7 +50,7 @@ RELATIONS: tuple[Relation, ...] = (
         "eats",
         ("apples", "fish", "rice", "bread", "honey", "grass", "seeds", "cheese"),
         ("What does {n} eat?", "Which food does {n} eat?", "{n} eats what?"),
-        ("What is the usual meal of {n}?",),
+        ("What food is eaten by {n}?",),
     ),
     Relation(
         "sport",
@@ -76,13 +76,13 @@ CITY_COUNTRY: dict[str, str] = {
 DERIVED = Relation(
     "country",
     ("Norland", "Sudmark", "Westerra", "Ostlund"),
-    ("Which country does {n} live in?", "In which country is the home of {n}?",
+    ("Which country does {n} live in?", "In which country does {n} live?",
      "{n} lives in which country?"),
     ("What country is home to {n}?",),
 )
 
 IDENT_TRAIN = ("What is this?", "Who is this?", "Name the thing in the picture.")
-IDENT_HELDOUT = ("Which one is shown here?",)
+IDENT_HELDOUT = ("Name this thing.",)
 
 #: words that EasyEdit's own code wraps around prompts (trainer collate), so they are not UNK
 EXTRA_WORDS = ("Question", "Short", "answer", "user", "assistant", "system", ":", ".", ",", "?",

@@ -25,20 +25,53 @@ from .build import make_split
 from .check import accuracy, check_sets, run_check, sample_items
 from .data import Encoder, Item, check_against_processor
 from .modeling import build_config, build_processor, build_tokenizer, save_processor
-from .spec import DEFAULT_ENTITIES, DEFAULT_SEED, make_world
+from .queries import prompt
+from .spec import DEFAULT_ENTITIES, DEFAULT_SEED, DERIVED, THING, make_world, split_words
 
 FORM_WEIGHTS = {"paired": 1, "text": 1, "image": 2, "ident": 2}
+#: word-level augmentation of training questions, so held-out phrasings generalise: in
+#: AUG_RATE of the questions, each word other than the subject is dropped with WORD_DROP, and
+#: one known template word is inserted at a random place with INSERT_RATE
+AUG_RATE, WORD_DROP, INSERT_RATE = 0.5, 0.15, 0.5
 
 
-def sample_batch(world, split, seed: int, step: int, batch_size: int) -> list[Item]:
+def _filler_words(world) -> list[str]:
+    """Function words: template words shared by at least three relations (never a cue), and a few more."""
+    count: dict[str, int] = {}
+    for r in world.relations + (DERIVED,):
+        words: set[str] = set()
+        for t in r.train_templates:
+            words |= set(split_words(t.replace("{n}", "")))
+        for w in words:
+            count[w] = count.get(w, 0) + 1
+    return sorted({w for w, c in count.items() if c >= 3} | {"is", "of", "a", "an"})
+
+
+def augment(world, item: Item, rng: np.random.Generator, fillers: list[str]) -> Item:
+    """``item`` with a randomly thinned / padded question (subject words are kept)."""
+    if rng.random() >= AUG_RATE:
+        return item
+    q = item.question
+    subject = set(split_words(THING)) | {world.entities[q.entity].name}
+    words = split_words(prompt(world, q))
+    kept = [w for w in words if w in subject or rng.random() >= WORD_DROP]
+    if rng.random() < INSERT_RATE:
+        kept.insert(int(rng.integers(len(kept) + 1)), fillers[int(rng.integers(len(fillers)))])
+    return Item(q, item.rendering, " ".join(kept) if kept else words[-1])
+
+
+def sample_batch(world, split, seed: int, step: int, batch_size: int,
+                 augmented: bool = True) -> list[Item]:
     """The training batch of ``step`` (a pure function of seed and step)."""
     rng = np.random.default_rng([seed, 6, step])
     forms = list(FORM_WEIGHTS)
     p = np.array([FORM_WEIGHTS[f] for f in forms], dtype=np.float64)
     picks = rng.choice(len(forms), size=batch_size, p=p / p.sum())
+    fillers = _filler_words(world)
     items: list[Item] = []
     for k in picks:
-        items += sample_items(world, split, rng, forms[int(k)], 1)
+        item = sample_items(world, split, rng, forms[int(k)], 1)[0]
+        items.append(augment(world, item, rng, fillers) if augmented else item)
     return items
 
 
@@ -49,13 +82,14 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 7200, batch_size: int = 64,
-          lr: float = 2e-3, warmup: int = 200, threads: int = 2, eval_every: int = 500,
+def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_size: int = 64,
+          lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
           log: Callable[[str], None] = print, n_entities: int = DEFAULT_ENTITIES) -> dict[str, Any]:
     """Train, save with ``save_pretrained`` into ``out`` and return the final check report."""
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(out)
     world = make_world(seed, n_entities)
@@ -63,7 +97,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 7200, batch_si
     tok = build_tokenizer(world.vocabulary())
     processor = build_processor(tok)
     enc = Encoder(world, processor)
-    check_against_processor(enc, sample_batch(world, split, seed + 1, 0, 8))
+    check_against_processor(enc, sample_batch(world, split, seed + 1, 0, 8, augmented=False))
 
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(build_config(tok))
