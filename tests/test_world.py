@@ -163,3 +163,20 @@ def test_bundled_model_meets_the_quality_floor_on_a_subsample():
     finally:
         torch.set_num_threads(threads)
     assert report["floor_met"], report["failures"]
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    import torch
+
+    from mke_plugins.world.train import train
+
+    threads = torch.get_num_threads()
+    try:
+        for name in ("a", "b"):
+            train(tmp_path / name, steps=3, batch_size=8, warmup=2, eval_every=0, threads=1,
+                  log=lambda s: None, check=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (tmp_path / n / "model.safetensors" for n in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()

@@ -84,8 +84,10 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_size: int = 64,
           lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
-          log: Callable[[str], None] = print, n_entities: int = DEFAULT_ENTITIES) -> dict[str, Any]:
-    """Train, save with ``save_pretrained`` into ``out`` and return the final check report."""
+          log: Callable[[str], None] = print, n_entities: int = DEFAULT_ENTITIES,
+          check: bool = True) -> dict[str, Any]:
+    """Train, save with ``save_pretrained`` into ``out`` and return its metadata (with the
+    final check report under ``check`` unless ``check=False``)."""
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -137,7 +139,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
-    report = run_check(model, processor, world, split)
+    report = run_check(model, processor, world, split) if check else None
     meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
             "threads": threads, "n_entities": n_entities, "parameters": n_params,
             "train_seconds": round(elapsed, 1), "check": report}
