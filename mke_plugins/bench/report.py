@@ -123,7 +123,8 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     for j, r in enumerate(rows):
         ratio = r.get("edit_to_fwdbwd_ratio")
         if ratio is not None:
-            ax.text(j, max(secs[j], p90[j]) * 1.02, f"{ratio:.0f}x", ha="center", va="bottom", fontsize=8)
+            label = f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x"
+            ax.text(j, max(secs[j], p90[j]) * 1.02, label, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_title("Seconds per edit\n(median, p90; label: x fwd+bwd)")
