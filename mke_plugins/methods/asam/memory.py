@@ -219,7 +219,7 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
     queries = memory_queries(hparams, adapter, data)
     bank = ffn_states(base, tok, adapter, queries, layers, positions=hparams.memory_positions,
                       batch_size=int(hparams.memory_batch), seed=int(hparams.seed), dtype=bank_dtype(base),
-                      progress=len(queries) > 4 * int(hparams.memory_batch))
+                      progress=len(queries) > 64 * int(hparams.memory_batch))
     log.info("ASAM: built memory bank %s from %d prompts (%s states per layer)", fp, len(queries),
              {l: int(v.shape[0]) for l, v in bank.items()})
     per_model[fp] = bank
