@@ -22,7 +22,8 @@ def ask(adapter, model, tok, request: dict) -> dict[str, str]:
     forms = {"picture + question": Query(request["image"], request["prompt"], ""),
              "question only": Query(None, request["text_only_prompt"], ""),
              "picture only": Query(request["image"], request["image_only_prompt"], "")}
-    return {name: adapter.generate(model, tok, q, max_new_tokens=1)  # world answers are one word for name, q in forms.items()}
+    # world answers are one word (one token)
+    return {name: adapter.generate(model, tok, q, max_new_tokens=1) for name, q in forms.items()}
 
 
 def main() -> None:
