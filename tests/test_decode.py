@@ -17,6 +17,7 @@ import torch
 
 from mke_hooks import HparamsError, RequestError
 from mke_plugins.adapters import Query, get_adapter
+from mke_plugins.core.hooks import hook_counts
 from mke_plugins.core.snapshot import WeightSnapshot, assert_same_state, state_of
 from mke_plugins.methods.decode import decode_main, localize, offsets
 from mke_plugins.methods.decode.decode_hparams import DECODEHyperParams
@@ -41,6 +42,15 @@ def tiny_hparams(model_name: str, **kw: Any) -> DECODEHyperParams:
                 early_stop_joint=0.0)
     base.update(kw)
     return DECODEHyperParams.from_config(base)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and share the machine politely)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -132,10 +142,12 @@ def test_model_state_flags_and_mode_are_put_back(family_setup):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     hp = tiny_hparams(name, max_steps=2)
     req = {"prompt": "What is shown?", "target": "Rome", "image": native_image("qwen2-vl")}
+    decode_main.apply_decode_to_multimodal_model(model, tok, req, hp)  # warm-up (transformers may add hooks once)
+    hooks = hook_counts(model)
     decode_main.apply_decode_to_multimodal_model(model, tok, req, hp)
     assert model.training and all(m.training for m in model.modules())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert hook_counts(model) == hooks
 
 
 # -- scoring ------------------------------------------------------------------------------------

@@ -46,4 +46,6 @@ def apply_decode_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, 
         log.info("DECODE request %d: |N_T|=%d |N_I|=%d jaccard=%s; %s; %.2fs", i, len(report.n_text),
                  len(report.n_image), report.jaccard, stages, report.seconds)
     handle = RestoreHandle([result.snapshot]) if return_orig_weights else RestoreHandle()
+    stats = [r.stats() for r in result.reports]
+    handle.stats = stats[0] if len(stats) == 1 else stats  # read by `mke-plugins bench` (per-case extra)
     return result.model, handle

@@ -62,6 +62,25 @@ class EditReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def stats(self) -> dict[str, Any]:
+        """Flat numbers and flags for the bench's per-case ``extra`` (averaged / counted per row)."""
+        out: dict[str, Any] = {"n_text": len(self.n_text), "n_image": len(self.n_image),
+                               "g_text": self.g_text_size, "g_image": self.g_image_size,
+                               "localize_seconds": self.localize_seconds}
+        if self.jaccard is not None:
+            out["jaccard"] = self.jaccard
+        for s in self.stages:
+            if s.skipped:
+                out[f"{s.name}_skipped"] = True
+                continue
+            out[f"steps_{s.name}"] = s.steps
+            out[f"early_stop_{s.name}"] = s.early_stopped
+            if s.final_l_tgt is not None:
+                out[f"l_tgt_{s.name}"] = s.final_l_tgt
+            if s.final_l_loc is not None:
+                out[f"l_loc_{s.name}"] = s.final_l_loc
+        return out
+
 
 @dataclass
 class DecodeResult:
