@@ -103,6 +103,9 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
                     xs.append(x)
                     ys.append(row[key])
             ax.bar(xs, ys, width=w, color=cmap(j % 10), label=name)
+            for x, y in zip(xs, ys):
+                if y == 0:  # a zero bar is invisible; say it is a zero, not a missing value
+                    ax.text(x, 0.01, "0", ha="center", va="bottom", fontsize=7, color=cmap(j % 10))
             for x in missing:
                 ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
         ax.set_xticks(range(len(items)))
