@@ -227,3 +227,13 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     assert json.loads(j.read_text())["methods"]["LoRA"]["rewrite_acc"] is not None
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "--sequential-n", "2", "--no-progress"]) == 2  # needs --mode sequential
+
+
+def test_bench_subcommand_imports_no_torch():
+    """`mke-plugins methods` builds every subparser; the bench's must not import torch."""
+    import subprocess
+
+    code = ("import sys; import mke_plugins.bench.cli as c, argparse; "
+            "c.add_parser(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

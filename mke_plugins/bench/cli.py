@@ -33,7 +33,7 @@ def _easyedit_yaml(values: list[str] | None) -> dict[str, str]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .runner import DEFAULT_CASES
+    from . import DEFAULT_CASES
 
     p = subparsers.add_parser("bench", help="benchmark editing methods (default: all registered, on the world)",
                               description=__doc__, epilog=EXAMPLES,

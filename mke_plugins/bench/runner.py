@@ -34,6 +34,7 @@ import torch
 
 from mke_hooks import MKEError
 
+from . import DEFAULT_CASES
 from .cost import PeakMemory, fwd_bwd_seconds, sync
 from .data import load_requests, with_images
 from .methods import BoundMethod, MethodRequest, bind
@@ -43,9 +44,6 @@ from .score import SCHEMA_KEYS, aggregate, score_case
 
 log = logging.getLogger(__name__)
 
-#: default number of cases of `mke-plugins bench` with no arguments: a few minutes on 2 CPU cores with
-#: every built-in method (their acceptance runs use --cases 200)
-DEFAULT_CASES = 20
 
 
 @dataclass
