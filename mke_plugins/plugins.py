@@ -25,6 +25,8 @@ ENTRY_POINT_GROUP = "mke_plugins"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "mke_plugins.methods.baselines",
     "mke_plugins.methods.asam",
+    "mke_plugins.methods.decode",
+    "mke_plugins.methods.unike",
 )
 
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("mke_"))

@@ -322,3 +322,12 @@ def test_trainable_edit_loss_and_archive_round_trip(qwen, tmp_path) -> None:
     assert all(p.requires_grad is False for p in model.parameters())
     for p in model.parameters():  # the trainer froze the shared fixture model: unfreeze for other tests
         p.requires_grad_(True)
+
+
+# -- the conformance kit (bundled world model, hparams/world.yaml, the bundled archive) ------------
+from mke_plugins.testing import parametrize_with_checks  # noqa: E402
+
+
+@parametrize_with_checks(["UniKE"])
+def test_conformance(method, check):
+    check(method)

@@ -170,7 +170,7 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
                 break
             total = loss
             if penalty_states is not None:
-                pen = sum(F.relu(blk.act(penalty_states[blk.layer])).mean() for blk in blocks)
+                pen = sum(blk.act(penalty_states[blk.layer]).abs().mean() for blk in blocks)
                 total = total + float(hparams.memory_loss_weight) * pen
             opt.zero_grad()
             total.backward()
