@@ -234,3 +234,25 @@ def test_normalize_requests_shapes_and_errors():
     assert portability(probes) == [{"prompt": "c", "answer": "d"}]
     with pytest.raises(RequestError, match="portability"):
         portability({**req, "portability": [{"prompt": "x"}]})
+
+
+def test_frozen_restores_flags_and_modes_even_on_error():
+    import torch
+    from torch import nn
+
+    from mke_plugins.core.modes import frozen
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 2))
+    model.train()
+    model[2].weight.requires_grad_(False)
+    before = [p.requires_grad for p in model.parameters()]
+    try:
+        with frozen(model, trainable=[model[0].bias]):
+            assert not model.training and not model[1].training
+            assert [p.requires_grad for p in model.parameters()] == [False, True, False, False]
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert model.training and model[1].training
+    assert torch.is_tensor(model[0].weight)

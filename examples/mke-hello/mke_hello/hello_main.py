@@ -2,7 +2,7 @@
 
 Built only from the public pieces of mke-plugins, as a template for plugin authors:
 ``normalize_requests`` checks the requests, the family adapter builds inputs exactly as
-EasyEdit's evaluator does and locates the layer, ``WeightSnapshot`` saves the matrix before it
+EasyEdit's evaluator does and locates the layer, ``frozen`` trains only the matrix, ``WeightSnapshot`` saves it before it
 changes and ``RestoreHandle`` is the ``weights_copy`` EasyEdit's restore path understands.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mke_plugins.adapters import get_adapter
+from mke_plugins.core.modes import frozen
 from mke_plugins.core.requests import normalize_requests, query_of
 from mke_plugins.core.snapshot import RestoreHandle, WeightSnapshot
 
@@ -27,13 +28,7 @@ def apply_hello_to_multimodal_model(model, tok, requests, hparams, copy=False,
     weight = layers[hparams.layer].value.weight
     handle = RestoreHandle()
     handle.add_snapshot(WeightSnapshot(model).add(weight))
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        weight.requires_grad_(True)
+    with frozen(model, trainable=[weight]):
         for request in requests:
             batch = adapter.batch(model, tok, [query_of(request)])
             torch.manual_seed(hparams.seed)
@@ -46,8 +41,4 @@ def apply_hello_to_multimodal_model(model, tok, requests, hparams, copy=False,
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(training)
     return model, (handle if return_orig_weights else RestoreHandle())
