@@ -150,6 +150,21 @@ def test_model_state_flags_and_mode_are_put_back(family_setup):
     assert hook_counts(model) == hooks
 
 
+def test_bfloat16_model_edits_and_restores_bit_exactly(tiny_dir):
+    from mke_plugins.testing.tiny import load_tiny
+
+    path = tiny_dir("qwen2-vl")
+    model, tok = load_tiny(path, dtype=torch.bfloat16)
+    hp = tiny_hparams(str(path), max_steps=3, dtype="bfloat16")
+    before = state_of(model)
+    req = {"prompt": "What is shown?", "target": "Rome", "image": native_image("qwen2-vl")}
+    _, handle = decode_main.apply_decode_to_multimodal_model(model, tok, req, hp, return_orig_weights=True)
+    changed = [k for k, r in state_of(model).items() if not torch.equal(r.tensor, before[k].tensor)]
+    assert changed and all(state_of(model)[k].dtype == torch.bfloat16 for k in changed)
+    handle()
+    assert_same_state(before, model)
+
+
 # -- scoring ------------------------------------------------------------------------------------
 
 def test_scores_match_brute_force(family_setup):

@@ -25,6 +25,7 @@ from torch import nn
 
 from mke_plugins.adapters import LayerInfo, VLMAdapter, get_adapter
 from mke_plugins.core.deltas import ColumnDelta, DeltaSet
+from mke_plugins.core.modes import frozen
 from mke_plugins.core.snapshot import WeightSnapshot
 
 from .decode_hparams import DECODEHyperParams
@@ -89,24 +90,7 @@ class DecodeResult:
     reports: list[EditReport]
 
 
-# -- model state during an edit ----------------------------------------------------------------
-
-@contextlib.contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode and every parameter frozen; training flags and ``requires_grad`` put back after."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, rg in flags:
-            p.requires_grad_(rg)
-        for m, mode in modes:
-            m.training = mode
-
+# -- determinism ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def seeded(model: nn.Module, seed: int) -> Iterator[None]:
@@ -233,7 +217,7 @@ def run_decode(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], h
     adapter = adapter or get_adapter(model, hparams)
     snapshot = snapshot if snapshot is not None else WeightSnapshot(model)
     reports = []
-    with frozen_eval(model), seeded(model, hparams.seed):
+    with frozen(model), seeded(model, hparams.seed):  # eval mode, every parameter frozen, flags put back
         infos = adapter.layers(model)
         for request in requests:
             reports.append(edit_request(adapter, model, tok, request, hparams, snapshot, infos))
