@@ -27,6 +27,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mke_plugins.methods.asam",
     "mke_plugins.methods.decode",
     "mke_plugins.methods.unike",
+    "mke_plugins.methods.ldke",
 )
 
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("mke_"))

@@ -231,6 +231,29 @@ def test_compare_localization_reports_the_full_trace(family_setup):
     handle()
 
 
+def test_noisy_copies_enter_the_fit_and_leave_nothing_behind(family_setup):
+    model, tok, adapter, hp = family_setup("qwen2-vl", fit_noise=2.0, fit_copies=2)
+    before, hooks = state_of(model), hook_counts(model)
+    req = requests_for("qwen2-vl")[0]
+    edited, handle = ldke_main.apply_ldke_to_multimodal_model(model, tok, [req], hp, return_orig_weights=True)
+    batch = adapter.batch(model, tok, [Query(req["image"], req["prompt"], req["target"])])
+    with torch.no_grad():
+        assert adapter.loss(edited, batch) < adapter.loss(model, batch)
+    assert handle.stats["steps"] >= 1
+    handle()
+    assert_same_state(before, model)
+    assert hook_counts(model) == hooks
+
+
+def test_calibration_prefers_the_threshold_nearest_one_half():
+    tau, bacc = router.calibrate_threshold([0.9, 0.95], [0.01, 0.02])
+    assert bacc == 1.0 and tau == 0.5
+    tau, bacc = router.calibrate_threshold([0.3, 0.35], [0.1, 0.2])
+    assert bacc == 1.0 and 0.2 < tau <= 0.3
+    tau, bacc = router.calibrate_threshold([], [0.1])
+    assert tau == 0.5 and bacc != bacc  # no positives: the default threshold, accuracy undefined (NaN)
+
+
 # -- archive I/O and errors -------------------------------------------------------------------
 
 def test_archive_round_trip_and_trainer_checkpoint(tmp_path, family_setup):
@@ -386,6 +409,21 @@ def test_training_through_the_standin_trainer_is_deterministic(world_subset, tmp
         assert torch.equal(v, b["head"]["state"][k]), f"head {k} differs between two seeded runs"
     loaded = router.load_archive(tmp_path / "a.pt")
     assert loaded["fingerprint"]["family"] == "qwen2-vl" and loaded["val_rates"]["rate/positive"] is not None
+
+
+def test_routing_records_cover_every_kind_and_form(world_subset):
+    _, _, records = world_subset
+    recs = ldke_data.routing_records(records, seed=0)
+    rec = recs[0]
+    assert rec.key.prompt == records[0]["prompt"] and rec.positives[0] == rec.key
+    assert any(q.image is None for q in rec.positives) and rec.image_positives
+    assert any(q.image is None for q in rec.hard) and any(q.image is not None for q in rec.hard)
+    assert any(q.image is None for q in rec.easy) and any(q.image is not None for q in rec.easy)
+    assert all(q.prompt != rec.key.prompt or q.image is not rec.key.image for q in rec.hard + rec.easy)
+    none = ldke_data.routing_records(records, hard_negatives=False, seed=0)
+    assert all(not r.hard for r in none)
+    train, val = ldke_data.split_by_entity(records, 0.25, seed=0)
+    assert not {r["entity"] for r in train} & {r["entity"] for r in val} and len(train) + len(val) == len(records)
 
 
 def test_trainable_interface_and_relevance_loss(world_subset):

@@ -8,7 +8,9 @@ batch EasyEdit's ``MultimodalTrainer`` expects (``edit_inner``, ``edit_outer``,
 ``edit_outer_image``, ``loc``, ``loc_image``, ``cond``): ``edit_outer`` draws one positive per
 record from rephrase / text-only / image-only / portability, ``edit_outer_image`` the image
 rephrase, and ``loc`` / ``loc_image`` hold ``neg_per_pos`` negatives per positive row, each hard
-with probability ``hard_negative_fraction``. Rows of a part are record-major: row ``r`` of a part
+with probability ``hard_negative_fraction``. Negatives that come from other records (the same
+entity's other facts: hard; other entities' facts: easy) are taken in every query form the record
+has (paired, text-only, image-only), so no modality form is a shortcut to "positive". Rows of a part are record-major: row ``r`` of a part
 with ``k`` rows per record belongs to record ``r // k``. Parts are built by the family adapter
 exactly as EasyEdit's evaluator builds inputs (HF: the tensors plus sequence-aligned
 ``labels``; LAVIS: the wrapper's sample dicts).
@@ -51,6 +53,18 @@ def _probe(item: dict[str, Any]) -> Query:
     return Query(item.get("image") if _present(item.get("image")) else None, item["prompt"], str(item["answer"]))
 
 
+def _forms(o: dict[str, Any]) -> list[Query]:
+    """Another record's edit question in each query form it has (paired, text-only, image-only),
+    with its current answer: negatives in every modality form the positives come in."""
+    answer = str(o.get("pred") or o["target"])
+    out = [Query(o.get("image"), o["prompt"], answer)]
+    if _present(get_field(o, "text_only_prompt")):
+        out.append(Query(None, o["text_only_prompt"], answer))
+    if _present(get_field(o, "image_only_prompt")) and _present(o.get("image")):
+        out.append(Query(o["image"], o["image_only_prompt"], answer))
+    return out
+
+
 def routing_records(records: Sequence[dict[str, Any]], *, hard_negatives: bool = True,
                     max_others: int = 4, seed: int = 0) -> list[RoutingRecord]:
     """Build the labelled inputs of every record (world / MMEdit-style request dicts)."""
@@ -82,14 +96,13 @@ def routing_records(records: Sequence[dict[str, Any]], *, hard_negatives: bool =
         same_entity = [j for j in by_entity.get(rec.entity, []) if j != i]
         for j in rng.sample(others, min(max_others, len(others))):
             if j not in same_entity:
-                o = records[j]
-                rec.easy.append(Query(o.get("image"), o["prompt"], str(o.get("pred") or o["target"])))
+                rec.easy += _forms(records[j])
         if hard_negatives:
             rec.hard += [_probe(p) for p in (r.get("fine_locality") or [])]
             for j in same_entity:
                 o = records[j]
                 if o.get("relation") != r.get("relation") or "relation" not in r:
-                    rec.hard.append(Query(o.get("image"), o["prompt"], str(o.get("pred") or o["target"])))
+                    rec.hard += _forms(o)
             same_rel = [j for j in others if records[j].get("relation") == r.get("relation")
                         and j not in same_entity and "relation" in r]
             if same_rel and _present(get_field(r, "image_only_prompt")):

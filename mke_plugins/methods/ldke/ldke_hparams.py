@@ -76,6 +76,9 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
     edit_steps: int = hp(30, "Maximum optimisation steps per edit.")
     stop_nll: float = hp(0.05, "Stop once every target token is argmax-correct and the NLL is below this.")
     weight_norm: float = hp(1e-3, "lambda_norm on ||B_l A_l||_F^2.")
+    fit_noise: float = hp(0.0, "Robustness of the fit: std (x the prompt embeddings' std) of Gaussian noise on the "
+                               "prompt embeddings of the noisy copies (0 = fit on the clean edit input only).")
+    fit_copies: int = hp(0, "Noisy copies of the edit input fitted beside the clean one (0 = none).")
     loc_kl_weight: float = hp(0.0, "Optional edit-time locality KL weight (0 = off; the router carries locality).")
     loc_kl_samples: int = hp(8, "Training-split prompts (stored in the archive) used by the locality KL.")
     router: bool = hp(True, "Route each input to the edited or the original weights (false = always edited, "
@@ -104,11 +107,11 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
         for key in ("top_k", "delta_rank", "edit_steps", "prefilter", "trace_samples", "trace_batch",
                     "proj_dim", "head_hidden"):
             _positive_int(self, key, path)
-        for key in ("loc_kl_samples", "prior_edits", "seed"):
+        for key in ("loc_kl_samples", "prior_edits", "seed", "fit_copies"):
             _non_negative_int(self, key, path)
         for key in ("edit_lr", "trace_noise"):
             _positive_number(self, key, path)
-        for key in ("stop_nll", "weight_norm", "loc_kl_weight"):
+        for key in ("stop_nll", "weight_norm", "loc_kl_weight", "fit_noise"):
             _non_negative_number(self, key, path)
         if self.route_threshold is not None and not 0.0 <= float(self.route_threshold) <= 1.0:
             raise HparamsError(f"expected a number in [0, 1] or null, got {self.route_threshold!r}.", path=path,

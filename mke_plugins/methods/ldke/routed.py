@@ -165,11 +165,17 @@ class LDKEState:
         return RouteDecision(out, reasons, scores)
 
     # -- calls -----------------------------------------------------------------------------------
+    def _decide(self, view: InputsView) -> RouteDecision:
+        if not self.settings.router:  # no pass 1 needed: every row takes every active entry
+            ids = [e.id for e in self.memory.active()]
+            n = view.batch_size
+            return RouteDecision([list(ids) for _ in range(n)], ["router off"] * n, [None] * n)
+        return self.route(self.features(view))
+
     def call(self, args: tuple, kwargs: dict) -> Any:
         if len(self.memory) == 0:
             return self.model(*args, **kwargs)
-        view = view_of(self.adapter, self.model, self.tok, args, kwargs)
-        decision = self.route(self.features(view))
+        decision = self._decide(view_of(self.adapter, self.model, self.tok, args, kwargs))
         self.last_decision = decision
         self.side.set_route(decision.entries)
         try:
@@ -183,7 +189,7 @@ class LDKEState:
         tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
         view = view_of(self.adapter, self.model, self.tok, args[:1] if args and torch.is_tensor(args[0]) else (),
                        tensors)
-        decision = self.route(self.features(view))
+        decision = self._decide(view)
         self.last_decision = decision
         self.side.set_route(decision.entries)
         try:

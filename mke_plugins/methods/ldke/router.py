@@ -7,7 +7,7 @@
 * **Head**: u = P phi(x), w = P phi(e) with P = Linear o LayerNorm; ``pair``:
   s = sigmoid(MLP([u; w; |u-w|; u*w])); ``distance`` (ablation): s = sigmoid(b - a ||u-w||^2).
 * **Calibration**: tau maximises balanced accuracy between positives and hard negatives on a
-  0.05..0.95 grid (the middle of the best plateau).
+  0.05..0.95 grid (ties: the value closest to 0.5).
 * **Archive**: a plain dict of tensors, numbers, strings and lists, saved with ``torch.save`` and
   read with ``torch.load(weights_only=True)`` (nothing is unpickled): format version, model
   fingerprint, head, tau, the layer baseline mu, training metadata and validation routing rates.
@@ -151,13 +151,14 @@ def balanced_accuracy(pos: Sequence[float], neg: Sequence[float], tau: float) ->
 
 
 def calibrate_threshold(pos: Sequence[float], hard_neg: Sequence[float]) -> tuple[float, float]:
-    """``(tau, balanced accuracy)``: the best grid value (middle of the best plateau)."""
+    """``(tau, balanced accuracy)``: the best grid value; among equally good ones, the closest to 0.5
+    (the head's own decision point, trained by a logistic-like loss)."""
     if not pos or not hard_neg:
         return 0.5, float("nan")
     scores = [balanced_accuracy(pos, hard_neg, t) for t in TAU_GRID]
     best = max(scores)
     plateau = [t for t, s in zip(TAU_GRID, scores) if s == best]
-    return plateau[len(plateau) // 2], best
+    return min(plateau, key=lambda t: (abs(t - 0.5), t)), best
 
 
 def rates(pos: Sequence[float], hard: Sequence[float], easy: Sequence[float], tau: float) -> dict[str, float]:

@@ -4,8 +4,10 @@ One implementation, two drivers: the training step is always ``LDKERouterTrainab
 ``MultimodalTrainer`` loop: EasyEdit's own (``--trainer easyedit``; needs EasyEdit importable) or
 the testing kit's stand-in (``--trainer standin``, the default when EasyEdit is absent). The
 front-end builds the training and validation sets (the bundled world's ``train`` split by
-default, validation split by entity), runs one epoch at a time, keeps the head with the best
-validation balanced accuracy, calibrates tau on validation and writes the archive::
+default, validation split by entity), runs one epoch at a time (the head's learning rate follows a
+cosine decay over the epochs, set on the loop's optimiser between epochs), keeps the head with the
+best validation balanced accuracy (ties: the later epoch), calibrates tau on validation and writes
+the archive::
 
     mke-plugins train LDKE --out ldke-world.pt                 # world model, bundled training YAML
     mke-plugins train LDKE --hparams my-train.yaml --out a.pt --trainer easyedit
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import random
 import sys
 import time
@@ -147,11 +150,13 @@ def train_archive(hp: Any, *, out: str | Path | None = None, trainer: str = "aut
     history = []
     bar = tqdm(range(epochs), desc="LDKE router", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
+        for group in driver.opt.param_groups:  # cosine decay over the epochs (the loops have no scheduler)
+            group["lr"] = hp.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
         _run_epoch(driver, run_hp, kind, len(train_set))
         result = trainable.routing_validation(val_set.records)
         history.append({"epoch": epoch + 1, **result})
         bar.set_postfix(bacc=f"{result['balanced_accuracy']:.3f}", mu=trainable.mu_count)
-        if best is None or result["balanced_accuracy"] > best[0]:
+        if best is None or result["balanced_accuracy"] >= best[0]:  # ties: the later, more converged head
             best = (result["balanced_accuracy"], epoch + 1,
                     {k: v.detach().clone() for k, v in trainable.head.state_dict().items()})
     assert best is not None

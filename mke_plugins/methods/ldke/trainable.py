@@ -9,12 +9,16 @@ drive this same class:
 * ``edit(edit_inner, cond)``: the key phi(e) of each edit row (no gradient) and a routed model;
   during the first ``prior_edits`` training edits it also runs Fast Localization's forward and
   backward on ``edit_inner`` and accumulates the layer baseline mu (activation gradients only).
-* The routed model returns z + s(x, e) * beta at each row's own answer tokens (z: base logits,
-  no gradient; beta = ``trainer_boost``), at both label alignments EasyEdit's losses use (HF
-  unshifted, LAVIS shifted). So EasyEdit's cedit * NLL(edit_outer) + iedit * NLL(edit_outer_image)
-  falls as s -> 1 and cloc * (KL(loc) + KL(loc_image)) rises with s: a relevance loss on the
-  head, which holds the only outer parameters. Row ``r`` of a part with ``k`` rows per edit is
-  paired with edit ``r // k``.
+* The routed model returns z + s(x, e) * beta at each row's own answer tokens and at edit e's
+  target tokens, at the row's answer positions (z: base logits, no gradient; beta =
+  ``trainer_boost``), at both label alignments EasyEdit's losses use (HF unshifted, LAVIS
+  shifted); its ``attention_mask`` marks those positions, which EasyEdit's KL then averages
+  over. So cedit * NLL(edit_outer) + iedit * NLL(edit_outer_image) falls as s -> 1 and
+  cloc * (KL(loc) + KL(loc_image)) rises with s: a relevance loss on the head, which holds the
+  only outer parameters. (Boosting only a negative row's own answer, which a trained model
+  already predicts with near certainty, would leave the KL flat: routing a negative to e would
+  make it answer e's target, so that is what the KL measures.) Row ``r`` of a part with ``k``
+  rows per edit is paired with edit ``r // k``.
 * ``state_dict()`` *is* the LDKE archive (format, fingerprint, head, tau, mu, metadata, routing
   rates); ``load_state_dict`` reads one back. ``routing_validation`` / ``calibrate`` score a
   validation set and set tau.
@@ -102,22 +106,42 @@ class RoutedOutput:
 
     logits: torch.Tensor
     labels: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # the boosted positions (EasyEdit's KL mask)
 
 
 def _output_logits(out: Any) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.logits
 
 
-def _boost(z: torch.Tensor, labels: torch.Tensor, s: torch.Tensor, beta: float) -> torch.Tensor:
-    """z plus s * beta at each row's own answer tokens, unshifted and shifted alignment."""
-    out = z
+def _alignments(labels: torch.Tensor) -> list[torch.Tensor]:
+    """The labels as read by an unshifted loss (``logits[t]`` vs ``labels[t]``) and a shifted one."""
     shifted = torch.full_like(labels, -100)
     shifted[:, :-1] = labels[:, 1:]
-    for lab in (labels, shifted):
-        mask = (lab != -100).unsqueeze(-1)
-        src = (s.view(-1, 1, 1) * beta * mask).to(z.dtype)
+    return [labels, shifted]
+
+
+def _edit_tokens(targets: Sequence[Sequence[int]], rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids: at the k-th masked position of row b, token k of its edit's target (last one repeated)."""
+    width = max(len(t) for t in targets)
+    table = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for t in targets], device=mask.device)
+    lengths = torch.tensor([len(t) for t in targets], device=mask.device)
+    rank = (mask.long().cumsum(1) - 1).clamp_min(0)
+    rank = torch.minimum(rank, (lengths[rows] - 1).unsqueeze(1))
+    return table[rows.unsqueeze(1).expand_as(rank), rank]
+
+
+def _boost(z: torch.Tensor, labels: torch.Tensor, s: torch.Tensor, beta: float,
+           targets: Sequence[Sequence[int]], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z plus s * beta at each row's own answer tokens and its edit's target tokens; the boosted mask."""
+    out = z
+    boosted = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for lab in _alignments(labels):
+        mask = lab != -100
+        boosted |= mask
+        src = (s.view(-1, 1, 1) * beta * mask.unsqueeze(-1)).to(z.dtype)
         out = out.scatter_add(-1, lab.clamp_min(0).unsqueeze(-1), src)
-    return out
+        out = out.scatter_add(-1, _edit_tokens(targets, rows, mask).unsqueeze(-1), src)
+    return out, boosted
 
 
 class LDKERouterTrainable(_editable_base()):
@@ -173,10 +197,15 @@ class LDKERouterTrainable(_editable_base()):
              ) -> tuple["RelevanceModel", dict[str, float]]:
         view = self._view(batch)
         with torch.no_grad():
-            feats, _ = hidden_features(self.adapter, self.model, view, self.f, stop_early=True)
+            feats, out = hidden_features(self.adapter, self.model, view, self.f, stop_early=view.labels is not None)
+        labels = view.labels if view.labels is not None else getattr(out, "labels", None)
+        if labels is None:
+            raise ValueError("LDKE trainer: edit_inner has no sequence-aligned labels (HF parts need `labels` "
+                             "shaped like input_ids; LAVIS wrappers return `.labels`)")
+        targets = [[int(t) for t in row[row != -100].tolist()] or [0] for row in labels]
         if self.training and self.mu_count < self.prior_edits:
             self._accumulate_mu(view)
-        return RelevanceModel(self, feats.phi), {"mu_count": float(self.mu_count)}
+        return RelevanceModel(self, feats.phi, targets), {"mu_count": float(self.mu_count)}
 
     def _accumulate_mu(self, view: InputsView) -> None:
         def run() -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,9 +293,10 @@ class LDKERouterTrainable(_editable_base()):
 class RelevanceModel:
     """The edited model of a training step: base logits plus the routing score's boost."""
 
-    def __init__(self, owner: LDKERouterTrainable, keys: torch.Tensor) -> None:
+    def __init__(self, owner: LDKERouterTrainable, keys: torch.Tensor, targets: Sequence[Sequence[int]]) -> None:
         self.owner = owner
         self.keys = keys
+        self.targets = [list(t) for t in targets]
 
     def __call__(self, batch: Any, *args: Any, **kwargs: Any) -> RoutedOutput:
         o = self.owner
@@ -282,7 +312,7 @@ class RelevanceModel:
         if k % n:
             raise ValueError(f"LDKE trainer: a part has {k} rows for {n} edits; rows must come in equal blocks "
                              f"per edit (record-major)")
-        keys = self.keys.repeat_interleave(k // n, dim=0)
-        s = o.head(feats.phi, keys)
-        logits = _boost(z, labels.to(z.device), s.to(z.device), o.beta)
-        return RoutedOutput(logits, getattr(out, "labels", None) if view.labels is None else None)
+        rows = torch.arange(n, device=z.device).repeat_interleave(k // n)
+        s = o.head(feats.phi, self.keys[rows.to(self.keys.device)])
+        logits, boosted = _boost(z, labels.to(z.device), s.to(z.device), o.beta, self.targets, rows)
+        return RoutedOutput(logits, getattr(out, "labels", None) if view.labels is None else None, boosted.float())
