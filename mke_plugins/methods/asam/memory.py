@@ -18,7 +18,8 @@ Paraphrases (``rephrase``) and held-out renderings (``image_rephrase``) are neve
 Caching. A bank is identified by a fingerprint over the model's weights (a cheap digest: per
 parameter its name, shape, dtype, full sum and a strided sample), the family, the device type,
 the records file's bytes, the fields, ``memory_size``, ``memory_positions``, the layers and the
-seed. Banks are kept in memory per model (weakly keyed, so they die with the model) and, when
+seed. Banks are kept in memory per model (weakly keyed, so they die with the model; small banks,
+up to 64 MB, are also shared by fingerprint across models, e.g. deep copies) and, when
 ``memory_cache`` names a folder, also on disk as ``asam-bank-<fingerprint>.pt`` (plain tensors,
 loadable with ``torch.load(weights_only=True)``). Nothing is ever written inside the package.
 """
@@ -30,6 +31,7 @@ import json
 import logging
 import struct
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,6 +57,11 @@ FIELD_SPECS: dict[str, tuple[str | None, tuple[str, ...]]] = {
 Bank = dict[int, torch.Tensor]  # layer index -> (N, d) FFN-input states
 
 _BANKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, Bank]]" = weakref.WeakKeyDictionary()
+#: small banks also shared by fingerprint across models (deep copies of one model, the conformance kit):
+#: at most this many banks, each at most SHARED_MAX_BYTES, so large models never pin memory after they die
+_SHARED: "OrderedDict[str, Bank]" = OrderedDict()
+SHARED_SLOTS = 4
+SHARED_MAX_BYTES = 64 * 2 ** 20
 
 
 def _error(msg: str) -> HparamsError:
@@ -210,11 +217,17 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
     if fp in per_model:
         return per_model[fp], fp, "memory"
     device = next(base.parameters()).device
+    shared = _SHARED.get(fp)
+    if shared is not None and all(v.device == device for v in shared.values()):
+        _SHARED.move_to_end(fp)
+        per_model[fp] = shared
+        return shared, fp, "memory"
     cache_file = Path(hparams.memory_cache).expanduser() / f"asam-bank-{fp}.pt" if hparams.memory_cache else None
     if cache_file is not None and cache_file.is_file():
         loaded = torch.load(cache_file, map_location=device, weights_only=True)
         bank = {int(k): v for k, v in loaded.items()}
         per_model[fp] = bank
+        _share(fp, bank)
         return bank, fp, "disk"
     queries = memory_queries(hparams, adapter, data)
     bank = ffn_states(base, tok, adapter, queries, layers, positions=hparams.memory_positions,
@@ -223,6 +236,7 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
     log.info("ASAM: built memory bank %s from %d prompts (%s states per layer)", fp, len(queries),
              {l: int(v.shape[0]) for l, v in bank.items()})
     per_model[fp] = bank
+    _share(fp, bank)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -231,9 +245,19 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
     return bank, fp, "built"
 
 
+def _share(fp: str, bank: Bank) -> None:
+    if sum(v.numel() * v.element_size() for v in bank.values()) > SHARED_MAX_BYTES:
+        return
+    _SHARED[fp] = bank
+    _SHARED.move_to_end(fp)
+    while len(_SHARED) > SHARED_SLOTS:
+        _SHARED.popitem(last=False)
+
+
 def clear_cache(model: nn.Module | None = None) -> None:
-    """Forget in-memory banks (of one model, or all)."""
+    """Forget in-memory banks (of one model, or all, the shared ones included)."""
     if model is None:
         _BANKS.clear()
+        _SHARED.clear()
     else:
         _BANKS.pop(unwrap_model(model), None)
