@@ -23,6 +23,7 @@ The base class is EasyEdit's ``EditableModel`` when EasyEdit is importable, else
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
@@ -150,20 +151,28 @@ class UniKETrainable(_EditableBase):
         img = torch.zeros_like(labels, dtype=torch.bool)
         return Batch(inputs={"samples": batch}, labels=labels, attention_mask=att, image_mask=img, queries=queries)
 
-    def record_hashes(self, condition: Any, n: int) -> list[str | None]:
-        """(question, answer) hashes from the trainer's ``cond`` ("{pred} >> {alt} || {src}")."""
+    def record_hashes(self, condition: Any, n: int, targets: list[list[int]] | None = None) -> list[str | None]:
+        """(question, answer) hashes from the trainer's ``cond`` ("{pred} >> {alt} || {src}").
+
+        Tokenizers without ``>>`` / ``||`` in their vocabulary drop the separators; then the
+        answer is the decoded target ids and the question is what follows it in ``cond``
+        (compared whitespace- and case-insensitively, as :func:`record_hash` does).
+        """
         ids = condition.get("input_ids") if condition is not None and hasattr(condition, "get") else None
         if ids is None:
             return [None] * n
+        tt = self._text_tok()
         out: list[str | None] = []
-        for row in ids:
-            text = self._text_tok().decode(row.tolist(), skip_special_tokens=True)
-            if "||" not in text or ">>" not in text:
-                out.append(None)
+        for i, row in enumerate(ids):
+            text = tt.decode(row.tolist(), skip_special_tokens=True)
+            if "||" in text and ">>" in text:
+                left, src = text.split("||", 1)
+                out.append(record_hash(src.strip(), left.split(">>", 1)[1].strip()))
                 continue
-            left, src = text.split("||", 1)
-            alt = left.split(">>", 1)[1]
-            out.append(record_hash(src.strip(), alt.strip()))
+            alt = tt.decode(targets[i], skip_special_tokens=True) if targets and i < len(targets) else ""
+            flat, key = re.sub(r"\s+", "", text).lower(), re.sub(r"\s+", "", alt).lower()
+            at = flat.find(key) if key else -1
+            out.append(record_hash(flat[at + len(key):], key) if at >= 0 and flat[at + len(key):] else None)
         return (out + [None] * n)[:n]
 
     @staticmethod
@@ -191,8 +200,9 @@ class UniKETrainable(_EditableBase):
         self.model.eval()
         b = self.to_batch(batch)
         hashes = _row_hashes(b)
+        targets = self._targets(b)
         states = self.off.observe(b, add_to_bank=self.training, hashes=hashes,
-                                  record_hashes=self.record_hashes(condition, len(b)))
+                                  record_hashes=self.record_hashes(condition, len(b), targets))
         with torch.set_grad_enabled(self.training):
             loss, parts = self.off.loss(states)
         self._last_loss = loss
@@ -200,7 +210,7 @@ class UniKETrainable(_EditableBase):
         if len(states):
             info.update(self.off.evaluate(states))
         info["unike/bank_size"] = float(self.off.bank_size)
-        return _Frozen(self, self._targets(b), set(hashes)), info
+        return _Frozen(self, targets, set(hashes)), info
 
     def observe_variant(self, batch: Any, target_ids: list[list[int]], seen: set[str]) -> None:
         """Bank a rephrased-question / rephrased-image batch that carries the edit's target ids."""
