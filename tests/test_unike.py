@@ -106,7 +106,7 @@ def test_every_yaml_loads_and_layers_fit_the_family_structure(tiny_model, tiny_l
         n = len(get_adapter(model).layers(model))
         assert resolve_layers(hp.layers, n) == list(range(n - 4, n))
     world = UniKEHyperParams.from_hparams(HERE / "world.yaml")
-    assert world.archive.endswith("archives/world.pt") and world.layers == [-2, -1] and world.top_k == 16
+    assert world.archive.endswith("archives/world.pt") and world.layers == [-2, -1] and world.top_k == 4
 
 
 def test_names_and_validation() -> None:
