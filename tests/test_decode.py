@@ -233,6 +233,22 @@ def test_groups_and_stage_plans():
     assert offsets.plan_stages(loc, hp) == [("joint", "P", [(0, 1), (1, 2), (2, 3)])]
 
 
+def test_kl_loss_is_the_mean_prompt_position_kl(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 6, 11, generator=gen)
+    kl_pos = torch.tensor([[False, True, True, True, False, False]])
+    ref_logits = torch.randn(1, 6, 11, generator=gen)
+    stage = localize.StageInput(None, None, None, [], kl_pos,
+                                ref_logprobs=torch.log_softmax(ref_logits[kl_pos], -1))
+    want = torch.nn.functional.kl_div(torch.log_softmax(logits[kl_pos], -1), stage.ref_logprobs,
+                                      log_target=True, reduction="batchmean")
+    torch.testing.assert_close(offsets.kl_loss(logits, stage), want)
+    monkeypatch.setattr(offsets, "kl_chunk", lambda vocab: 1)  # position chunks give the same value
+    torch.testing.assert_close(offsets.kl_loss(logits, stage), want)
+    stage.ref_logprobs = torch.log_softmax(logits[kl_pos], -1)
+    assert offsets.kl_loss(logits, stage).abs() < 1e-6
+
+
 def test_analysed_layers():
     hp = DECODEHyperParams()
     assert localize.analysed_layers(32, hp) == list(range(29))
