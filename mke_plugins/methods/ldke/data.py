@@ -9,8 +9,9 @@ batch EasyEdit's ``MultimodalTrainer`` expects (``edit_inner``, ``edit_outer``,
 record from rephrase / text-only / image-only / portability, ``edit_outer_image`` the image
 rephrase, and ``loc`` / ``loc_image`` hold ``neg_per_pos`` negatives per positive row, each hard
 with probability ``hard_negative_fraction``. Negatives that come from other records (the same
-entity's other facts: hard; other entities' facts: easy) are taken in every query form the record
-has (paired, text-only, image-only), so no modality form is a shortcut to "positive". Rows of a part are record-major: row ``r`` of a part
+entity's other facts and other entities' facts of the same relation: hard; other facts: easy) are
+taken in every query form the record has (paired, text-only, image-only), so no modality form is a
+shortcut to "positive", and "same question about another entity" is learnt as a negative. Rows of a part are record-major: row ``r`` of a part
 with ``k`` rows per record belongs to record ``r // k``. Parts are built by the family adapter
 exactly as EasyEdit's evaluator builds inputs (HF: the tensors plus sequence-aligned
 ``labels``; LAVIS: the wrapper's sample dicts).
@@ -109,6 +110,8 @@ def routing_records(records: Sequence[dict[str, Any]], *, hard_negatives: bool =
                 o = records[rng.choice(same_rel)]
                 if _present(o.get("image")):
                     rec.hard.append(Query(o["image"], r["image_only_prompt"], str(o.get("pred") or o["target"])))
+            for j in rng.sample(same_rel, min(max_others, len(same_rel))):  # same question, another entity
+                rec.hard += _forms(records[j])
         out.append(rec)
     return out
 
