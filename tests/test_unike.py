@@ -166,6 +166,17 @@ def test_loss_trains_only_encoders(qwen) -> None:
     assert {"unike/l_tru", "unike/l_sem"} <= set(parts)
 
 
+def test_leak_guard(qwen) -> None:
+    from mke_plugins.methods.unike.archive import check_no_leak
+
+    seen = _records("qwen2-vl", 2)
+    with pytest.raises(UniKEArchiveError, match="used to build the archive"):
+        check_no_leak(qwen["archive"], seen, split="edit")
+    with pytest.raises(UniKEArchiveError, match="evaluated split"):
+        check_no_leak(qwen["archive"], [], split="train")
+    check_no_leak(qwen["archive"], _records("qwen2-vl", 2, offset=200), split="edit")
+
+
 # -- archive errors ----------------------------------------------------------------------------
 def test_archive_errors_are_specific(qwen, tmp_path) -> None:
     rec = _records("qwen2-vl", 1, offset=40)[0]

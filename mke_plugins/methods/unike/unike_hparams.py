@@ -89,8 +89,10 @@ class UniKEHyperParams(MultimodalHyperParams):
     stop_loss: float = hp(0.1, "Stop early once the mean target NLL is below this.")
     grad_clip: float = hp(1.0, "Maximum gradient norm per edit step.")
     key_noise: float = hp(0.01, "Relative noise on repeated key initialisations (std = key_noise * |k| / sqrt(d)).")
-    memory_loss_weight: float = hp(0.0, "Weight of the Transformer-Patcher memory penalty (mean positive "
-                                        "activation of the new neurons on bank h_sem states); 0 = off.")
+    memory_loss_weight: float = hp(0.0, "Weight of the Transformer-Patcher memory penalty: the mean activation "
+                                        "magnitude of the new neurons on bank h_sem states (for gated FFNs the "
+                                        "SiLU(gate)*up product can be negative, so |activation| is penalised); 0 = off. "
+                                        "Helps sequential editing at some cost in text generality.")
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).")
 
     def __post_init__(self) -> None:
