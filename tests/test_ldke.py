@@ -156,6 +156,17 @@ def test_reedit_supersedes_and_restore_brings_the_old_entry_back(family_setup):
     assert LDKEState.of(model) is None
 
 
+def test_only_exact_reedits_supersede_unless_a_head_threshold_is_set(family_setup):
+    reqs = requests_for("qwen2-vl")
+    for threshold, expected in ((None, False), (0.0, True)):
+        model, tok, _, hp = family_setup("qwen2-vl", route_threshold=0.0, supersede_threshold=threshold)
+        _, h1 = ldke_main.apply_ldke_to_multimodal_model(model, tok, [reqs[0]], hp, return_orig_weights=True)
+        _, h2 = ldke_main.apply_ldke_to_multimodal_model(model, tok, [reqs[1]], hp, return_orig_weights=True)
+        assert h2.stats["supersedes"] is expected
+        h2()
+        h1()
+
+
 def test_probe_fields_are_never_read_at_edit_time(family_setup):
     model, tok, _, hp = family_setup("qwen2-vl")
 
@@ -255,6 +266,17 @@ def test_calibration_prefers_the_threshold_nearest_one_half():
     assert bacc == 1.0 and 0.2 < tau <= 0.3
     tau, bacc = router.calibrate_threshold([], [0.1])
     assert tau == 0.5 and bacc != bacc  # no positives: the default threshold, accuracy undefined (NaN)
+
+
+def test_localization_report_compares_the_scorers_on_the_same_edits(family_setup):
+    from mke_plugins.methods.ldke.compare import compare_localization
+
+    model, tok, _, hp = family_setup("qwen2-vl", trace_samples=1, trace_batch=64)
+    rep = compare_localization(model, tok, requests_for("qwen2-vl"), hp, warmup=0, progress=False)
+    assert rep["edits"] == 2 and rep["ratio_to_grad"]["grad"] == 1.0
+    assert rep["forward_equivalents"]["full_trace"] > rep["forward_equivalents"]["trace"] > 3
+    for key in ("trace", "full_trace", "grad_no_prior"):
+        assert 0.0 <= rep["same_top_layer_as_grad"][key] <= 1.0
 
 
 # -- archive I/O and errors -------------------------------------------------------------------

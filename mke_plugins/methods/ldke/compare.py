@@ -3,7 +3,8 @@
 For the first ``--edits`` edit requests (3 warm-up edits dropped), time the localization alone
 with ``grad``, ``trace`` and ``full_trace`` on the same model and device, and report the median
 seconds per edit, the ratios to ``grad``, forward-pass-equivalent counts, and how often each
-trace picks the same top layer (and the same top-k set) as ``grad``::
+trace picks the same top layer (and the same top-k set) as ``grad``; for context also Fast
+Localization without the baseline mu (``layer_prior: none``)::
 
     python -m mke_plugins.methods.ldke.compare --edits 50 --json ldke-localization.json
 
@@ -13,6 +14,7 @@ Defaults: the bundled world model, its edit split and LDKE's ``world`` hyperpara
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 METHODS = ("grad", "trace", "full_trace")
+#: extra rows: Fast Localization without the baseline mu (s_l / ||W_l||_F), for context
+VARIANTS = ("grad_no_prior",)
 
 
 def compare_localization(model: Any, tok: Any, requests: Sequence[dict[str, Any]], hparams: Any, *,
@@ -36,6 +40,8 @@ def compare_localization(model: Any, tok: Any, requests: Sequence[dict[str, Any]
 
     adapter = get_adapter(model, hparams)
     mu = archive_mu(archive_for(hparams), len(adapter.layers(model))) if hparams.layer_prior == "archive" else None
+    no_prior = copy.copy(hparams)
+    no_prior.layer_prior = "none"
     rows: list[dict[str, Any]] = []
     for i, req in enumerate(tqdm(list(requests), desc="localization", disable=not progress)):
         batch = adapter.batch(model, tok, [query_of(req)])
@@ -43,6 +49,8 @@ def compare_localization(model: Any, tok: Any, requests: Sequence[dict[str, Any]
         for m in METHODS:
             loc = localize(adapter, model, tok, batch, hparams, mu, method=m)
             row[m] = {"seconds": loc.seconds, "layers": loc.layers, "fwd": loc.forward_equivalents}
+        loc = localize(adapter, model, tok, batch, no_prior, None, method="grad")
+        row["grad_no_prior"] = {"seconds": loc.seconds, "layers": loc.layers, "fwd": loc.forward_equivalents}
         rows.append(row)
         del batch
     kept = rows[warmup:] if len(rows) > warmup else rows
@@ -53,10 +61,12 @@ def compare_localization(model: Any, tok: Any, requests: Sequence[dict[str, Any]
         "ratio_to_grad": {m: med[m] / med["grad"] for m in METHODS},
         "forward_equivalents": {m: statistics.median(r[m]["fwd"] for r in kept) for m in METHODS},
         "same_top_layer_as_grad": {m: sum(r[m]["layers"][0] == r["grad"]["layers"][0] for r in kept) / len(kept)
-                                   for m in METHODS if m != "grad"},
+                                   for m in METHODS[1:] + VARIANTS},
         "same_topk_set_as_grad": {m: sum(set(r[m]["layers"]) == set(r["grad"]["layers"]) for r in kept) / len(kept)
-                                  for m in METHODS if m != "grad"},
-        "top_layer_histogram": {m: _hist(r[m]["layers"][0] for r in kept) for m in METHODS},
+                                  for m in METHODS[1:] + VARIANTS},
+        "same_top_layer_as_full_trace": {m: sum(r[m]["layers"][0] == r["full_trace"]["layers"][0] for r in kept)
+                                         / len(kept) for m in ("grad", "trace") + VARIANTS},
+        "top_layer_histogram": {m: _hist(r[m]["layers"][0] for r in kept) for m in METHODS + VARIANTS},
     }
     return out
 

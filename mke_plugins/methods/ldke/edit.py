@@ -5,7 +5,8 @@ exact-match fingerprint are read with every delta off; a new memory entry gets r
 on S_e, which are fitted alone (earlier entries off) with Adam on
 NLL(y_e | v_e, t_e) + lambda_norm sum ||B A||_F^2 (+ optional locality KL), gradient clip 1.0,
 stopping once every target token is argmax-correct and the NLL is below ``stop_nll``. If the edit
-input already routes to an entry (re-edit of a fact), the new entry supersedes it.
+input is an earlier edit's own input (exact match; or, with ``supersede_threshold`` set, routes to
+it with at least that head score), the new entry supersedes it (a re-edit of the fact).
 
 The archive (head, tau, mu) is loaded once per path and cached.
 """
@@ -233,7 +234,10 @@ def edit_one(state: LDKEState, request: dict[str, Any], hparams: Any, index: int
     superseded = None
     if len(state.memory) and hparams.router:
         decision = state.route(feats)
-        if decision.entries[0]:
+        reason, score = decision.reasons[0], decision.scores[0]
+        by_head = hparams.supersede_threshold is not None and score is not None \
+            and score >= max(state.settings.tau, hparams.supersede_threshold)
+        if decision.entries[0] and (reason == "exact" or by_head):
             superseded = decision.entries[0][0]
     seconds["key"] = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(int(hparams.seed) + 7919 * len(state.memory))

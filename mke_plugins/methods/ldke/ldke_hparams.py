@@ -88,6 +88,9 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
     route_threshold: float | None = hp(None, "Routing threshold tau; null = the archive's calibrated value "
                                              "(0.5 if absent).")
     prefilter: int = hp(16, "Keys pre-selected by cosine similarity and scored by the head per input.")
+    supersede_threshold: float | None = hp(None, "A new edit supersedes an earlier one when its input is that "
+                                                 "edit's own input (exact match), or, if set, routes to it with "
+                                                 "at least this head score; null = exact re-edits only.")
     exact_match_guard: bool = hp(True, "An input equal to an edit's own input (same prompt tokens, same image "
                                        "features) always routes to that edit.")
     trace_noise: float = hp(3.0, "Causal-trace noise: std multiple of the corrupted embeddings' std.")
@@ -116,6 +119,9 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
         if self.route_threshold is not None and not 0.0 <= float(self.route_threshold) <= 1.0:
             raise HparamsError(f"expected a number in [0, 1] or null, got {self.route_threshold!r}.", path=path,
                                key="route_threshold", fix="write e.g. 0.5, or null for the archive's value.")
+        if self.supersede_threshold is not None and not 0.0 <= float(self.supersede_threshold) <= 1.0:
+            raise HparamsError(f"expected a number in [0, 1] or null, got {self.supersede_threshold!r}.", path=path,
+                               key="supersede_threshold", fix="write e.g. 0.95, or null for exact re-edits only.")
         if self.feature_layer is not None:
             _non_negative_int(self, "feature_layer", path)
         if self.fixed_layers is not None:
