@@ -20,7 +20,7 @@ import contextlib
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Hashable, Iterator, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from torch import nn
 from mke_hooks import MKEError
 from mke_plugins.adapters import HookPoint, Query, VLMAdapter
 from mke_plugins.core.hooks import capture
+from mke_plugins.core.modes import frozen
 from mke_plugins.core.wrap import gate_open
 
 from . import lar as lar_mod
@@ -70,23 +71,6 @@ class ASAMResult:
     model: nn.Module
     tags: list[Hashable]
     stats: list[EditStats]
-
-
-@contextlib.contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen base parameters for the block; flags and modes put back after."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, rg in flags:
-            p.requires_grad_(rg)
-        for m, mode in modes:
-            m.training = mode
 
 
 def edit_generator(hparams: ASAMHyperParams, query: Query) -> torch.Generator:
@@ -246,7 +230,7 @@ def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hpa
     layers = resolve_layers(hparams.edit_layers, len(adapter.layers(model)))
     tags: list[Hashable] = []
     all_stats: list[EditStats] = []
-    with frozen_eval(model):
+    with frozen(model):
         bank: dict[int, torch.Tensor] = {}
         source, n_bank = "off", 0
         if float(hparams.lambda_mem) > 0:

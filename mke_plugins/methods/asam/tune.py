@@ -52,12 +52,14 @@ def coherence_table(model: Any, tok: Any, adapter: Any, hparams: ASAMHyperParams
                     grid: Sequence[float] = EPS_GRID) -> dict[float, float]:
     """Mean first-set coherence per ρ over ``edits`` (unedited model)."""
     from . import lar as lar_mod
-    from .loop import edit_generator, frozen_eval
+    from mke_plugins.core.modes import frozen
+
+    from .loop import edit_generator
     from .patch import GATE
 
     K = int(hparams.lar_variants)
     table: dict[float, list[float]] = {float(r): [] for r in grid}
-    with frozen_eval(model):
+    with frozen(model):
         for q in edits:
             batch1 = adapter.batch(model, tok, [q])
             batch_k = adapter.batch(model, tok, [q] * K)

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mke_hooks import HparamsError, RequestError
 from mke_plugins.adapters.base import Query, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import HookSet
+from mke_plugins.core.modes import frozen
 from mke_plugins.core.requests import query_of
 from mke_plugins.core.wrap import gate_open
 
-from .localize import Localization, check_layers, frozen_parameters, localize
+from .localize import Localization, check_layers, localize
 from .router import archive_mu, check_fingerprint, feature_layer_index, fingerprint, head_from_archive, \
     load_archive
 from .routed import GATE, LDKEState, RouteSettings
@@ -177,7 +177,7 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
         with torch.no_grad():
             loc_ref = adapter.forward(base, loc_batch).float().log_softmax(-1)
     steps, nll_value, ok = 0, float("nan"), False
-    with frozen_parameters(base), gate_open(base, GATE), HookSet() as hooks:
+    with frozen(base, eval_mode=False), gate_open(base, GATE), HookSet() as hooks:
         if noise_fn is not None:
             hooks.add(adapter.embed_output(base), noise_fn)
         for steps in range(hparams.edit_steps + 1):

@@ -18,10 +18,9 @@ pass and put back exactly; gradients are taken with ``torch.autograd.grad`` on a
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from torch import nn
 from mke_hooks import HparamsError
 from mke_plugins.adapters.base import Batch, Query, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import HookSet
+from mke_plugins.core.modes import frozen
 
 
 @dataclass
@@ -45,20 +45,6 @@ class Localization:
     @property
     def top(self) -> int:
         return self.layers[0]
-
-
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """``requires_grad=False`` on every parameter for the block; the exact flags come back after."""
-    params = list(unwrap_model(model).parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 def top_k_layers(scores: Sequence[float], k: int) -> list[int]:
@@ -113,7 +99,7 @@ def gradient_scores(adapter: VLMAdapter, model: nn.Module, run: RunFn, batch_siz
     infos = adapter.layers(base)
     acts: dict[tuple[int, str], torch.Tensor] = {}
     outs: dict[tuple[int, str], torch.Tensor] = {}
-    with frozen_parameters(base), HookSet() as hooks:
+    with frozen(base, eval_mode=False), HookSet() as hooks:
         def leaf(x: torch.Tensor) -> torch.Tensor:
             return x.detach().requires_grad_(True)
 

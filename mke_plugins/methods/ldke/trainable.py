@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters import get_adapter
