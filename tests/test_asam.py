@@ -23,6 +23,7 @@ from mke_plugins.core.wrap import GatedModel
 from mke_plugins.methods.asam import asam_main, lar, memory, patch, rcsl
 from mke_plugins.methods.asam.asam_hparams import ASAMHyperParams
 from mke_plugins.testing import parametrize_with_checks
+from mke_plugins.testing.families import REAL_YAMLS
 from mke_plugins.testing.images import make_image, make_lavis_image
 
 HPARAMS_DIR = Path(asam_main.__file__).parent / "hparams"
@@ -383,15 +384,6 @@ def test_key_init_unit_and_ablation_switches_run(family_setup):
 
 # -- YAMLs ---------------------------------------------------------------------------------------
 
-#: real-family YAML -> (family of its tiny stand-in, real decoder layer count, decoder layer pattern)
-REAL_YAMLS = {
-    "qwen2vl-7b": ("qwen2-vl", 28, "model.language_model.layers.{i}"),
-    "qwen2.5vl-7b": ("qwen2.5-vl", 28, "model.language_model.layers.{i}"),
-    "qwen3vl-4b": ("qwen3-vl", 36, "model.language_model.layers.{i}"),
-    "llavaov-7b": ("llava-onevision", 28, "model.language_model.layers.{i}"),
-    "blip2": ("blip2", 32, "opt_model.model.decoder.layers.{i}"),
-    "minigpt4": ("minigpt4", 32, "llama_model.model.layers.{i}"),
-}
 
 
 def test_bundled_yamls_are_the_expected_set():
@@ -403,7 +395,8 @@ def test_bundled_yamls_are_the_expected_set():
 
 @pytest.mark.parametrize("yaml_name", sorted(REAL_YAMLS))
 def test_real_family_yaml_matches_same_family_tiny_model(yaml_name, family_setup):
-    family, n_real, pattern = REAL_YAMLS[yaml_name]
+    family, n_real = REAL_YAMLS[yaml_name][:2]
+    pattern = REAL_YAMLS[yaml_name].layers
     path = HPARAMS_DIR / f"{yaml_name}.yaml"
     hp = ASAMHyperParams.from_hparams(path)
     assert pattern in path.read_text(), f"{path}: its header comment should name the decoder layers {pattern}"

@@ -29,6 +29,7 @@ from mke_plugins.methods.ldke.edit import clear
 from mke_plugins.methods.ldke.ldke_hparams import LDKEHyperParams, LDKETrainingHyperParams
 from mke_plugins.methods.ldke.routed import LDKEState
 from mke_plugins.testing import parametrize_with_checks
+from mke_plugins.testing.families import REAL_YAMLS
 from mke_plugins.testing.images import make_image, make_lavis_image
 
 HPARAMS_DIR = Path(ldke_main.__file__).parent / "hparams"
@@ -360,15 +361,6 @@ def test_runtime_errors_name_the_field(family_setup):
 
 # -- YAMLs ------------------------------------------------------------------------------------
 
-#: real-family YAML -> (family of its tiny stand-in, real decoder layer count, value module pattern)
-REAL_YAMLS = {
-    "qwen2vl-7b": ("qwen2-vl", 28, "model.language_model.layers.{i}.mlp.down_proj"),
-    "qwen2.5vl-7b": ("qwen2.5-vl", 28, "model.language_model.layers.{i}.mlp.down_proj"),
-    "qwen3vl-4b": ("qwen3-vl", 36, "model.language_model.layers.{i}.mlp.down_proj"),
-    "llavaov-7b": ("llava-onevision", 28, "model.language_model.layers.{i}.mlp.down_proj"),
-    "blip2": ("blip2", 32, "opt_model.model.decoder.layers.{i}.fc2"),
-    "minigpt4": ("minigpt4", 32, "llama_model.model.layers.{i}.mlp.down_proj"),
-}
 
 
 def test_bundled_yamls_are_the_expected_set():
@@ -378,7 +370,8 @@ def test_bundled_yamls_are_the_expected_set():
 
 @pytest.mark.parametrize("yaml_name", sorted(REAL_YAMLS))
 def test_real_family_yaml_matches_same_family_tiny_model(yaml_name, family_setup):
-    family, n_real, pattern = REAL_YAMLS[yaml_name]
+    family, n_real = REAL_YAMLS[yaml_name][:2]
+    pattern = REAL_YAMLS[yaml_name].value
     path = HPARAMS_DIR / f"{yaml_name}.yaml"
     hp = LDKEHyperParams.from_hparams(path)
     train = LDKETrainingHyperParams.from_hparams(HPARAMS_DIR / "training" / f"{yaml_name}.yaml")
