@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from mke_hooks import HparamsError
 from mke_plugins.hparams import MultimodalHyperParams, hp
+from mke_plugins.trainer_hparams import EasyEditTrainerFields
 
 LOCALIZATIONS = ("grad", "trace", "full_trace", "fixed")
 SCORE_MODULES = ("value", "mlp")
@@ -142,7 +143,7 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
 
 
 @dataclass
-class LDKETrainingHyperParams(_RouterFields, MultimodalHyperParams):
+class LDKETrainingHyperParams(_RouterFields, EasyEditTrainerFields, MultimodalHyperParams):
     """Training the Disentanglement Classifier: EasyEdit trainer fields plus the router's (spec §4)."""
 
     ALG_NAME: ClassVar[str] = "LDKE"
@@ -152,38 +153,23 @@ class LDKETrainingHyperParams(_RouterFields, MultimodalHyperParams):
     alg: str = hp("LDKE", "EasyEdit's trainer key (ALG_TRAIN_DICT[alg.upper()]); must be 'LDKE'.")
     inner_params: list[str] = hp([], "EasyEdit checks these dotted parameter names exist; LDKE trains no model "
                                      "parameter, name any one (e.g. layer f's value matrix).")
-    archive: str | None = hp(None, "EasyEdit: resume from a trainer checkpoint.")
     lr: float = hp(1e-4, "Learning rate of the classifier head (EasyEdit's outer optimiser).")
-    lr_lr: float = hp(1e-4, "EasyEdit field (learning rate of edit_lrs; LDKE has none).")
-    edit_lr: float = hp(1e-4, "EasyEdit field, unused by LDKE's trainer.")
-    opt: str = hp("Adam", "torch.optim class name of the outer optimiser.")
     cedit: float = hp(1.0, "Weight of NLL(edit_outer): pulls positives' routing score up.")
     iedit: float = hp(1.0, "Weight of NLL(edit_outer_image): pulls image positives' routing score up.")
     cloc: float = hp(1.0, "Weight of KL(loc) + KL(loc_image): pushes negatives' routing score down.")
-    cbase: float = hp(0.0, "EasyEdit field (base loss weight; LDKE has none).")
-    dropout: float | None = hp(None, "EasyEdit field: dropout reset on the base model (null = leave it).")
-    no_grad_layers: Any = hp(None, "EasyEdit field; keep null.")
-    half: bool = hp(False, "EasyEdit field; keep false.")
-    train_base: bool = hp(False, "EasyEdit field; must be false (the base model is never trained).")
-    model_parallel: bool = hp(False, "EasyEdit field; keep false.")
     batch_size: int = hp(8, "Training records per step.")
     val_batch_size: int = hp(8, "Validation records per step (EasyEdit's validate()).")
-    accumulate_bs: int = hp(1, "EasyEdit: gradient accumulation steps.")
     grad_clip: float = hp(1.0, "Gradient-norm clip of the head.")
     max_epochs: int | None = hp(3, "Training epochs.")
     max_iters: int | None = hp(None, "EasyEdit field; the front-end sets it per epoch.")
-    log_interval: int = hp(100, "EasyEdit: steps between training logs.")
     val_interval: int = hp(1000000, "EasyEdit: steps between EasyEdit's own validations (the front-end "
                                      "validates routing after each epoch itself).")
     val_steps: int = hp(100, "EasyEdit: validation steps in debug mode.")
     early_stop_patience: int = hp(1000000, "EasyEdit field.")
-    early_stop_key: str = hp("loss/total_edit_val", "EasyEdit field.")
-    eval_only: bool = hp(False, "EasyEdit field; keep false.")
     final_eval: bool = hp(False, "EasyEdit: evaluate and write results.json at the end of run().")
     debug: bool = hp(True, "EasyEdit: with save false, no checkpoint files are written per validation.")
     save: bool = hp(False, "EasyEdit: write trainer checkpoints.")
     silent: bool = hp(True, "EasyEdit: no per-step logging.")
-    results_dir: str = hp("./results", "EasyEdit: where results.json / checkpoints go.")
     neg_per_pos: int = hp(3, "Negatives sampled per positive.")
     hard_negative_fraction: float = hp(0.5, "Share of the negatives that are hard (same image or same entity).")
     hard_negatives: bool = hp(True, "Use hard negatives at all (false for MMEdit-style data, ablation).")
