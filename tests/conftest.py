@@ -22,7 +22,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where tiny models are built (the path itself carries no family marker)."""
+    """Where tiny models are built. Its path must not contain a family marker (EasyEdit scans
+    the whole ``model_name`` path for ``qwen2-vl``/``llava-onevision``/... markers)."""
     return tmp_path_factory.mktemp("tinymodels")
 
 

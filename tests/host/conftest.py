@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -38,26 +38,7 @@ def easyedit() -> Any:
     return easyeditor
 
 
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where tiny models are built. Its path must not contain a family marker (EasyEdit scans
-    the whole ``model_name`` path for ``qwen2-vl``/``llava-onevision``/... markers)."""
-    return tmp_path_factory.mktemp("tinymodels")
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tiny_root: Path) -> Callable[[str], Path]:
-    """``tiny_dir(family)``: the project's tiny model directory for ``family`` (built once)."""
-    from mke_plugins.testing.tiny import build_tiny
-
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = Path(build_tiny(family, tiny_root))
-        return built[family]
-
-    return get
+# tiny_root / tiny_dir come from tests/conftest.py (this folder is below it).
 
 
 @pytest.fixture
