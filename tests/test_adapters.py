@@ -8,7 +8,6 @@ names are the family's real ones) and the core edit/restore cycle runs on each f
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from mke_hooks.errors import RequestError
 from mke_plugins.adapters import Query, get_adapter, supported_families
 from mke_plugins.core.hooks import capture, hook_counts, intervene
 from mke_plugins.core.snapshot import RestoreHandle, WeightSnapshot, assert_same_state, state_of
-from mke_plugins.testing.images import make_image, make_lavis_image
+from mke_plugins.testing.images import make_image, native_image
 
 HF = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision"]
 LAVIS = ["blip2", "minigpt4"]
@@ -38,14 +37,6 @@ NAMES = {
                  "llama_model.model.norm", "llama_model.lm_head"),
 }
 NAMES["qwen2.5-vl"] = NAMES["qwen2-vl"]
-
-
-def native_image(family: str, seed: int) -> Any:
-    if family in LAVIS:
-        return make_lavis_image(seed)
-    if family == "llava-onevision":
-        return make_image(seed)
-    return [make_image(seed)]
 
 
 @pytest.fixture

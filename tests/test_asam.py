@@ -24,7 +24,7 @@ from mke_plugins.methods.asam import asam_main, lar, memory, patch, rcsl
 from mke_plugins.methods.asam.asam_hparams import ASAMHyperParams
 from mke_plugins.testing import parametrize_with_checks
 from mke_plugins.testing.families import REAL_YAMLS
-from mke_plugins.testing.images import make_image, make_lavis_image
+from mke_plugins.testing.images import make_image, make_lavis_image, native_image
 
 HPARAMS_DIR = Path(asam_main.__file__).parent / "hparams"
 LAVIS = ("blip2", "minigpt4")
@@ -40,14 +40,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def native_image(family: str, seed: int = 0) -> Any:
-    if family in LAVIS:
-        return make_lavis_image(seed)
-    if family == "llava-onevision":
-        return make_image(seed)
-    return [make_image(seed)]
 
 
 def tiny_hparams(model_name: str, **kw: Any) -> ASAMHyperParams:

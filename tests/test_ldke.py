@@ -30,19 +30,11 @@ from mke_plugins.methods.ldke.ldke_hparams import LDKEHyperParams, LDKETrainingH
 from mke_plugins.methods.ldke.routed import LDKEState
 from mke_plugins.testing import parametrize_with_checks
 from mke_plugins.testing.families import REAL_YAMLS
-from mke_plugins.testing.images import make_image, make_lavis_image
+from mke_plugins.testing.images import make_image, make_lavis_image, native_image
 
 HPARAMS_DIR = Path(ldke_main.__file__).parent / "hparams"
 LAVIS = ("blip2", "minigpt4")
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "blip2", "minigpt4")
-
-
-def native_image(family: str, seed: int = 0) -> Any:
-    if family in LAVIS:
-        return make_lavis_image(seed)
-    if family == "llava-onevision":
-        return make_image(seed)
-    return [make_image(seed)]
 
 
 @pytest.fixture

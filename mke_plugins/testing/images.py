@@ -35,3 +35,20 @@ def make_lavis_image(seed: int = 0, size: int = 364) -> torch.Tensor:
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
     return ((data - mean) / std).contiguous()
+
+
+#: families whose images are EasyEdit's preprocessed tensors (LAVIS models)
+LAVIS_FAMILIES = ("blip2", "minigpt4")
+
+
+def native_image(family: str, seed: int = 0) -> object:
+    """A request ``image`` in the form EasyEdit hands each family's tiny model.
+
+    LAVIS families get the BLIP-processed tensor, LLaVA-OneVision a PIL image, the Qwen
+    families a list of one PIL image (what EasyEdit's VQA dataset yields for them).
+    """
+    if family in LAVIS_FAMILIES:
+        return make_lavis_image(seed)
+    if family == "llava-onevision":
+        return make_image(seed)
+    return [make_image(seed)]
