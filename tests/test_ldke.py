@@ -469,3 +469,15 @@ def test_train_cli_help_and_hparams_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mke_plugins.cli", "train", "LDKE", "--hparams", str(bad), "--out",
                           str(tmp_path / "x.pt")], capture_output=True, text=True)
     assert out.returncode != 0 and "neg_per_pos" in out.stderr
+
+
+def test_train_cli_model_key_picks_the_bundled_yaml_and_unknown_keys_list_the_known_ones(tmp_path):
+    from mke_plugins.methods.ldke.train import _yaml_and_out, build_parser
+
+    path, out = _yaml_and_out(build_parser().parse_args(["--model", "qwen2vl-7b"]))
+    assert path == HPARAMS_DIR / "training" / "qwen2vl-7b.yaml" and out == "ldke-qwen2vl-7b.pt"
+    path, out = _yaml_and_out(build_parser().parse_args([]))
+    assert path.name == "world.yaml" and out == "ldke-world.pt"
+    proc = subprocess.run([sys.executable, "-m", "mke_plugins.cli", "train", "LDKE", "--model", "qwen9"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "qwen9" in proc.stderr and "qwen2vl-7b" in proc.stderr

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mke_hooks import MKEError
+from mke_hooks import HparamsError, MKEError
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 DEFAULT_TRAINING_YAML = HPARAMS_DIR / "training" / "world.yaml"
@@ -178,9 +178,11 @@ def train_archive(hp: Any, *, out: str | Path | None = None, trainer: str = "aut
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mke-plugins train LDKE", description=__doc__.splitlines()[0])
-    p.add_argument("--hparams", default=str(DEFAULT_TRAINING_YAML),
-                   help="LDKETrainingHyperParams YAML (default: the bundled world training YAML)")
-    p.add_argument("--out", required=True, help="where to write the archive (.pt)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None,
+                       help="bundled training YAML key, hparams/training/<model>.yaml (default: world)")
+    which.add_argument("--hparams", default=None, help="an LDKETrainingHyperParams YAML")
+    p.add_argument("--out", default=None, help="where to write the archive (.pt; default ./ldke-<model>.pt)")
     p.add_argument("--trainer", default="auto", choices=("auto", "easyedit", "standin"),
                    help="EasyEdit's MultimodalTrainer or the stand-in loop (auto: EasyEdit when importable)")
     p.add_argument("--seed", type=int, default=None, help="override the YAML's seed")
@@ -190,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _yaml_and_out(args: argparse.Namespace) -> tuple[Path, str]:
+    """The training YAML (``--hparams``, else the bundled one of ``--model``) and the archive path."""
+    if args.hparams is not None:
+        path = Path(args.hparams)
+        stem = path.stem
+    else:
+        stem = args.model or "world"
+        path = DEFAULT_TRAINING_YAML.parent / f"{stem}.yaml"
+        if not path.is_file():
+            known = sorted(q.stem for q in DEFAULT_TRAINING_YAML.parent.glob("*.yaml"))
+            raise HparamsError(f"no bundled LDKE training YAML for model {stem!r}.", key="--model",
+                               fix=f"use one of {known}, or pass --hparams FILE.")
+    return path, args.out or f"ldke-{stem}.pt"
+
+
 def run(argv: Sequence[str]) -> int:
     """Entry point of ``mke-plugins train LDKE`` (``MethodSpec.offline``)."""
     args = build_parser().parse_args(list(argv))
@@ -197,14 +214,15 @@ def run(argv: Sequence[str]) -> int:
 
     from .ldke_hparams import LDKETrainingHyperParams
 
-    config = read_yaml(Path(args.hparams))
+    yaml_path, out = _yaml_and_out(args)
+    config = read_yaml(yaml_path)
     for key, value in (("seed", args.seed), ("max_epochs", args.max_epochs), ("device", args.device)):
         if value is not None:
             config[key] = value
-    hp = LDKETrainingHyperParams.from_config(config, path=args.hparams)
-    archive = train_archive(hp, out=args.out, trainer=args.trainer, progress=not args.quiet)
+    hp = LDKETrainingHyperParams.from_config(config, path=str(yaml_path))
+    archive = train_archive(hp, out=out, trainer=args.trainer, progress=not args.quiet)
     rates = archive["val_rates"]
-    print(f"wrote {args.out}: tau {archive['tau']:.2f}, mu over {archive['mu_count']} edits, "
+    print(f"wrote {out}: tau {archive['tau']:.2f}, mu over {archive['mu_count']} edits, "
           f"validation balanced accuracy {rates.get('balanced_accuracy')}, routed positive "
           f"{rates.get('rate/positive')}, hard negative {rates.get('rate/hard_negative')}, easy negative "
           f"{rates.get('rate/easy_negative')} (trainer: {archive['meta']['trainer']})", file=sys.stdout)
