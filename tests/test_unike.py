@@ -281,6 +281,78 @@ def test_alpha_is_in_unit_interval_and_shift_acts_only_through_the_gate(qwen) ->
     handle()
 
 
+def test_threshold_key_init_is_negative_below_theta() -> None:
+    from mke_plugins.methods.unike.edit import _init_keys
+
+    g = torch.Generator().manual_seed(0)
+    x, mu = torch.randn(1, 16, generator=g) * 3, torch.randn(16, generator=g)
+    k, b, k_up = _init_keys(x, mu, 2, 0.0, g)  # the spec's centred init: 1 at the edit state, 0 at mu
+    assert torch.allclose(x @ k.t() + b, torch.ones(1, 2), atol=1e-5)
+    assert torch.allclose(mu @ k.t() + b, torch.zeros(2), atol=1e-5) and torch.equal(k, k_up)
+    k, b, k_up = _init_keys(x, mu, 2, 0.0, g, scale=20.0, threshold=0.8)
+    c = x[0] - mu
+    ortho = torch.randn(16, generator=g)
+    ortho = ortho - (ortho @ c) / (c @ c) * c
+    mate = mu + 0.6 * c + ortho  # projects at 0.6 on the edit's key
+    assert torch.allclose(x @ k.t() + b, torch.full((1, 2), 4.0), atol=1e-4)  # s * (1 - theta)
+    assert torch.allclose(mate @ k.t() + b, torch.full((2,), -4.0), atol=1e-3)  # s * (0.6 - theta)
+    assert torch.allclose(x @ k_up.t() - mu @ k_up.t(), torch.ones(1, 2), atol=1e-5)  # up key unscaled
+
+
+def test_a_re_edit_of_the_same_question_is_not_its_own_negative(qwen) -> None:
+    from mke_plugins.methods.unike.edit import _same_question
+
+    model, tok = qwen["model"], qwen["tok"]
+    ad = get_adapter(model)
+    a, b = _records("qwen2-vl", 2, offset=90)
+    batch = lambda r, target: ad.batch(model, tok, [Query(r["image"], r["prompt"], target)])  # noqa: E731
+    assert _same_question(batch(a, "red"), batch(a, "blue green"))  # same prompt and picture, new target
+    assert not _same_question(batch(a, "red"), batch(b, "red"))  # another question
+    assert not _same_question(batch(a, "red"), batch(dict(a, image=b["image"]), "red"))  # another picture
+
+
+def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwen) -> None:
+    from mke_plugins.core.hooks import capture
+    from mke_plugins.core.wrap import gate_open
+    from mke_plugins.methods.unike import restore_all
+    from mke_plugins.methods.unike.archive import load_archive, resolve_layers
+    from mke_plugins.methods.unike.edit import _negatives
+    from mke_plugins.methods.unike.runtime import GATE, runtime_for
+
+    model, tok = qwen["model"], qwen["tok"]
+    ad = get_adapter(model)
+    infos = ad.layers(model)
+    layers = resolve_layers([-2, -1], len(infos))
+    recs = _records("qwen2-vl", 2, offset=80)
+    over = dict(negatives=8, negative_loss_weight=1.0, negative_margin=2.0, key_scale=20.0, key_threshold=0.8,
+                max_edit_steps=40, stop_loss=0.0)
+    _apply(qwen, recs[0], **over)
+    _apply(qwen, recs[1], **over)
+    rt = runtime_for(model, create=False)
+    assert len(rt.edit_inputs) == 2  # the edit batches kept for later edits' negatives
+    second = [b for b in rt.patches.blocks() if b.tag == ("unike", max(rt.edits))]
+
+    def inputs(rec: dict[str, Any]) -> dict[int, torch.Tensor]:
+        b = ad.batch(model, tok, [Query(rec["image"], rec["prompt"], rec["target"])])
+        with gate_open(model, GATE), torch.no_grad(), \
+                capture({l: infos[l].ffn_in for l in layers}, positions=b.answer_mask) as rec_:
+            ad.forward(model, b)
+        return {l: rec_[l].float() for l in layers}
+
+    own, earlier = inputs(recs[1]), inputs(recs[0])
+    archive = load_archive(qwen["archive"], model, ad, layers)
+    with rt.pristine():
+        h_sem = {l: v[0] for l, v in inputs(recs[1]).items()}  # pristine state at the first answer position
+    negs = _negatives(archive, layers, infos, rt, h_sem, 8)
+    with torch.no_grad():
+        assert max(float(blk.pre(own[blk.layer]).max()) for blk in second) > 0  # the edit's input opens a gate
+        for blk in second:
+            assert float(blk.pre(earlier[blk.layer]).max()) < 0  # the earlier edit's input does not
+            assert float(blk.pre(negs[blk.layer]).max()) < 0  # nor do its nearest bank questions
+    restore_all(model)
+    assert runtime_for(model, create=False) is None
+
+
 # -- other families: the same code through the adapter -------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava-onevision", "blip2"])

@@ -35,6 +35,7 @@ from .unike_hparams import UniKEHyperParams
 log = logging.getLogger(__name__)
 RETRIEVE_CHUNK = 4096
 MEMORY_PENALTY_SAMPLES = 256
+MARGIN_TOL = 1e-2  # the margin losses count as met below this (training may then stop at stop_loss)
 
 
 @dataclass
@@ -77,9 +78,13 @@ def retrieve(archive: Archive, layers: list[int], h_sem: dict[int, torch.Tensor]
     return torch.topk(scores, k).indices
 
 
-def _init_keys(x: torch.Tensor, mu: torch.Tensor, n: int, noise: float, gen: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n centred keys cycling through the rows of ``x`` (P, d): pre-activation 1 there, 0 at μ."""
+def _init_keys(x: torch.Tensor, mu: torch.Tensor, n: int, noise: float, gen: torch.Generator,
+               scale: float = 1.0, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n centred keys cycling through the rows of ``x`` (P, d): pre-activation 1 there, 0 at μ.
+
+    With ``scale`` s and ``threshold`` θ (project choice) the gate key becomes s·k with bias −s·(k·μ + θ):
+    the pre-activation is s·(p − θ) for p = (x − μ)·k, the projection that is 1 at the edit state, so
+    inputs projecting below θ start with a negative gate. Returns (gate key, bias, up key = k)."""
     d = x.shape[-1]
     rows = x[torch.arange(n) % len(x)]
     c = rows - mu
@@ -88,7 +93,7 @@ def _init_keys(x: torch.Tensor, mu: torch.Tensor, n: int, noise: float, gen: tor
         eps = torch.randn(k.shape, generator=gen).to(k.device)
         k = k + eps * (noise * k.norm(dim=-1, keepdim=True) / d ** 0.5)
     b = -(k @ mu)
-    return k, b
+    return scale * k, scale * (b - threshold), k
 
 
 def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: UniKEHyperParams,
@@ -108,6 +113,10 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
         st = _states(adapter, model, batch, layers)
     h_sem = {l: st[l][answer[0]] for l in layers}
     h_pos = {l: st[l][last] for l in layers}
+    earlier: list[Batch] = []
+    if bool(hparams.negatives_from_edits) and float(hparams.negative_loss_weight) > 0 and hparams.use_intrinsic:
+        earlier = [v for k, v in rt.edit_inputs.items() if not _same_question(v, batch)]
+        rt.edit_inputs[eid] = batch  # later edits' negatives (dropped with the edit)
 
     # 3-4. retrieve and install the latent memories
     if hparams.use_external:
@@ -126,6 +135,11 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
         rep.seconds = time.time() - t0
         return rep
 
+    # locality negatives (project choice): the nearest bank questions, shifted like the model would shift
+    # them, and the inputs of earlier edits as the edited model now sees them
+    negatives = _negatives(archive, layers, infos, rt, h_sem, int(hparams.negatives))
+    past_inputs = _current_inputs(adapter, model, earlier, layers, infos)
+
     # 5. key-value neurons on the shifted inputs
     answer_mask = batch.answer_mask
     with gate_open(model, GATE), torch.no_grad(), \
@@ -141,12 +155,13 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
         mu = archive.mu(l).to(dev)
         block = patches.add_block(l, int(hparams.num_neurons), tag=("unike", eid))
         rt.blocks[eid].append(block)
-        k, b = _init_keys(shifted[l].to(dev), mu, int(hparams.num_neurons), float(hparams.key_noise), gen)
+        k, b, k_up = _init_keys(shifted[l].to(dev), mu, int(hparams.num_neurons), float(hparams.key_noise), gen,
+                                float(hparams.key_scale), float(hparams.key_threshold))
         with torch.no_grad():
             block.key.copy_(k)
             block.bias.copy_(b)
             if block.key_up is not None:
-                block.key_up.copy_(k)
+                block.key_up.copy_(k_up)
         if hparams.use_zeta and float(hparams.beta) != 0.0:
             w = nn.Parameter(archive.w_zeta(l).to(dev).clone())
             zeta = archive.zeta(l).to(dev)
@@ -166,12 +181,16 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
             if rep.first_loss is None:
                 rep.first_loss = value
             rep.final_loss = value
-            if value < float(hparams.stop_loss) or step == int(hparams.max_edit_steps):
+            margins = _margin_loss(blocks, hparams, negatives, past_inputs)
+            satisfied = margins is None or float(margins.detach()) < MARGIN_TOL
+            if (value < float(hparams.stop_loss) and satisfied) or step == int(hparams.max_edit_steps):
                 break
             total = loss
             if penalty_states is not None:
                 pen = sum(blk.act(penalty_states[blk.layer]).abs().mean() for blk in blocks)
                 total = total + float(hparams.memory_loss_weight) * pen
+            if margins is not None:
+                total = total + float(hparams.negative_loss_weight) * margins
             opt.zero_grad()
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, float(hparams.grad_clip))
@@ -194,3 +213,69 @@ def _penalty_states(archive: Archive, layers: list[int], infos: list[Any]) -> di
     idx = torch.arange(min(n, MEMORY_PENALTY_SAMPLES))
     bank = archive.bank("h_sem", layers)[idx].float()
     return {l: bank[:, j].to(infos[l].value.weight.device) for j, l in enumerate(layers)}
+
+
+def _margin_loss(blocks: list[Any], hparams: UniKEHyperParams, negatives: dict[int, torch.Tensor],
+                 past: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """T-Patcher-style memory loss on the new neurons' gate pre-activations (project choice): mean
+    relu(pre + margin) over the bank negatives and, as a separate equally weighted group, over earlier
+    edits' inputs. None when off."""
+    if not (negatives or past) or float(hparams.negative_loss_weight) <= 0:
+        return None
+    m = float(hparams.negative_margin)
+    total = sum(F.relu(blk.pre(negatives[blk.layer]) + m).mean() for blk in blocks if blk.layer in negatives)
+    total = total + sum(F.relu(blk.pre(past[blk.layer]) + m).mean() for blk in blocks if blk.layer in past)
+    return total if torch.is_tensor(total) else None
+
+
+def _same_question(a: Batch, b: Batch) -> bool:
+    """Whether two edit batches ask the same question (a re-edit): equal prompt tokens and equal image
+    tensors. Batches whose token ids do not align with their labels are never called the same."""
+    ia, ib = a.inputs.get("input_ids"), b.inputs.get("input_ids")
+    if not (torch.is_tensor(ia) and torch.is_tensor(ib)) or ia.shape != a.labels.shape or ib.shape != b.labels.shape:
+        return False
+    pa, pb = ia[a.labels == -100], ib[b.labels == -100]
+    if pa.shape != pb.shape or not torch.equal(pa, pb):
+        return False
+    for key in set(a.inputs) | set(b.inputs):
+        if "pixel" in key or "image" in key:
+            xa, xb = a.inputs.get(key), b.inputs.get(key)
+            if torch.is_tensor(xa) != torch.is_tensor(xb):
+                return False
+            if torch.is_tensor(xa) and (xa.shape != xb.shape or not torch.equal(xa, xb)):
+                return False
+    return True
+
+
+def _current_inputs(adapter: VLMAdapter, model: nn.Module, batches: list[Batch], layers: list[int],
+                    infos: list[Any]) -> dict[int, torch.Tensor]:
+    """The (shifted) FFN inputs that earlier edits' own inputs reach now, with every installed edit
+    active, at their answer positions: layer -> (Σ P, d); empty without batches."""
+    rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    for b in batches:
+        with gate_open(model, GATE), torch.no_grad(), \
+                capture({l: infos[l].ffn_in for l in layers}, positions=b.answer_mask) as rec:
+            adapter.forward(model, b)
+        for l in layers:
+            rows[l].append(rec[l].float())
+    return {l: torch.cat(v, 0) for l, v in rows.items() if v}
+
+
+def _negatives(archive: Archive, layers: list[int], infos: list[Any], rt: UniKERuntime,
+               h_sem: dict[int, torch.Tensor], n: int) -> dict[int, torch.Tensor]:
+    """The ``n`` bank h_sem states nearest to the edit's (by the retrieval score), per layer, each passed
+    through the layer's current latent-memory shift so they live where the new keys read (project choice).
+
+    On a small world the nearest bank questions are the same relation asked about other entities: the
+    inputs a relation-level key would also fire on. Layers above the first edited one see the pristine
+    state plus the shift (earlier neurons are assumed silent on them, which the margin loss enforces)."""
+    if n <= 0:
+        return {}
+    idx = retrieve(archive, layers, h_sem, n)
+    bank = archive.bank("h_sem", layers)[idx].float()
+    out: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for j, l in enumerate(layers):
+            x = bank[:, j].to(infos[l].value.weight.device)
+            out[l] = rt.shift_states(infos[l].index, x).float()
+    return out

@@ -80,6 +80,9 @@ class UniKERuntime:
         self.hooks: dict[int, HookSet] = {}
         self.edits: dict[int, dict[int, list[Hashable]]] = {}  # edit id -> layer -> memory keys
         self.blocks: dict[int, list[Any]] = {}  # edit id -> neuron blocks
+        #: edit id -> the edit's teacher-forced batch (prompt, target, image only): later edits keep their
+        #: neurons silent on its inputs (locality negatives, project choice)
+        self.edit_inputs: dict[int, Any] = {}
         self.next_id = 0
         self.alpha_mode = "dynamic"
         self.alpha_fixed = 0.5
@@ -119,8 +122,8 @@ class UniKERuntime:
                 set_always_on(self.model, GATE, True)
 
     # -- the feature shift (spec §3 Inference, steps 1-3) -------------------------------------
-    def _shift(self, mem: _LayerMemory, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.active() or len(mem) == 0:
+    def _shift(self, mem: _LayerMemory, x: torch.Tensor, force: bool = False) -> torch.Tensor | None:
+        if not (force or self.active()) or len(mem) == 0:
             return None
         M = mem.matrix
         xf = x.float()
@@ -133,9 +136,17 @@ class UniKERuntime:
         else:
             e = mem.enc_sem(hk)
             alpha = F.cosine_similarity(e - mem.mu, xf - mem.mu, dim=-1).clamp(0.0, 1.0).unsqueeze(-1)
-        if self.record_alpha:
+        if self.record_alpha and not force:
             self.last_alpha[mem.info.index] = alpha.detach().squeeze(-1)
         return ((1.0 - alpha) * xf + alpha * hk).to(x.dtype)
+
+    def shift_states(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` shifted by layer ``layer``'s current latent memory, whatever the gate (``x`` if it has none)."""
+        mem = self.memories.get(layer)
+        if mem is None or len(mem) == 0:
+            return x
+        out = self._shift(mem, x, force=True)
+        return x if out is None else out
 
     def ensure_layer(self, info: LayerInfo, enc_sem: nn.Module, mu: torch.Tensor) -> _LayerMemory:
         """The layer's memory, creating it (and its hook, once) when missing."""
@@ -173,6 +184,7 @@ class UniKERuntime:
             for k in keys:
                 mem.release(k)
         patches = patches_for(self.model, gate=GATE, create=False)
+        self.edit_inputs.pop(eid, None)
         for block in self.blocks.pop(eid, []):
             if patches is not None:
                 patches.remove_block(block)
@@ -192,6 +204,7 @@ class UniKERuntime:
         self.memories.clear()
         self.edits.clear()
         self.blocks.clear()
+        self.edit_inputs.clear()
         patches = patches_for(self.model, gate=GATE, create=False)
         if patches is not None:
             patches.remove_all()

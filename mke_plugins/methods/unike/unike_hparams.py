@@ -93,6 +93,24 @@ class UniKEHyperParams(MultimodalHyperParams):
                                         "magnitude of the new neurons on bank h_sem states (for gated FFNs the "
                                         "SiLU(gate)*up product can be negative, so |activation| is penalised); 0 = off. "
                                         "Helps sequential editing at some cost in text generality.")
+    negatives: int = hp(0, "Locality negatives per edit (project choice): the bank h_sem states nearest to the "
+                           "edit's h_sem (same-relation questions about other entities), shifted by the current "
+                           "latent memory, feed the margin loss (negative_loss_weight); 0 = off.")
+    negatives_from_edits: bool = hp(True, "With negative_loss_weight > 0, also use the earlier edits' inputs (their "
+                                          "answer-position FFN inputs as the edited model now sees them; the "
+                                          "edit batches are kept until the edit is removed) as negatives, so a "
+                                          "new edit's neurons stay silent on them (T-Patcher's memory of past "
+                                          "edits; project choice).")
+    key_scale: float = hp(1.0, "s: the gate key and bias are multiplied by s at init, so the pre-activation is "
+                               "s*(p - key_threshold) where p is the input's projection on the centred key (1 at "
+                               "the edit state). 1 with key_threshold 0 = the spec's init (project choice).")
+    key_threshold: float = hp(0.0, "theta: projection below which a new neuron's gate starts negative (see "
+                                   "key_scale); e.g. 0.8 keeps relation-mates (projection ~0.6) silent while "
+                                   "rephrasings (~0.95) still fire (project choice).")
+    negative_margin: float = hp(4.0, "Margin loss target: the gate pre-activation of every new neuron on every "
+                                     "locality negative should be <= -negative_margin (SiLU(-4) ~ -0.07).")
+    negative_loss_weight: float = hp(0.0, "Weight of the margin loss mean(relu(pre(negative) + negative_margin)) "
+                                          "(T-Patcher's memory loss on locality negatives); 0 = off.")
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).")
 
     def __post_init__(self) -> None:
@@ -102,11 +120,13 @@ class UniKEHyperParams(MultimodalHyperParams):
         """Reject values that cannot work; errors name the field and the fix."""
         self.check_choice("alpha_mode", ALPHA_MODES, path=path)
         _check_layers(self.layers, path)
+        _positive(self, "negatives", path, integer=True, allow_zero=True)
         for key in ("num_neurons", "top_k", "max_edit_steps"):
             _positive(self, key, path, integer=True)
-        for key in ("edit_lr", "grad_clip"):
+        for key in ("edit_lr", "grad_clip", "key_scale"):
             _positive(self, key, path)
-        for key in ("beta", "stop_loss", "key_noise", "memory_loss_weight"):
+        for key in ("beta", "stop_loss", "key_noise", "memory_loss_weight", "negative_margin",
+                    "negative_loss_weight"):
             _positive(self, key, path, allow_zero=True)
         if not isinstance(self.alpha_fixed, (int, float)) or not 0.0 <= self.alpha_fixed <= 1.0:
             raise HparamsError(f"expected a number in [0, 1], got {self.alpha_fixed!r}.", path=path,
