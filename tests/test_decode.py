@@ -7,7 +7,6 @@ with a reduced step cap where the number of steps does not matter to what is che
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,18 +21,11 @@ from mke_plugins.core.snapshot import WeightSnapshot, assert_same_state, state_o
 from mke_plugins.methods.decode import decode_main, localize, offsets
 from mke_plugins.methods.decode.decode_hparams import DECODEHyperParams
 from mke_plugins.testing import parametrize_with_checks
-from mke_plugins.testing.images import make_image, make_lavis_image
+from mke_plugins.testing.families import REAL_YAMLS
+from mke_plugins.testing.images import native_image
 
 HPARAMS_DIR = Path(decode_main.__file__).parent / "hparams"
 LAVIS = ("blip2", "minigpt4")
-
-
-def native_image(family: str, seed: int = 0) -> Any:
-    if family in LAVIS:
-        return make_lavis_image(seed)
-    if family == "llava-onevision":
-        return make_image(seed)
-    return [make_image(seed)]
 
 
 def tiny_hparams(model_name: str, **kw: Any) -> DECODEHyperParams:
@@ -321,15 +313,6 @@ def test_one_edit_on_every_family(family, family_setup):
     assert_same_state(before, model)
 
 
-#: real-family YAML -> (family of its tiny stand-in, real decoder layer count, value module pattern)
-REAL_YAMLS = {
-    "qwen2vl-7b": ("qwen2-vl", 28, "model.language_model.layers.{i}.mlp.down_proj"),
-    "qwen2.5vl-7b": ("qwen2.5-vl", 28, "model.language_model.layers.{i}.mlp.down_proj"),
-    "qwen3vl-4b": ("qwen3-vl", 36, "model.language_model.layers.{i}.mlp.down_proj"),
-    "llavaov-7b": ("llava-onevision", 28, "model.language_model.layers.{i}.mlp.down_proj"),
-    "blip2": ("blip2", 32, "opt_model.model.decoder.layers.{i}.fc2"),
-    "minigpt4": ("minigpt4", 32, "llama_model.model.layers.{i}.mlp.down_proj"),
-}
 
 
 def test_bundled_yamls_are_the_expected_set():
@@ -338,7 +321,8 @@ def test_bundled_yamls_are_the_expected_set():
 
 @pytest.mark.parametrize("yaml_name", sorted(REAL_YAMLS))
 def test_real_family_yaml_matches_same_family_tiny_model(yaml_name, family_setup):
-    family, n_real, pattern = REAL_YAMLS[yaml_name]
+    family, n_real = REAL_YAMLS[yaml_name][:2]
+    pattern = REAL_YAMLS[yaml_name].value
     path = HPARAMS_DIR / f"{yaml_name}.yaml"
     hp = DECODEHyperParams.from_hparams(path)
     assert pattern in path.read_text(), f"{path}: its header comment should name the value module {pattern}"

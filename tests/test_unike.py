@@ -20,7 +20,7 @@ from mke_plugins.core.hooks import hook_counts
 from mke_plugins.core.snapshot import assert_same_state, state_of
 from mke_plugins.methods.unike.archive import UniKEArchiveError, read_payload, record_hash
 from mke_plugins.methods.unike.unike_hparams import UniKEHyperParams, UniKETrainingHparams
-from mke_plugins.testing.images import make_image, make_lavis_image
+from mke_plugins.testing.images import native_image
 
 HERE = Path(__file__).resolve().parent.parent / "mke_plugins" / "methods" / "unike" / "hparams"
 FAMILY_YAML = {"qwen2-vl": "qwen2vl-7b", "qwen2.5-vl": "qwen2.5vl-7b", "qwen3-vl": "qwen3vl-4b",
@@ -29,20 +29,12 @@ LAVIS = ("blip2", "minigpt4")
 WORDS = ["red", "blue", "green", "cat", "dog", "tree", "house", "river", "apple", "lemon", "star", "moon"]
 
 
-def _image(family: str, seed: int) -> Any:
-    if family in LAVIS:
-        return make_lavis_image(seed)
-    if family == "llava-onevision":
-        return make_image(seed)
-    return [make_image(seed)]
-
-
 def _records(family: str, n: int, offset: int = 0) -> list[dict[str, Any]]:
     out = []
     for i in range(offset, offset + n):
         out.append({"prompt": f"What is the {WORDS[i % 12]} thing number {i}?", "target": WORDS[(i * 5 + 3) % 12],
-                    "image": _image(family, i), "rephrase_prompt": f"Name the {WORDS[i % 12]} one, {i}?",
-                    "image_rephrase": _image(family, 100 + i)})
+                    "image": native_image(family, i), "rephrase_prompt": f"Name the {WORDS[i % 12]} one, {i}?",
+                    "image_rephrase": native_image(family, 100 + i)})
     return out
 
 

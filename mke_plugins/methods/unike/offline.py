@@ -21,7 +21,7 @@ under ``no_grad``. Only the encoders train (fp32). The bank lives on CPU in fp16
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch

@@ -27,7 +27,6 @@ import re
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters import get_adapter
