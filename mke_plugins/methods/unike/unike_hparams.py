@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from mke_hooks import HparamsError
 from mke_plugins.hparams import MultimodalHyperParams, hp
+from mke_plugins.trainer_hparams import EasyEditTrainerFields
 
 ALPHA_MODES = ("dynamic", "fixed")
 BUNDLED_PREFIX = "@bundled/"
@@ -140,7 +141,7 @@ class UniKEHyperParams(MultimodalHyperParams):
 
 
 @dataclass
-class UniKETrainingHparams(MultimodalHyperParams):
+class UniKETrainingHparams(EasyEditTrainerFields, MultimodalHyperParams):
     """Offline-stage hyperparameters (spec §2, §4), plus the fields EasyEdit's MultimodalTrainer reads.
 
     The same file drives ``mke-plugins train UniKE --hparams FILE`` and
@@ -177,39 +178,18 @@ class UniKETrainingHparams(MultimodalHyperParams):
                                          "null = all.")
     ridge: float = hp(1e-3, "Ridge lambda of the W_zeta decoder fit.")
     seed: int = hp(42, "Seed of shuffling, holdout split, replay and encoder initialisation.")
-    # -- EasyEdit MultimodalTrainer fields (EASYEDIT.md §6) ----------------------------------------
+    # -- EasyEdit MultimodalTrainer fields (EASYEDIT.md §6): the rest come from EasyEditTrainerFields ------
     inner_params: list[str] = hp([], "EasyEdit trainer: parameter names checked against the model (unused by "
                                       "UniKE; may stay empty).")
     lr: float | None = hp(None, "EasyEdit trainer: optimiser learning rate of the encoders; null = enc_lr.")
-    lr_lr: float = hp(1e-4, "EasyEdit trainer: learning rate of edit_lrs (UniKE has none).")
-    edit_lr: float = hp(1e-4, "EasyEdit trainer field (unused by UniKE's offline stage).")
-    opt: str = hp("Adam", "EasyEdit trainer: torch.optim class name.")
     cedit: float = hp(1.0, "EasyEdit trainer: weight of the edit loss; must be 1 (the loss is UniKE's L).")
     iedit: float = hp(0.0, "EasyEdit trainer: weight of the image edit loss; must be 0.")
     cloc: float = hp(0.0, "EasyEdit trainer: weight of the locality loss; must be 0.")
-    cbase: float = hp(0.0, "EasyEdit trainer: weight of the base loss.")
     archive: str | None = hp(None, "EasyEdit trainer: an earlier trainer save (or UniKE archive) to resume from.")
-    dropout: float | None = hp(None, "EasyEdit trainer: dropout override (null keeps the model's).")
-    no_grad_layers: Any = hp(None, "EasyEdit trainer field (keep null).")
-    half: bool = hp(False, "EasyEdit trainer field (keep false).")
-    train_base: bool = hp(False, "EasyEdit trainer: keep false (the model is frozen).")
-    model_parallel: bool = hp(False, "EasyEdit trainer field.")
-    freeze_qformer: bool = hp(True, "EasyEdit trainer: LAVIS families' Q-Former stays frozen.")
-    val_batch_size: int = hp(1, "EasyEdit trainer: validation batch size.")
-    accumulate_bs: int = hp(1, "EasyEdit trainer: gradient accumulation.")
     grad_clip: float = hp(100.0, "EasyEdit trainer: gradient clipping of the encoders.")
     max_epochs: int | None = hp(None, "EasyEdit trainer: epochs over the train set; null = enc_epochs.")
-    max_iters: int | None = hp(None, "EasyEdit trainer: iteration cap.")
-    log_interval: int = hp(100, "EasyEdit trainer: steps between train logs.")
     val_interval: int = hp(500, "EasyEdit trainer: steps between validations (each saves the archive).")
-    val_steps: int = hp(200, "EasyEdit trainer: validation batches per validation.")
-    early_stop_patience: int = hp(20000, "EasyEdit trainer: early-stopping patience.")
-    early_stop_key: str = hp("loss/total_edit_val", "EasyEdit trainer: early-stopping key.")
-    eval_only: bool = hp(False, "EasyEdit trainer field.")
-    final_eval: bool = hp(True, "EasyEdit trainer: validate once more after training.")
-    debug: bool = hp(False, "EasyEdit trainer field.")
     save: bool = hp(True, "EasyEdit trainer: write the archive.")
-    silent: bool = hp(False, "EasyEdit trainer: fewer logs.")
     results_dir: str = hp("./results", "EasyEdit trainer: output root; the archive is models/UniKE/<model basename>.")
 
     def validate(self, *, path: str = "<dict>") -> None:
