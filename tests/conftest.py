@@ -4,6 +4,7 @@
 ``tiny_model(family)`` loads a *fresh* ``(model, processor)`` pair from it each call (cheap), so a
 test that edits weights cannot leak into another. ``tiny_lavis(family)`` builds a fresh
 LAVIS-style tiny model (``blip2`` / ``minigpt4``) and returns ``(model, tokenizer)``.
+``family_model(family)`` is either, by family, with the ``model_name`` that selects its adapter.
 Other agents: add shared fixtures here, each with a docstring; keep per-area fixtures in the
 test module that uses them.
 """
@@ -60,5 +61,26 @@ def tiny_lavis() -> Callable[[str], tuple[Any, Any]]:
         from mke_plugins.testing.tiny_lavis import build_tiny_lavis
 
         return build_tiny_lavis(family)
+
+    return get
+
+
+LAVIS_FAMILIES = ("blip2", "minigpt4")
+
+
+@pytest.fixture(scope="session")
+def family_model(tiny_model: Callable[[str], tuple[Any, Any]], tiny_lavis: Callable[[str], tuple[Any, Any]],
+                 tiny_dir: Callable[[str], Path]) -> Callable[[str], tuple[Any, Any, str]]:
+    """``family_model(family)``: a fresh ``(model, tok, model_name)`` of any family's tiny model.
+
+    ``model_name`` is what an hparams object names it by (the LAVIS family name, else the HF
+    model directory), so ``get_adapter(model, hparams)`` finds the family's adapter.
+    """
+    def get(family: str) -> tuple[Any, Any, str]:
+        if family in LAVIS_FAMILIES:
+            model, tok = tiny_lavis(family)
+            return model, tok, family
+        model, tok = tiny_model(family)
+        return model, tok, str(tiny_dir(family))
 
     return get

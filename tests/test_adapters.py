@@ -40,16 +40,12 @@ NAMES["qwen2.5-vl"] = NAMES["qwen2-vl"]
 
 
 @pytest.fixture
-def setup(request, tiny_model, tiny_lavis, tiny_dir):
+def setup(request, family_model):
     """``setup(family)`` -> (model, tok, adapter, hparams)."""
 
     def make(family: str):
-        if family in LAVIS:
-            model, tok = tiny_lavis(family)
-            hp = SimpleNamespace(model_name=family)
-        else:
-            model, tok = tiny_model(family)
-            hp = SimpleNamespace(model_name=str(tiny_dir(family)))
+        model, tok, name = family_model(family)
+        hp = SimpleNamespace(model_name=name)
         return model, tok, get_adapter(model, hp), hp
 
     return make

@@ -27,7 +27,6 @@ from mke_plugins.testing.families import REAL_YAMLS
 from mke_plugins.testing.images import make_image, make_lavis_image, native_image
 
 HPARAMS_DIR = Path(asam_main.__file__).parent / "hparams"
-LAVIS = ("blip2", "minigpt4")
 EVAL_ONLY = ("rephrase_prompt", "image_rephrase", "locality_prompt", "locality_ground_truth",
              "multimodal_locality_image", "multimodal_locality_prompt", "multimodal_locality_ground_truth",
              "portability", "fine_locality", "text_only_prompt", "image_only_prompt", "pred", "loc_prompt")
@@ -50,16 +49,11 @@ def tiny_hparams(model_name: str, **kw: Any) -> ASAMHyperParams:
 
 
 @pytest.fixture
-def family_setup(tiny_model, tiny_lavis, tiny_dir):
+def family_setup(family_model):
     """``family_setup(family)`` -> (model, tok, adapter, model_name), the model warmed up (hooks settled)."""
 
     def make(family: str):
-        if family in LAVIS:
-            model, tok = tiny_lavis(family)
-            name = family
-        else:
-            model, tok = tiny_model(family)
-            name = str(tiny_dir(family))
+        model, tok, name = family_model(family)
         adapter = get_adapter(model, SimpleNamespace(model_name=name))
         with torch.no_grad():
             adapter.forward(model, adapter.batch(model, tok, [Query(native_image(family), "What is it?", "red")]))

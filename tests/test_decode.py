@@ -25,7 +25,6 @@ from mke_plugins.testing.families import REAL_YAMLS
 from mke_plugins.testing.images import native_image
 
 HPARAMS_DIR = Path(decode_main.__file__).parent / "hparams"
-LAVIS = ("blip2", "minigpt4")
 
 
 def tiny_hparams(model_name: str, **kw: Any) -> DECODEHyperParams:
@@ -46,16 +45,11 @@ def one_thread():
 
 
 @pytest.fixture
-def family_setup(tiny_model, tiny_lavis, tiny_dir):
+def family_setup(family_model):
     """``family_setup(family)`` -> (model, tok, adapter, model_name)."""
 
     def make(family: str):
-        if family in LAVIS:
-            model, tok = tiny_lavis(family)
-            name = family
-        else:
-            model, tok = tiny_model(family)
-            name = str(tiny_dir(family))
+        model, tok, name = family_model(family)
         return model, tok, get_adapter(model, SimpleNamespace(model_name=name)), name
 
     return make

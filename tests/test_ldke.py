@@ -33,21 +33,15 @@ from mke_plugins.testing.families import REAL_YAMLS
 from mke_plugins.testing.images import make_image, make_lavis_image, native_image
 
 HPARAMS_DIR = Path(ldke_main.__file__).parent / "hparams"
-LAVIS = ("blip2", "minigpt4")
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "blip2", "minigpt4")
 
 
 @pytest.fixture
-def family_setup(tiny_model, tiny_lavis, tiny_dir, tmp_path):
+def family_setup(family_model, tmp_path):
     """``family_setup(family, **hp)`` -> (model, tok, adapter, hparams) with an untrained-head archive (tau 1)."""
 
     def make(family: str, **kw: Any):
-        if family in LAVIS:
-            model, tok = tiny_lavis(family)
-            name = family
-        else:
-            model, tok = tiny_model(family)
-            name = str(tiny_dir(family))
+        model, tok, name = family_model(family)
         adapter = get_adapter(model, SimpleNamespace(model_name=name))
         fp = router.fingerprint(adapter, model, None, "hidden")
         torch.manual_seed(0)

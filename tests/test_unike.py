@@ -25,7 +25,6 @@ from mke_plugins.testing.images import native_image
 HERE = Path(__file__).resolve().parent.parent / "mke_plugins" / "methods" / "unike" / "hparams"
 FAMILY_YAML = {"qwen2-vl": "qwen2vl-7b", "qwen2.5-vl": "qwen2.5vl-7b", "qwen3-vl": "qwen3vl-4b",
                "llava-onevision": "llavaov-7b", "blip2": "blip2", "minigpt4": "minigpt4"}
-LAVIS = ("blip2", "minigpt4")
 WORDS = ["red", "blue", "green", "cat", "dog", "tree", "house", "river", "apple", "lemon", "star", "moon"]
 
 
@@ -86,7 +85,7 @@ def _nll(setup: dict[str, Any], model: Any, rec: dict[str, Any]) -> float:
 
 
 # -- hparams -----------------------------------------------------------------------------------
-def test_every_yaml_loads_and_layers_fit_the_family_structure(tiny_model, tiny_lavis) -> None:
+def test_every_yaml_loads_and_layers_fit_the_family_structure(family_model) -> None:
     from mke_plugins.methods.unike.archive import resolve_layers
 
     for family, key in FAMILY_YAML.items():
@@ -94,7 +93,7 @@ def test_every_yaml_loads_and_layers_fit_the_family_structure(tiny_model, tiny_l
         tr = UniKETrainingHparams.from_hparams(HERE / "training" / f"{key}.yaml")
         assert hp.alg_name == "UniKE" and tr.alg == "UniKE" and tr.lr == tr.enc_lr
         assert set(hp.layers) <= set(tr.layers), f"{key}: editing layers must be banked by the training YAML"
-        model, _ = tiny_lavis(family) if family in LAVIS else tiny_model(family)
+        model = family_model(family)[0]
         n = len(get_adapter(model).layers(model))
         assert resolve_layers(hp.layers, n) == list(range(n - 4, n))
     world = UniKEHyperParams.from_hparams(HERE / "world.yaml")
@@ -348,10 +347,10 @@ def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwe
 # -- other families: the same code through the adapter -------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava-onevision", "blip2"])
-def test_other_families_edit_and_restore(family, tiny_model, tiny_lavis, tmp_path) -> None:
+def test_other_families_edit_and_restore(family, family_model, tmp_path) -> None:
     from mke_plugins.methods.unike.unike_main import apply_unike_to_multimodal_model
 
-    model, tok = tiny_lavis(family) if family in LAVIS else tiny_model(family)
+    model, tok, _ = family_model(family)
     _build(model, tok, family, tmp_path / "a.pt", enc_epochs=1)
     rec = _records(family, 1, offset=80)[0]
     before = state_of(model)
