@@ -17,14 +17,13 @@ Skipped unless the host check is set up (``EASYEDIT_SRC``, see conftest.py).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from easyedit_host import (METRIC_KEYS, editor_inputs, mmedit_records, snapshot_differences, state_snapshot,
-                           write_images, write_vqa_file)
+from easyedit_host import editor_inputs, mmedit_records, snapshot_differences, state_snapshot, write_images, write_vqa_file
+from world_host import check_metrics, edit_dataset, install, value, warm_up, world_editor, world_inputs
 
 pytestmark = pytest.mark.host
 
@@ -45,42 +44,7 @@ TINY_OVERRIDES: dict[str, object] = {"num_last_layers_excluded": 1, "topk_per_to
 @pytest.fixture(scope="module")
 def decode_installed(easyedit: Any) -> Any:
     """``mke_plugins.install()`` into the real EasyEdit, with DECODE registered and injected."""
-    import mke_plugins
-
-    if METHOD not in mke_plugins.get_registry():
-        pytest.fail(f"{METHOD} is not registered (mke_plugins/plugins.py DEFAULT_PLUGINS)")
-    report = mke_plugins.install()
-    assert METHOD in report.injected, f"{METHOD} was not injected into EasyEdit: {report}"
-    yield report
-    mke_plugins.uninstall()
-
-
-def _value(v: Any) -> float:
-    return float(v.item() if hasattr(v, "item") else v)
-
-
-def _check(metrics: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """Every post metric is a finite share; post rewrite_acc rises on record 0 and falls nowhere."""
-    for i, m in enumerate(metrics):
-        missing = [k for k in METRIC_KEYS if k not in m["post"]]
-        assert not missing, f"record {i}: post lacks {missing}; has {sorted(m['post'])}"
-        for k in METRIC_KEYS:
-            v = _value(m["post"][k])
-            assert math.isfinite(v) and 0.0 <= v <= 1.0, f"record {i}: post {k} = {v}"
-    pre = [_value(m["pre"]["rewrite_acc"]) for m in metrics]
-    post = [_value(m["post"]["rewrite_acc"]) for m in metrics]
-    assert post[0] > pre[0], f"first record: post rewrite_acc {post[0]} did not rise above pre {pre[0]}"
-    assert all(b >= a for a, b in zip(pre, post)), f"post rewrite_acc fell below pre: pre {pre}, post {post}"
-    return pre, post
-
-
-def _warm_up(editor: Any, inputs: dict[str, Any]) -> None:
-    """transformers installs output-capturing hooks at a sub-model's first forward: run the evaluator once."""
-    from easyeditor.evaluate import compute_multimodal_hf_edit_results
-
-    for request in editor._prepare_requests(**inputs):
-        compute_multimodal_hf_edit_results(editor.model, editor.model_name, editor.hparams, editor.tok, request,
-                                           editor.hparams.device)
+    yield from install(METHOD)
 
 
 def _single_edit_restores(editor: Any, inputs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,7 +53,7 @@ def _single_edit_restores(editor: Any, inputs: dict[str, Any]) -> list[dict[str,
     import torch
     from easyeditor.editors.utils import restore_after_edit
 
-    _warm_up(editor, inputs)
+    warm_up(editor, inputs)
     before = state_snapshot(editor.model)
     model_before = editor.model
     metrics, edited_model, weights_copy = editor.edit(**inputs, verbose=False)
@@ -108,69 +72,30 @@ def _single_edit_restores(editor: Any, inputs: dict[str, Any]) -> list[dict[str,
 
 # -- the bundled world model, DECODE's own world YAML -----------------------------------------------
 
-@pytest.fixture(scope="module")
-def world_paths() -> tuple[Path, Path, list[dict[str, Any]]]:
-    """(world model dir, world data dir, the first edit records with absolute image paths)."""
+def _world_records(n: int) -> list[dict[str, Any]]:
+    """The first ``n`` world edit records, with absolute image paths."""
     from mke_plugins import world
 
-    return world.model_path(), world.data_dir(), world.record_paths("edit")[:WORLD_CASES]
+    return world.record_paths("edit")[:n]
 
 
-def _world_editor(world_paths: Any) -> Any:
-    import mke_plugins
-    from easyeditor import MultimodalEditor
-
-    model_dir, data_dir, _ = world_paths
-    hp = mke_plugins.load_hparams(METHOD, "world", device="cpu", dtype="float32")
-    assert hp.alg_name == METHOD and hp.model_name == str(model_dir) and hp.coco_image == str(data_dir)
-    editor = MultimodalEditor.from_hparams(hp)
-    assert editor.model_name == "qwen2-vl", f"EasyEdit detected family {editor.model_name!r} for the world model"
-    return editor
-
-
-def _world_inputs(records: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "prompts": [r["prompt"] for r in records],
-        "targets": [r["target"] for r in records],
-        "image": [r["image"] for r in records],
-        "rephrase_prompts": [r["rephrase_prompt"] for r in records],
-        "rephrase_image": [r["image_rephrase"] for r in records],
-        "locality_inputs": {
-            "text": {"prompt": [r["locality_prompt"] for r in records],
-                     "ground_truth": [r["locality_ground_truth"] for r in records]},
-            "vision": {"image": [r["multimodal_locality_image"] for r in records],
-                       "prompt": [r["multimodal_locality_prompt"] for r in records],
-                       "ground_truth": [r["multimodal_locality_ground_truth"] for r in records]},
-        },
-    }
-
-
-def test_world_edit_dataset_rewrite_rises(decode_installed: Any, world_paths: Any, scratch: Path) -> None:
+def test_world_edit_dataset_rewrite_rises(decode_installed: Any, scratch: Path) -> None:
     """EasyEdit's VQADataset over the world's edit.json: every record's rewrite rises to the target."""
-    from easyeditor import VQADataset
-
-    editor = _world_editor(world_paths)
-    ds = VQADataset(str(world_paths[1] / "edit.json"), size=WORLD_CASES, config=editor.hparams)
-    assert len(ds) == WORLD_CASES
-    metrics, _, _ = editor.edit_dataset(ds, keep_original_weight=True, verbose=False)
-    assert len(metrics) == WORLD_CASES
-    pre, post = _check(metrics)
+    pre, post = check_metrics(edit_dataset(world_editor(METHOD, dtype="float32"), WORLD_CASES))
     assert pre == [0.0] * WORLD_CASES, f"the world's edit targets are new answers: pre {pre}"
     assert post == [1.0] * WORLD_CASES, f"DECODE should reach each of these world targets: post {post}"
 
 
-def test_world_sequential_edit(decode_installed: Any, world_paths: Any, scratch: Path) -> None:
-    editor = _world_editor(world_paths)
-    records = world_paths[2][:2]
-    metrics, _, _ = editor.edit(**_world_inputs(records), sequential_edit=True, verbose=False)
-    assert len(metrics) == len(records) and [m["case_nums"] for m in metrics] == [0, 1]
-    _check(metrics)
+def test_world_sequential_edit(decode_installed: Any, scratch: Path) -> None:
+    editor = world_editor(METHOD, dtype="float32")
+    metrics, _, _ = editor.edit(**world_inputs(_world_records(2)), sequential_edit=True, verbose=False)
+    assert len(metrics) == 2 and [m["case_nums"] for m in metrics] == [0, 1]
+    check_metrics(metrics)
 
 
-def test_world_single_edit_restores_bit_identically(decode_installed: Any, world_paths: Any, scratch: Path) -> None:
-    editor = _world_editor(world_paths)
-    metrics = _single_edit_restores(editor, _world_inputs(world_paths[2][:1]))
-    assert _value(metrics[0]["post"]["rewrite_acc"]) == 1.0, "the edit before the restore did not take"
+def test_world_single_edit_restores_bit_identically(decode_installed: Any, scratch: Path) -> None:
+    metrics = _single_edit_restores(world_editor(METHOD, dtype="float32"), world_inputs(_world_records(1)))
+    assert value(metrics[0]["post"]["rewrite_acc"]) == 1.0, "the edit before the restore did not take"
 
 
 # -- tiny Qwen3-VL and LLaVA-OneVision, the bundled real-family YAMLs ---------------------------------
@@ -203,7 +128,7 @@ def test_tiny_edit_dataset_rewrite_rises(decode_installed: Any, tiny_dir: Any, s
     assert len(ds) == 2, f"VQADataset kept {len(ds)} of 2 records"
     metrics, _, _ = editor.edit_dataset(ds, keep_original_weight=True, verbose=False)
     assert len(metrics) == 2
-    pre, post = _check(metrics)
+    pre, post = check_metrics(metrics)
     assert all(b > a for a, b in zip(pre, post)), f"each record's rewrite_acc should rise: pre {pre}, post {post}"
     print(f"{family}: rewrite_acc pre {pre} post {post}")
 
@@ -219,5 +144,5 @@ def test_tiny_sequential_edit_and_single_restore(decode_installed: Any, tiny_dir
     editor = _tiny_editor(family, tiny_dir(family), data)
     metrics, _, _ = editor.edit(**editor_inputs(records, data), sequential_edit=True, verbose=False)
     assert len(metrics) == 2 and [m["case_nums"] for m in metrics] == [0, 1]
-    _check(metrics)
+    check_metrics(metrics)
     _single_edit_restores(_tiny_editor(family, tiny_dir(family), data), editor_inputs(records[:1], data))
