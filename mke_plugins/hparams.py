@@ -178,6 +178,19 @@ class MultimodalHyperParams:
     def validate(self, *, path: str = "<dict>") -> None:
         """Hook for subclasses: raise ``HparamsError`` on values that cannot work."""
 
+    @classmethod
+    def check_given(cls, hparams: Any) -> None:
+        """What an apply function does first: ``hparams`` must be this class, and valid.
+
+        EasyEdit hands the apply function whatever object the user built, so a wrong class (a
+        plain dict, another method's hparams) gets a ``TypeError`` that says how to load the right
+        one, and a right one with impossible values gets ``validate``'s ``HparamsError``.
+        """
+        if not isinstance(hparams, cls):
+            raise TypeError(f"{cls.ALG_NAME} needs {cls.__name__} (load them with {cls.__name__}.from_hparams or "
+                            f"load_hparams('{cls.ALG_NAME}', ...)), got {type(hparams).__name__}")
+        hparams.validate(path="<hparams object>")
+
     def check_choice(self, key: str, choices: typing.Iterable[Any], *, path: str = "<dict>") -> None:
         """Raise a ``HparamsError`` naming ``key`` unless its value is one of ``choices``."""
         choices = list(choices)

@@ -80,3 +80,18 @@ def test_every_field_of_the_base_has_help():
     assert all(MultimodalHyperParams.field_help().values())
     with pytest.raises(ValueError):
         hp(1)
+
+
+def test_check_given_names_the_class_and_validates(tmp_path):
+    """What every apply function calls first: a wrong object says how to load the right one."""
+    with pytest.raises(TypeError, match=r"Demo needs DemoHyperParams .*load_hparams\('Demo', \.\.\.\)\), got dict"):
+        DemoHyperParams.check_given({"alg_name": "Demo"})
+
+    class Strict(DemoHyperParams):
+        def validate(self, *, path: str = "<dict>") -> None:
+            raise HparamsError("steps must be even.", path=path, key="steps", fix="write 10.")
+
+    p = write(tmp_path, "alg_name: Demo\nmodel_name: m\nrequired_thing: x\n")
+    DemoHyperParams.check_given(DemoHyperParams.from_hparams(p))
+    with pytest.raises(HparamsError, match="steps"):
+        Strict.check_given(Strict.from_hparams(p))

@@ -61,10 +61,7 @@ def apply_asam_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hp
                                    ) -> tuple[GatedModel, RestoreHandle]:
     """Apply ASAM edits in order. ``keep_original_weight`` and extra kwargs (``train_ds``) are ignored;
     the returned handle always undoes this call's edits (nothing else is touched)."""
-    if not isinstance(hparams, ASAMHyperParams):
-        raise TypeError(f"ASAM needs ASAMHyperParams (load them with ASAMHyperParams.from_hparams or "
-                        f"load_hparams('ASAM', ...)), got {type(hparams).__name__}")
-    hparams.validate(path="<hparams object>")
+    ASAMHyperParams.check_given(hparams)
     base = unwrap_model(model)
     adapter = get_adapter(base, hparams)
     reqs = normalize_requests(edit_inputs(requests), adapter)

@@ -31,10 +31,7 @@ def apply_decode_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, 
                                      keep_original_weight: bool = False, **kwargs: Any
                                      ) -> tuple[nn.Module, RestoreHandle]:
     """Apply DECODE edits in order; ``keep_original_weight`` and extra kwargs (``train_ds``) are ignored."""
-    if not isinstance(hparams, DECODEHyperParams):
-        raise TypeError(f"DECODE needs DECODEHyperParams (load them with DECODEHyperParams.from_hparams or "
-                        f"load_hparams('DECODE', ...)), got {type(hparams).__name__}")
-    hparams.validate(path="<hparams object>")
+    DECODEHyperParams.check_given(hparams)
     adapter = get_adapter(model, hparams)
     requests = normalize_requests(requests, adapter)
     if copy:

@@ -40,10 +40,7 @@ def apply_ldke_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hp
                                    keep_original_weight: bool = False, **kwargs: Any
                                    ) -> tuple[RoutedModel, RestoreHandle]:
     """Apply LDKE edits in order; ``keep_original_weight`` and extra kwargs (``train_ds``) are ignored."""
-    if not isinstance(hparams, LDKEHyperParams):
-        raise TypeError(f"LDKE needs LDKEHyperParams (load them with LDKEHyperParams.from_hparams or "
-                        f"load_hparams('LDKE', ...)), got {type(hparams).__name__}")
-    hparams.validate(path="<hparams object>")
+    LDKEHyperParams.check_given(hparams)
     adapter = get_adapter(model, hparams)
     if isinstance(requests, dict):
         requests = [requests]

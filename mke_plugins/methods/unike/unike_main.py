@@ -42,10 +42,7 @@ def apply_unike_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, h
                                     keep_original_weight: bool = False, **kwargs: Any
                                     ) -> tuple[GatedModel, RestoreHandle]:
     """Apply UniKE edits in order; returns the gated edited model and the restore handle."""
-    if not isinstance(hparams, UniKEHyperParams):
-        raise TypeError(f"UniKE needs UniKEHyperParams (load them with UniKEHyperParams.from_hparams or "
-                        f"load_hparams('UniKE', ...)), got {type(hparams).__name__}")
-    hparams.validate(path="<hparams object>")
+    UniKEHyperParams.check_given(hparams)
     base = unwrap_model(model)
     adapter = get_adapter(base, hparams)
     requests = normalize_requests(requests, adapter)

@@ -37,9 +37,7 @@ def apply_ft_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hpar
                                  copy: bool = False, return_orig_weights: bool = False,
                                  keep_original_weight: bool = False, **kwargs: Any) -> tuple[nn.Module, RestoreHandle]:
     """Fine-tune one value matrix on each request's paired query; ``train_ds`` and other kwargs are ignored."""
-    if not isinstance(hparams, FTHyperParams):
-        raise TypeError(f"FT needs FTHyperParams (load_hparams('FT', ...)), got {type(hparams).__name__}")
-    hparams.validate(path="<hparams object>")
+    FTHyperParams.check_given(hparams)
     adapter = get_adapter(model, hparams)
     requests = normalize_requests(requests, adapter)
     if copy:

@@ -118,9 +118,7 @@ def apply_lora_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hp
                                    keep_original_weight: bool = False, **kwargs: Any
                                    ) -> tuple[nn.Module, RestoreHandle]:
     """Train LoRA adapters on each request's paired query; ``train_ds`` and other kwargs are ignored."""
-    if not isinstance(hparams, LoRAHyperParams):
-        raise TypeError(f"LoRA needs LoRAHyperParams (load_hparams('LoRA', ...)), got {type(hparams).__name__}")
-    hparams.validate(path="<hparams object>")
+    LoRAHyperParams.check_given(hparams)
     adapter = get_adapter(model, hparams)
     requests = normalize_requests(requests, adapter)
     if copy:
