@@ -180,3 +180,39 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     a, b = (tmp_path / n / "model.safetensors" for n in ("a", "b"))
     assert a.read_bytes() == b.read_bytes()
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_form_weights_parse_and_refuse_what_cannot_be_trained():
+    from mke_plugins.world.train import FORM_WEIGHTS, form_weights
+
+    assert form_weights(None) == FORM_WEIGHTS
+    assert list(form_weights("paired=0.25, ident=1")) == list(FORM_WEIGHTS)  # order kept: same batches
+    assert form_weights("paired=0.25, ident=1") == {"paired": 0.25, "text": 1, "image": 2, "ident": 1.0}
+    for bad, says in [("paired", "FORM=WEIGHT"), ("paired=x", "FORM=WEIGHT"), ("pared=1", "unknown query forms"),
+                      ("text=-1", ">= 0"), ("paired=0,text=0,image=0,ident=0", "not all 0")]:
+        with pytest.raises(ValueError, match=says):
+            form_weights(bad)
+
+
+def test_variant_training_uses_its_form_mix_and_depth(tmp_path, capsys):
+    import torch
+
+    from mke_plugins.cli import main
+    from mke_plugins.world.train import sample_batch, train
+
+    w = make_world()
+    items = sample_batch(w, make_split(w), 0, 0, 64, weights={"paired": 0, "text": 1, "image": 0, "ident": 0})
+    assert {it.question.form for it in items} == {"text"}
+    threads = torch.get_num_threads()
+    try:
+        meta = train(tmp_path / "v-qwen2-vl", steps=2, batch_size=8, warmup=1, eval_every=0, threads=1,
+                     log=lambda s: None, check=False, forms="paired=0.25", n_layers=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert meta["decoder_layers"] == 2 and meta["form_weights"]["paired"] == 0.25
+    cfg = json.loads((tmp_path / "v-qwen2-vl" / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 2
+    assert main(["world", "train", "--forms", "pared=1", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown query forms ['pared']" in capsys.readouterr().err
+    assert main(["world", "train", "--layers", "0", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

@@ -22,14 +22,23 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import form_weights, train
+
+    try:
+        forms = form_weights(args.forms)
+    except ValueError as exc:
+        print(f"mke-plugins world train: --forms {args.forms!r}: {exc}", file=sys.stderr)
+        return 2
+    if args.layers is not None and args.layers < 1:
+        print(f"mke-plugins world train: --layers {args.layers}: need at least 1 decoder layer", file=sys.stderr)
+        return 2
 
     out = Path(args.out or f"world-qwen2-vl-seed{args.seed}")
     if "qwen2-vl" not in out.name:
         print(f"warning: {out.name!r} lacks 'qwen2-vl'; EasyEdit detects the family from the path",
               file=sys.stderr)
     meta = train(out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                 threads=args.threads, log=lambda s: print(s, flush=True))
+                 threads=args.threads, log=lambda s: print(s, flush=True), forms=forms, n_layers=args.layers)
     print(json.dumps(meta["check"], indent=2))
     print(f"saved to {out}")
     return 0 if meta["check"]["floor_met"] else 1
@@ -98,6 +107,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it; more threads are slower on a busy machine)")
+    p.add_argument("--forms", default=None, metavar="FORM=W,...",
+                   help="reweight the query-form mix, e.g. paired=0.25 (forms: paired, text, image, ident; "
+                        "default paired=1,text=1,image=2,ident=2): for world variants")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default 4, the bundled model's): for world variants")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("check", help="pre-edit accuracy per query form against the quality floor")

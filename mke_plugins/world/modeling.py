@@ -88,14 +88,16 @@ def build_processor(tokenizer):
                                 video_processor=_video_stand_in(), chat_template=CHAT_TEMPLATE)
 
 
-def build_config(tokenizer):
-    """The tiny ``Qwen2VLConfig`` for ``tokenizer`` (vocabulary rounded up to a multiple of 64)."""
+def build_config(tokenizer, n_layers: int | None = None):
+    """The tiny ``Qwen2VLConfig`` for ``tokenizer`` (vocabulary rounded up to a multiple of 64);
+    ``n_layers`` overrides the decoder depth of ``TEXT_CONFIG`` (world variants)."""
     from transformers import Qwen2VLConfig
 
     n = len(tokenizer)
     vocab_size = (n + 63) // 64 * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = dict(TEXT_CONFIG, vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
+    depth = TEXT_CONFIG["num_hidden_layers"] if n_layers is None else n_layers
+    text = dict(TEXT_CONFIG, num_hidden_layers=depth, vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 tie_word_embeddings=False)
     return Qwen2VLConfig(

@@ -60,12 +60,36 @@ def augment(world, item: Item, rng: np.random.Generator, fillers: list[str]) -> 
     return Item(q, item.rendering, " ".join(kept) if kept else words[-1])
 
 
+def form_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
+    """``FORM_WEIGHTS`` with the forms ``spec`` names reweighted (``"paired=0.25,text=1"`` or a dict)."""
+    if isinstance(spec, dict):
+        given = dict(spec)
+    else:
+        given = {}
+        for part in filter(str.strip, (spec or "").split(",")):
+            key, eq, value = part.partition("=")
+            try:
+                if not eq:
+                    raise ValueError
+                given[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"{part.strip()!r} is not FORM=WEIGHT (e.g. paired=0.25)") from None
+    unknown = sorted(set(given) - set(FORM_WEIGHTS))
+    if unknown:
+        raise ValueError(f"unknown query forms {unknown}; the forms are {list(FORM_WEIGHTS)}")
+    weights = {**FORM_WEIGHTS, **{k: float(v) for k, v in given.items()}}
+    if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        raise ValueError(f"form weights must be >= 0 and not all 0, got {weights}")
+    return weights
+
+
 def sample_batch(world, split, seed: int, step: int, batch_size: int,
-                 augmented: bool = True) -> list[Item]:
-    """The training batch of ``step`` (a pure function of seed and step)."""
+                 augmented: bool = True, weights: dict[str, float] | None = None) -> list[Item]:
+    """The training batch of ``step`` (a pure function of seed, step and the form weights)."""
     rng = np.random.default_rng([seed, 6, step])
-    forms = list(FORM_WEIGHTS)
-    p = np.array([FORM_WEIGHTS[f] for f in forms], dtype=np.float64)
+    weights = weights or FORM_WEIGHTS
+    forms = list(weights)
+    p = np.array([weights[f] for f in forms], dtype=np.float64)
     picks = rng.choice(len(forms), size=batch_size, p=p / p.sum())
     fillers = _filler_words(world)
     items: list[Item] = []
@@ -85,9 +109,16 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_size: int = 64,
           lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
           log: Callable[[str], None] = print, n_entities: int = DEFAULT_ENTITIES,
-          check: bool = True) -> dict[str, Any]:
+          check: bool = True, forms: str | dict[str, float] | None = None,
+          n_layers: int | None = None) -> dict[str, Any]:
     """Train, save with ``save_pretrained`` into ``out`` and return its metadata (with the
-    final check report under ``check`` unless ``check=False``)."""
+    final check report under ``check`` unless ``check=False``).
+
+    ``forms`` reweights the query-form mix (:func:`form_weights`) and ``n_layers`` sets the
+    decoder depth: both exist to train world *variants* for diagnosis; the bundled model uses
+    the defaults, and the metadata records what was used.
+    """
+    weights = form_weights(forms)
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -102,7 +133,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     check_against_processor(enc, sample_batch(world, split, seed + 1, 0, 8, augmented=False))
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(build_config(tok))
+    model = Qwen2VLForConditionalGeneration(build_config(tok, n_layers))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"world model: {n_params} parameters, vocab {len(tok)}, {steps} steps x {batch_size}")
@@ -116,7 +147,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        b = enc.encode(sample_batch(world, split, seed, step, batch_size))
+        b = enc.encode(sample_batch(world, split, seed, step, batch_size, weights=weights))
         tids = b.pop("target_ids")
         logits = model(**b, logits_to_keep=2).logits[:, 0]
         loss = torch.nn.functional.cross_entropy(logits.float(), tids)
@@ -142,6 +173,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     report = run_check(model, processor, world, split) if check else None
     meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
             "threads": threads, "n_entities": n_entities, "parameters": n_params,
+            "form_weights": weights, "decoder_layers": model.config.text_config.num_hidden_layers,
             "train_seconds": round(elapsed, 1), "check": report}
     (out / "world_model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
