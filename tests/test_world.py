@@ -216,3 +216,6 @@ def test_variant_training_uses_its_form_mix_and_depth(tmp_path, capsys):
     assert "unknown query forms ['pared']" in capsys.readouterr().err
     assert main(["world", "train", "--layers", "0", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="--layers 0"):  # the check lives in train(), not only the CLI
+        train(tmp_path / "y", steps=1, n_layers=0, log=lambda s: None, check=False)
+    assert not (tmp_path / "y").exists()

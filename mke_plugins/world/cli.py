@@ -22,15 +22,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import form_weights, train
+    from .train import check_variant, train
 
     try:
-        forms = form_weights(args.forms)
+        check_variant(args.forms, args.layers)
     except ValueError as exc:
-        print(f"mke-plugins world train: --forms {args.forms!r}: {exc}", file=sys.stderr)
-        return 2
-    if args.layers is not None and args.layers < 1:
-        print(f"mke-plugins world train: --layers {args.layers}: need at least 1 decoder layer", file=sys.stderr)
+        print(f"mke-plugins world train: {exc}", file=sys.stderr)
         return 2
 
     out = Path(args.out or f"world-qwen2-vl-seed{args.seed}")
@@ -38,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"warning: {out.name!r} lacks 'qwen2-vl'; EasyEdit detects the family from the path",
               file=sys.stderr)
     meta = train(out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                 threads=args.threads, log=lambda s: print(s, flush=True), forms=forms, n_layers=args.layers)
+                 threads=args.threads, log=lambda s: print(s, flush=True), forms=args.forms, n_layers=args.layers)
     print(json.dumps(meta["check"], indent=2))
     print(f"saved to {out}")
     return 0 if meta["check"]["floor_met"] else 1

@@ -83,6 +83,16 @@ def form_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
     return weights
 
 
+def check_variant(forms: str | dict[str, float] | None, n_layers: int | None) -> dict[str, float]:
+    """The form weights of a world variant; ``ValueError`` naming the option for what cannot train."""
+    if n_layers is not None and n_layers < 1:
+        raise ValueError(f"--layers {n_layers}: need at least 1 decoder layer")
+    try:
+        return form_weights(forms)
+    except ValueError as exc:
+        raise ValueError(f"--forms {forms!r}: {exc}") from None
+
+
 def sample_batch(world, split, seed: int, step: int, batch_size: int,
                  augmented: bool = True, weights: dict[str, float] | None = None) -> list[Item]:
     """The training batch of ``step`` (a pure function of seed, step and the form weights)."""
@@ -118,7 +128,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     decoder depth: both exist to train world *variants* for diagnosis; the bundled model uses
     the defaults, and the metadata records what was used.
     """
-    weights = form_weights(forms)
+    weights = check_variant(forms, n_layers)
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
