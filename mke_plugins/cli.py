@@ -17,7 +17,7 @@ from typing import Sequence
 
 from mke_hooks import MKEError
 
-COMMAND_MODULES: tuple[str, ...] = ("mke_plugins.world.cli", "mke_plugins.bench.cli")
+COMMAND_MODULES: tuple[str, ...] = ("mke_plugins.world.cli", "mke_plugins.bench.cli", "mke_plugins.bench.scale")
 
 
 def _registry():
