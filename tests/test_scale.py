@@ -34,6 +34,18 @@ def test_7b_config_has_the_published_shapes(family, tiny_tok):
     assert cfg.vision_config.depth == 32
 
 
+@pytest.mark.parametrize("family,size,billions", [("qwen2-vl", "7b", 8.29), ("qwen2-vl", "2b", 2.21),
+                                                   ("qwen2.5-vl", "7b", 8.29)])
+def test_sizes_have_the_published_parameter_counts(family, size, billions, tiny_tok):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2.5-vl" else Qwen2VLForConditionalGeneration
+    with torch.device("meta"):  # shapes only, no memory
+        model = cls._from_config(scale._config(family, size, tiny_tok), dtype=torch.bfloat16)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions
+
+
 def test_unknown_size_and_family_are_named(tiny_tok):
     with pytest.raises(MKEError, match=r"--size '13b'.*choose one of \['2b', '7b', 'test'\]"):
         scale._config("qwen2-vl", "13b", tiny_tok)

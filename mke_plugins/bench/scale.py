@@ -45,7 +45,8 @@ SIZES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "qwen2-vl": {
         "7b": (_QWEN_TEXT_7B, dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)),
         "2b": (dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                    num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, mrope_section=[16, 24, 24]),
+                    num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, mrope_section=[16, 24, 24],
+                    tie_word_embeddings=True),
                dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4)),
         "test": (_TEST_TEXT, dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)),
     },
@@ -73,15 +74,16 @@ def _config(family: str, size: str, tok: Any) -> Any:
         raise MKEError(f"--size {size!r} for {family}: choose one of {sorted(SIZES[family])}")
     text, vision = (dict(d) for d in SIZES[family][size])
     theta, section = text.pop("rope_theta"), text.pop("mrope_section")
+    tie = text.pop("tie_word_embeddings", False)
     text.update(vocab_size=text["vocab_size"] or _round64(len(tok)), max_position_embeddings=32768,
-                rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
+                rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=tie,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": section})
     vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2.5-vl":
         vision["hidden_act"] = "silu"
     cls = Qwen2_5_VLConfig if family == "qwen2.5-vl" else Qwen2VLConfig
-    return cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tok))
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=tie, **_qwen_ids(tok))
 
 
 def build_random_model(family: str, size: str, *, device: str, dtype: str, seed: int, workdir: Path
@@ -158,6 +160,7 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
     import transformers
 
     from mke_plugins.adapters import get_adapter
+    from mke_plugins.adapters.base import Query
     from mke_plugins.registry import get_registry
 
     from .cost import PeakMemory, sync
@@ -182,8 +185,6 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
         build_s = time.perf_counter() - t0
         adapter = get_adapter(model, bound[0].hparams)
         request = scaled_request(adapter, image_size, Path(tmp))
-        from mke_plugins.adapters.base import Query
-
         batch = adapter.batch(model, proc, [Query(request["image"], request["prompt"], request["target"])])
         dev = torch.device(device)
         with torch.no_grad():
