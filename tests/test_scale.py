@@ -26,7 +26,7 @@ def tiny_tok(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
 def test_7b_config_has_the_published_shapes(family, tiny_tok):
-    cfg = scale._config(family, "7b", tiny_tok)
+    cfg, _ = scale._config(family, "7b", tiny_tok)
     text = cfg.text_config
     assert (text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers,
             text.num_attention_heads, text.num_key_value_heads) == (152064, 3584, 18944, 28, 28, 4)
@@ -40,9 +40,10 @@ def test_sizes_have_the_published_parameter_counts(family, size, billions, tiny_
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2.5-vl" else Qwen2VLForConditionalGeneration
+    cfg, cls = scale._config(family, size, tiny_tok)
+    assert cls is (Qwen2_5_VLForConditionalGeneration if family == "qwen2.5-vl" else Qwen2VLForConditionalGeneration)
     with torch.device("meta"):  # shapes only, no memory
-        model = cls._from_config(scale._config(family, size, tiny_tok), dtype=torch.bfloat16)
+        model = cls._from_config(cfg, dtype=torch.bfloat16)
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions
 
 

@@ -115,6 +115,11 @@ def method_extra(edited: Any, weights_copy: Any) -> dict[str, Any]:
     return {}
 
 
+def hparams_json(hparams: Any) -> dict[str, Any]:
+    """A method's hyperparameters as JSON values (ours by ``to_dict``, EasyEdit's by their fields)."""
+    return _jsonable(hparams.to_dict() if hasattr(hparams, "to_dict") else vars(hparams))
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -337,7 +342,7 @@ class Bench:
             ordered["source"] = m.source
             ordered["restore"] = m.restore
             ordered["restore_verified"] = self.cfg.verify_restore
-            ordered["hparams"] = _jsonable(m.hparams.to_dict() if hasattr(m.hparams, "to_dict") else vars(m.hparams))
+            ordered["hparams"] = hparams_json(m.hparams)
             if self.cfg.keep_cases:
                 ordered["cases"] = cases
             methods[m.label] = ordered

@@ -23,7 +23,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +39,21 @@ _TEST_TEXT = dict(vocab_size=None, hidden_size=32, intermediate_size=64, num_hid
                   num_attention_heads=2, num_key_value_heads=1, rope_theta=1e4, mrope_section=[2, 3, 3])
 
 #: family -> size -> (text config, vision config) of the published checkpoints (``test``: a tiny one
-#: for this command's own tests). ``vocab_size: None`` = the tokenizer's size.
-SIZES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
+#: for this command's own tests). ``vocab_size: None`` = the tokenizer's size; vision ``None`` = the
+#: tiny models' tower (``mke_plugins.testing.tiny``, imported only when a model is built).
+SIZES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any] | None]]] = {
     "qwen2-vl": {
         "7b": (_QWEN_TEXT_7B, dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)),
         "2b": (dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                     num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, mrope_section=[16, 24, 24],
                     tie_word_embeddings=True),
                dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4)),
-        "test": (_TEST_TEXT, dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)),
+        "test": (_TEST_TEXT, None),
     },
     "qwen2.5-vl": {
         "7b": (_QWEN_TEXT_7B, dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                    out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
-        "test": (_TEST_TEXT, dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                                  window_size=56, fullatt_block_indexes=[1])),
+        "test": (_TEST_TEXT, None),
     },
 }
 #: family -> the bundled YAML key of each method for that family's real checkpoints
@@ -63,34 +62,30 @@ HPARAMS_KEY = {"qwen2-vl": "qwen2vl-7b", "qwen2.5-vl": "qwen2.5vl-7b"}
 _QWEN_PIXELS = {"shortest_edge": 4 * 28 * 28, "longest_edge": 16384 * 28 * 28}
 
 
-def _config(family: str, size: str, tok: Any) -> Any:
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
-    from mke_plugins.testing.tiny import _qwen_ids, _round64
+def _config(family: str, size: str, tok: Any) -> tuple[Any, type]:
+    """``(config, model class)`` of ``family`` at ``size`` around the tiny tokenizer ``tok``."""
+    from mke_plugins.testing.tiny import QWEN2_TINY_VISION, QWEN25_TINY_VISION, qwen2_vl_config, round64
 
     if family not in SIZES:
         raise MKEError(f"--family {family!r}: choose one of {sorted(SIZES)}")
     if size not in SIZES[family]:
         raise MKEError(f"--size {size!r} for {family}: choose one of {sorted(SIZES[family])}")
-    text, vision = (dict(d) for d in SIZES[family][size])
+    text, vision = SIZES[family][size]
+    qwen25 = family == "qwen2.5-vl"
+    if vision is None:
+        vision = QWEN25_TINY_VISION if qwen25 else QWEN2_TINY_VISION
+    text = dict(text)
     theta, section = text.pop("rope_theta"), text.pop("mrope_section")
-    tie = text.pop("tie_word_embeddings", False)
-    text.update(vocab_size=text["vocab_size"] or _round64(len(tok)), max_position_embeddings=32768,
-                rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=tie,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+    text.update(vocab_size=text["vocab_size"] or round64(len(tok)), max_position_embeddings=32768,
+                rms_norm_eps=1e-6, hidden_act="silu",
                 rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": section})
-    vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2.5-vl":
-        vision["hidden_act"] = "silu"
-    cls = Qwen2_5_VLConfig if family == "qwen2.5-vl" else Qwen2VLConfig
-    return cls(text_config=text, vision_config=vision, tie_word_embeddings=tie, **_qwen_ids(tok))
+    return qwen2_vl_config(tok, text, vision, qwen25=qwen25)
 
 
 def build_random_model(family: str, size: str, *, device: str, dtype: str, seed: int, workdir: Path
                        ) -> tuple[Any, Any]:
     """``(model, processor)``: a seeded random-init model of ``family``/``size`` on ``device``."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     from mke_plugins.adapters.processors import load_processor
     from mke_plugins.hparams import to_dtype
@@ -98,8 +93,7 @@ def build_random_model(family: str, size: str, *, device: str, dtype: str, seed:
 
     proc = load_processor(build_tiny(family, workdir))
     proc.image_processor.size = dict(_QWEN_PIXELS)
-    cfg = _config(family, size, proc.tokenizer)
-    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2.5-vl" else Qwen2VLForConditionalGeneration
+    cfg, cls = _config(family, size, proc.tokenizer)
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls._from_config(cfg, dtype=to_dtype(dtype))
@@ -128,7 +122,8 @@ def scaled_request(adapter: Any, image_size: int, workdir: Path) -> dict[str, An
         if key in request:
             request[key] = scaled(request[key])
     for key in PROBE_LISTS:
-        request[key] = [dict(item, image=scaled(item.get("image"))) for item in request.get(key, [])]
+        if key in request:
+            request[key] = [dict(item, image=scaled(item.get("image"))) for item in request[key]]
     return with_images([request], adapter)[0]
 
 
@@ -145,13 +140,6 @@ def param_digests(model: Any) -> dict[str, str]:
     return out
 
 
-def _hparams_dict(hparams: Any) -> dict[str, Any]:
-    if not is_dataclass(hparams):
-        return {}
-    return {f.name: getattr(hparams, f.name) for f in fields(hparams)
-            if isinstance(getattr(hparams, f.name), (int, float, str, bool, list, type(None)))}
-
-
 def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", device: str = "cpu",
               dtype: str = "bfloat16", image_size: int = 448, hparams_key: str | None = None, seed: int = 0,
               verify_restore: bool = True) -> dict[str, Any]:
@@ -166,7 +154,7 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
     from .cost import PeakMemory, sync
     from .methods import bind_ours, parse_methods
     from .restore import restore_like_easyedit
-    from .runner import method_extra, seed_all
+    from .runner import hparams_json, method_extra, seed_all
 
     reqs = parse_methods(methods)
     for r in reqs:
@@ -216,14 +204,11 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
             stats = method_extra(edited, wc)
             model = restore_like_easyedit(m.restore, model, edited, wc)
             del edited, wc
-            exact = None
-            if before is not None:
-                after = param_digests(model)
-                exact = after == before
+            exact = None if before is None else param_digests(model) == before
             report["methods"][m.label] = {
                 "edit_seconds": seconds, "x_forward": seconds / forward_s, "peak_memory_mb": mem.peak_mb,
                 "peak_memory_delta_mb": mem.delta_mb, "memory_source": mem.source,
-                "restore_bit_exact": exact, "stats": stats, "hparams": _hparams_dict(m.hparams)}
+                "restore_bit_exact": exact, "stats": stats, "hparams": hparams_json(m.hparams)}
     return report
 
 

@@ -76,7 +76,8 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def _round64(n: int) -> int:
+def round64(n: int) -> int:
+    """``n`` rounded up to a multiple of 64 (vocabulary sizes)."""
     return (n + 63) // 64 * 64
 
 
@@ -127,26 +128,38 @@ def _qwen_pixels(patch: int) -> dict[str, int]:
     return {"shortest_edge": unit * 4, "longest_edge": unit * 16}
 
 
-def _build_qwen2(tok, qwen25: bool):
+#: vision towers of the tiny Qwen2-VL / Qwen2.5-VL models
+QWEN2_TINY_VISION: dict[str, Any] = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
+QWEN25_TINY_VISION: dict[str, Any] = dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=2,
+                                          out_hidden_size=32, window_size=56, fullatt_block_indexes=[1])
+
+
+def qwen2_vl_config(tok, text: dict[str, Any], vision: dict[str, Any], *, qwen25: bool) -> tuple[Any, type]:
+    """``(config, model class)`` of a Qwen2-VL (or Qwen2.5-VL) model of the given shapes around ``tok``.
+
+    ``text`` and ``vision`` hold the sizes (``text`` with its ``rope_parameters`` and, optionally,
+    ``tie_word_embeddings``); the tokenizer's special ids, patch 14 / merge 2 / temporal 2 and
+    Qwen2.5-VL's SiLU vision MLP are filled in here. Used by the tiny models and by
+    ``mke-plugins scale`` for the published sizes.
+    """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
         Qwen2VLForConditionalGeneration
 
-    ids = _qwen_ids(tok)
-    vocab = _round64(len(tok))
-    text = dict(_TEXT_COMMON, vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.eos_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = dict(text, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
+    vision = dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    tie = text.setdefault("tie_word_embeddings", False)
     if qwen25:
-        vision = dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                      fullatt_block_indexes=[1], hidden_act="silu")
-        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-        cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-        cls = Qwen2VLForConditionalGeneration
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(vision, hidden_act="silu"),
+                               tie_word_embeddings=tie, **_qwen_ids(tok))
+        return cfg, Qwen2_5_VLForConditionalGeneration
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **_qwen_ids(tok)), \
+        Qwen2VLForConditionalGeneration
+
+
+def _build_qwen2(tok, qwen25: bool):
+    text = dict(_TEXT_COMMON, vocab_size=round64(len(tok)),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    cfg, cls = qwen2_vl_config(tok, text, QWEN25_TINY_VISION if qwen25 else QWEN2_TINY_VISION, qwen25=qwen25)
     return cls(cfg)
 
 
@@ -154,7 +167,7 @@ def _build_qwen3(tok):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     ids = _qwen_ids(tok)
-    vocab = _round64(len(tok))
+    vocab = round64(len(tok))
     text = dict(_TEXT_COMMON, vocab_size=vocab, head_dim=16, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
@@ -169,7 +182,7 @@ def _build_qwen3(tok):
 def _build_llava(tok):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    vocab = _round64(len(tok))
+    vocab = round64(len(tok))
     text = dict(_TEXT_COMMON, vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                 model_type="qwen2")
     vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

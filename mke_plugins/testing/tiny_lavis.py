@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mke_plugins.testing.tiny import SEED, _round64, train_tokenizer
+from mke_plugins.testing.tiny import SEED, round64, train_tokenizer
 
 __all__ = ["TinyBlip2OPT", "TinyMiniGPT4", "build_tiny_lavis"]
 
@@ -185,7 +185,7 @@ class TinyBlip2OPT(_TinyLavisBase):
 
         super().__init__()
         self.opt_tokenizer = tokenizer
-        cfg = OPTConfig(vocab_size=_round64(len(tokenizer)), hidden_size=32, ffn_dim=64, num_hidden_layers=4,
+        cfg = OPTConfig(vocab_size=round64(len(tokenizer)), hidden_size=32, ffn_dim=64, num_hidden_layers=4,
                         num_attention_heads=2, max_position_embeddings=512, word_embed_proj_dim=32,
                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, dropout=0.0, attention_dropout=0.0)
@@ -213,7 +213,7 @@ class TinyMiniGPT4(_TinyLavisBase):
         super().__init__()
         tokenizer.pad_token = tokenizer.eos_token
         self.llama_tokenizer = tokenizer
-        cfg = LlamaConfig(vocab_size=_round64(len(tokenizer)), hidden_size=32, intermediate_size=64,
+        cfg = LlamaConfig(vocab_size=round64(len(tokenizer)), hidden_size=32, intermediate_size=64,
                           num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
                           max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
