@@ -75,18 +75,27 @@ def easyedit_modules() -> HostModules:
 
 
 def make_apply(entry: MethodEntry, attr: str = "apply_multimodal") -> Callable[..., Any]:
-    """EasyEdit-facing apply: normalises ``requests`` and names the method in errors."""
+    """EasyEdit-facing apply: normalises ``requests``, names the method in errors, and guards the model.
+
+    Every apply, ours or a third party's, runs inside an :class:`~mke_plugins.core.guard.EditGuard`:
+    if it raises (``KeyboardInterrupt`` included), the model comes back as it was, from the
+    snapshots the method took of what it changes, with its module tree, hooks, gates, flags and
+    ``.grad`` restored, and the exception propagates.
+    """
     spec = entry.spec
 
     def apply(model, tok, requests, hparams, copy=False, return_orig_weights=False,
               keep_original_weight=False, **kwargs):
+        from mke_plugins.core.guard import EditGuard
+
         fn = spec.resolved(attr)
         if isinstance(requests, dict):
             requests = [requests]  # EasyEdit main's sequential mode passes a bare dict
         try:
-            return fn(model, tok, requests, hparams, copy=copy,
-                      return_orig_weights=return_orig_weights,
-                      keep_original_weight=keep_original_weight, **kwargs)
+            with EditGuard(model):
+                return fn(model, tok, requests, hparams, copy=copy,
+                          return_orig_weights=return_orig_weights,
+                          keep_original_weight=keep_original_weight, **kwargs)
         except Exception as exc:
             note = f"raised by method {spec.name!r} from plugin {entry.plugin.label}"
             if hasattr(exc, "add_note"):

@@ -2,7 +2,9 @@
 
 In-place methods save the tensors they touch before touching them; restore copies the saved
 values back with ``copy_`` under ``no_grad`` (never by subtracting a delta, which is not exact in
-low precision). Snapshots are clones in the parameter's own dtype and device.
+low precision). Snapshots are clones in the parameter's own dtype and device. A snapshot taken
+while an apply runs also registers with its :class:`~mke_plugins.core.guard.EditGuard`, so an
+apply that fails half-way is undone from the same snapshots.
 
 :class:`RestoreHandle` is what ``apply`` returns as ``weights_copy``. EasyEdit main's
 ``restore_after_edit`` iterates ``weights_copy.items()`` (default branch) or calls it
@@ -36,9 +38,14 @@ class WeightSnapshot:
     """Clones of selected parameters (whole, or selected rows / columns) and their exact restore."""
 
     def __init__(self, model: nn.Module) -> None:
+        from .guard import active_guard
+
         self.model = model
         self._entries: list[_Entry] = []
         self._params: dict[str, torch.Tensor] | None = None
+        guard = active_guard()
+        if guard is not None:  # a failed apply restores from the snapshots it took
+            guard.register(self)
 
     def _param(self, name_or_param: str | torch.Tensor) -> tuple[str, torch.Tensor]:
         if torch.is_tensor(name_or_param):
@@ -142,17 +149,27 @@ class StateRecord:
     dtype: torch.dtype
     device: torch.device
     requires_grad: bool | None  # None for buffers
+    grad: torch.Tensor | None = None  # a copy of the parameter's ``.grad``
 
 
 def state_of(model: nn.Module) -> dict[str, StateRecord]:
-    """A bit-exact copy of every parameter and buffer, with dtype, device and ``requires_grad``."""
+    """A bit-exact copy of every parameter and buffer, with dtype, device, ``requires_grad`` and ``.grad``."""
     out: dict[str, StateRecord] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
-        out[f"param:{n}"] = StateRecord(p.detach().clone(), p.dtype, p.device, p.requires_grad)
+        grad = None if p.grad is None else p.grad.detach().clone()
+        out[f"param:{n}"] = StateRecord(p.detach().clone(), p.dtype, p.device, p.requires_grad, grad)
     for n, b in model.named_buffers(remove_duplicate=False):
         if b is not None:
             out[f"buffer:{n}"] = StateRecord(b.detach().clone(), b.dtype, b.device, None)
     return out
+
+
+def _grad_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> str | None:
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        return f".grad {'None' if a is None else 'set'} -> {'None' if b is None else 'set'}"
+    return None if a.shape == b.shape and torch.equal(a, b) else ".grad values differ"
 
 
 def state_diff(before: dict[str, StateRecord], after: dict[str, StateRecord]) -> list[str]:
@@ -170,6 +187,8 @@ def state_diff(before: dict[str, StateRecord], after: dict[str, StateRecord]) ->
             diffs.append(f"{k}: requires_grad {a.requires_grad} -> {b.requires_grad}")
         elif a.tensor.shape != b.tensor.shape or not torch.equal(a.tensor, b.tensor):
             diffs.append(f"{k}: values differ")
+        elif (g := _grad_diff(a.grad, b.grad)) is not None:
+            diffs.append(f"{k}: {g}")
     return diffs
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from mke_plugins.adapters.base import unwrap_model
 
-__all__ = ["GatedModel", "gate_open", "gated", "is_gate_open", "set_always_on"]
+__all__ = ["GatedModel", "gate_open", "gate_restore", "gate_snapshot", "gated", "is_gate_open", "set_always_on"]
 
 
 class _GateState:
@@ -71,6 +71,24 @@ def set_always_on(model: Any, name: str, on: bool = True) -> None:
         st.always.add(name)
     else:
         st.always.discard(name)
+
+
+def gate_snapshot(model: Any) -> tuple[dict[str, int], set[str]] | None:
+    """The model's open and always-on gates, for :func:`gate_restore` (None: no gate state yet)."""
+    st = _GATES.get(unwrap_model(model))
+    return None if st is None else (dict(st.depth), set(st.always))
+
+
+def gate_restore(model: Any, saved: tuple[dict[str, int], set[str]] | None) -> None:
+    """Put the model's gates back as :func:`gate_snapshot` saw them."""
+    base = unwrap_model(model)
+    if saved is None:
+        _GATES.pop(base, None)
+        return
+    st = _state(base)
+    st.depth.clear()
+    st.depth.update(saved[0])
+    st.always = set(saved[1])
 
 
 class GatedModel:

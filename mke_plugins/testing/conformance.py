@@ -69,19 +69,22 @@ def world_setup(method: str, model_key: str = "world") -> Setup:
 
 
 def _state(model: Any) -> Any:
-    """Bit-exact record of parameters, buffers, module names and train/eval mode."""
+    """Bit-exact record of parameters (with ``requires_grad`` and ``.grad``), buffers, module names
+    and every module's train/eval mode."""
     from mke_plugins.core.snapshot import state_of
 
-    return state_of(model), [n for n, _ in model.named_modules()], model.training
+    return state_of(model), [(n, m.training) for n, m in model.named_modules()]
 
 
 def _same(before: Any, model: Any) -> None:
     from mke_plugins.core.snapshot import assert_same_state
 
-    params, modules, training = before
+    params, modules = before
     assert_same_state(params, model)
-    assert [n for n, _ in model.named_modules()] == modules, "modules were added or removed"
-    assert model.training == training, "train/eval mode changed"
+    now = [(n, m.training) for n, m in model.named_modules()]
+    assert [n for n, _ in now] == [n for n, _ in modules], "modules were added or removed"
+    changed = [n or "<model>" for (n, a), (_, b) in zip(modules, now) if a != b]
+    assert not changed, f"train/eval mode changed on {changed[:5]}"
 
 
 def _hooks(model: Any) -> dict[str, int]:
@@ -204,6 +207,102 @@ def check_sequential(method: str) -> None:
     _same(before, s.model)
 
 
+class InjectedFault(RuntimeError):
+    """The conformance kit's fault, raised from inside a forward pass."""
+
+
+class _Fault:
+    """Counts forward calls of the model's last decoder layer; raises ``exc`` on call number ``at``.
+
+    Every edit runs the model forward, whatever its optimiser, so the N-th call lands part-way
+    through an edit; the last decoder layer is on every path through the model.
+    """
+
+    def __init__(self, s: Setup, at: int | None = None, exc: type[BaseException] = InjectedFault) -> None:
+        from mke_plugins.adapters import get_adapter
+
+        self.layer = get_adapter(s.model, s.hparams).layers(s.model)[-1].layer
+        self.at, self.exc, self.calls, self.fired = at, exc, 0, False
+
+    def _hook(self, module: Any, args: Any) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            self.fired = True
+            raise self.exc(f"conformance kit: fault injected at forward call {self.at}")
+
+    def __enter__(self) -> "_Fault":
+        self.handle = self.layer.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def _edited_logits(s: Setup, edited: Any) -> Any:
+    import torch
+
+    from mke_plugins.adapters import Query, get_adapter
+
+    adapter = get_adapter(s.model, s.hparams)
+    r = s.requests[0]
+    with torch.no_grad():
+        return adapter.forward(edited, adapter.batch(s.model, s.tok, [Query(r["image"], r["prompt"], r["target"])]))
+
+
+def _interrupt(entry: MethodEntry, s: Setup, at: int, exc: type[BaseException]) -> int:
+    """Run the edit with a fault at forward call ``at``; returns the call it fired at.
+
+    A method that caches per-model work (a memory bank built on the first edit) runs the model
+    fewer times once the cache exists: when the edit ends before call ``at``, its own restore is
+    used and the fault moves to the last call that edit made.
+    """
+    import torch
+
+    for _ in range(2):
+        torch.manual_seed(0)
+        with _Fault(s, at, exc) as fault:
+            try:
+                _, weights_copy = _apply(entry, s, s.requests)
+            except exc:
+                pass
+        if fault.fired:
+            return at
+        _restore(weights_copy, s.model)
+        if callable(weights_copy):
+            weights_copy()
+        at = fault.calls
+    raise AssertionError(f"the fault at forward call {at} did not fire ({fault.calls} calls this time)")
+
+
+def check_interrupted_edit(method: str) -> None:
+    """A fault part-way through an edit of two requests (an exception, then Ctrl-C on the last forward)
+    leaves the model bit-identical, ``.grad``, ``requires_grad``, train/eval modes, modules and hooks
+    included; an edit made afterwards equals the same edit on a model that never saw a fault."""
+    import torch
+
+    entry = _entry(method)
+    ref = world_setup(method)
+    torch.manual_seed(0)
+    with _Fault(ref) as count:
+        edited, _ = _apply(entry, ref, ref.requests)
+    expected = _edited_logits(ref, edited)
+    assert count.calls >= 2, f"the edit ran the model only {count.calls} time(s): nothing to interrupt"
+    s = world_setup(method)
+    before, hooks = _state(s.model), _hooks(s.model)
+    for at, exc in ((max(1, count.calls // 3), InjectedFault), (count.calls, KeyboardInterrupt)):
+        at = _interrupt(entry, s, at, exc)
+        try:
+            _same(before, s.model)
+        except AssertionError as err:
+            raise AssertionError(f"after {exc.__name__} at forward call {at} of {count.calls}: {err}") from None
+        assert _hooks(s.model) == hooks, f"hooks were left on the model after {exc.__name__} at call {at}"
+    torch.manual_seed(0)
+    edited, _ = _apply(entry, s, s.requests)
+    assert torch.equal(_edited_logits(s, edited), expected), \
+        "an edit made after an interrupted one differs from the same edit on a fresh model: " \
+        "the interrupted edit left state behind (outside the model's weights)"
+
+
 def check_bad_input(method: str) -> None:
     """Missing image field and empty target fail with messages naming the field."""
     for field_name, mutate in (("image", lambda r: r.pop("image")),
@@ -256,6 +355,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "request_shapes": check_request_shapes,
     "exact_restore": check_exact_restore,
     "sequential": check_sequential,
+    "interrupted_edit": check_interrupted_edit,
     "bad_input": check_bad_input,
     "bridge_round_trip": check_bridge_round_trip,
     "entry_point": check_entry_point,

@@ -252,7 +252,11 @@ def edit_one(state: LDKEState, request: dict[str, Any], hparams: Any, index: int
         entry.key_w = state.project(phi.unsqueeze(0))[0]
     state.add(entry)
     t0 = time.perf_counter()
-    steps, nll, ok = fit(state, entry, batch, hparams)
+    try:
+        steps, nll, ok = fit(state, entry, batch, hparams)
+    except BaseException:
+        state.remove([entry.id])  # a half-trained entry must never answer later queries
+        raise
     seconds["update"] = time.perf_counter() - t0
     if superseded is not None:
         state.memory.supersede(superseded, entry.id)

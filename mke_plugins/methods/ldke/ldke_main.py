@@ -51,6 +51,7 @@ def apply_ldke_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hp
     if copy:
         base = copy_module.deepcopy(base)
     state = state_for(base, tok, hparams, adapter)
+    hooked = list(state.side.handles)
     added: list[int] = []
     reports = []
     try:
@@ -63,6 +64,7 @@ def apply_ldke_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hp
                      report.final_nll, report.superseded)
     except BaseException:
         state.remove(added)
+        state.side.keep_only(hooked)
         raise
     handle = RestoreHandle(undo=[lambda: state.remove(added)]) if return_orig_weights else RestoreHandle()
     handle.stats = reports[0].stats() if len(reports) == 1 else [r.stats() for r in reports]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -154,6 +154,12 @@ class SidePaths:
         while self.handles:
             self.handles.popitem()[1].remove()
         self.clear_route()
+
+    def keep_only(self, layers: Iterable[int]) -> None:
+        """Remove the hooks of layers not in ``layers`` (undo of a failed edit's ``install``)."""
+        keep = set(layers)
+        for l in [l for l in self.handles if l not in keep]:
+            self.handles.pop(l).remove()
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:

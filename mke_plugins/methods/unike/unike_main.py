@@ -25,6 +25,7 @@ from torch import nn
 
 from mke_plugins.adapters import get_adapter
 from mke_plugins.adapters.base import unwrap_model
+from mke_plugins.core.modes import frozen
 from mke_plugins.core.requests import normalize_requests
 from mke_plugins.core.snapshot import RestoreHandle
 from mke_plugins.core.wrap import GatedModel, gated
@@ -61,13 +62,14 @@ def apply_unike_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, h
     stats = []
     start = rt.next_id
     try:
-        torch.manual_seed(int(hparams.seed))
-        for r in requests:
-            rep = edit_one(base, tok, r, hparams, adapter, archive, rt, layers)
-            handle.add_undo(lambda eid=rep.edit_id: _remove(base, eid))
-            stats.append(asdict(rep))
-            log.info("UniKE edit %d: %d steps, loss %s -> %s, %d retrieved, %.2fs", rep.edit_id, rep.steps,
-                     rep.first_loss, rep.final_loss, rep.retrieved, rep.seconds)
+        with frozen(base, eval_mode=False):  # the base is never trained: no gradient reaches its weights
+            torch.manual_seed(int(hparams.seed))
+            for r in requests:
+                rep = edit_one(base, tok, r, hparams, adapter, archive, rt, layers)
+                handle.add_undo(lambda eid=rep.edit_id: _remove(base, eid))
+                stats.append(asdict(rep))
+                log.info("UniKE edit %d: %d steps, loss %s -> %s, %d retrieved, %.2fs", rep.edit_id, rep.steps,
+                         rep.first_loss, rep.final_loss, rep.retrieved, rep.seconds)
     except BaseException:
         for eid in [e for e in list(rt.edits) if e >= start]:
             _remove(base, eid)  # this call's edits, a half-built one included
