@@ -1,8 +1,11 @@
-"""Non-finite numbers: every method stops on an inf/nan loss naming itself, the step and the term."""
+"""Non-finite numbers: every method stops on an inf/nan loss naming itself, the step and the term;
+the bench saves inf/nan results as JSON null and prints them instead of crashing."""
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -81,3 +84,30 @@ def test_ft_stops_before_writing_nan_into_the_weight(world_case, monkeypatch):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(not torch.equal(p, before[n]) for n, p in model.named_parameters()) == 1  # one finite step
 
+
+# -- the bench's table, JSON and plot ---------------------------------------------------------------
+def _blown_up_result() -> dict:
+    row = {"rewrite_acc": NAN, "locality_acc": 1.0, "edit_seconds_median": INF, "edit_seconds_p90": INF,
+           "edit_to_fwdbwd_ratio": NAN, "peak_memory_mb": -INF, "hparams": {"lr": INF},
+           "extra": {"losses": [1.0, NAN], "pair": (INF, 2)}}
+    return {"model": "m", "data": "d", "mode": "single", "cases": 1, "methods": {"FT[lr=inf]": row}, "notes": []}
+
+
+def test_bench_writes_non_finite_numbers_as_json_null(tmp_path):
+    from mke_plugins.bench.report import write_json
+
+    result = _blown_up_result()
+    data = json.loads(write_json(result, tmp_path / "r.json").read_text())
+    row = data["methods"]["FT[lr=inf]"]
+    assert row["rewrite_acc"] is None and row["edit_seconds_median"] is None and row["peak_memory_mb"] is None
+    assert row["hparams"] == {"lr": None} and row["extra"] == {"losses": [1.0, None], "pair": [None, 2]}
+    assert row["locality_acc"] == 1.0 and math.isinf(result["methods"]["FT[lr=inf]"]["edit_seconds_median"])
+
+
+def test_bench_table_and_plot_show_non_finite_numbers(tmp_path):
+    from mke_plugins.bench.report import plot, table
+
+    text = table(_blown_up_result())
+    row = next(line for line in text.splitlines() if line.startswith("FT[lr=inf]")).split()
+    assert row[1] == "nan" and "inf" in row and "-inf" in row and "1.000" in row
+    assert plot(_blown_up_result(), tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
