@@ -7,13 +7,18 @@ unknown keys are rejected with close-match suggestions, all missing keys are lis
 and every message names the file and the key.
 
 Every field of every hparams class carries a ``help`` string (``hp(default, "help")``); a test
-checks that. Values of the form ``"@world"`` / ``"@world-data"`` resolve to the bundled world
-model and data folder, so the shipped ``world.yaml`` files work from any install location.
+checks that. Every float field must hold finite numbers (checked on loading and again by
+``check_given``) unless declared ``hp(..., finite=False)``. Values of the form ``"@world"`` /
+``"@world-data"`` resolve to the bundled world model and data folder, so the shipped
+``world.yaml`` files work from any install location.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -31,11 +36,15 @@ _DTYPES = {
 }
 
 
-def hp(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with a ``help`` text (mutable defaults are copied per instance)."""
+def hp(default: Any = MISSING, help: str = "", *, finite: bool = True, **kw: Any) -> Any:
+    """A dataclass field with a ``help`` text (mutable defaults are copied per instance).
+
+    A field typed ``float`` (also ``float | None``, ``list[float]``) must hold finite numbers;
+    ``finite=False`` lets it hold ``inf`` / ``nan`` (see :func:`check_finite_fields`).
+    """
     if not help:
         raise ValueError("every hyperparameter needs a help text")
-    meta = {"help": help}
+    meta = {"help": help} if finite else {"help": help, "finite": False}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
@@ -172,6 +181,7 @@ class MultimodalHyperParams:
         if not config.get("name") and isinstance(config.get("model_name"), str):
             config["name"] = config["model_name"]
         obj = cls(**config)
+        check_finite_fields(obj, path=path)
         obj.validate(path=path)
         return obj
 
@@ -189,6 +199,7 @@ class MultimodalHyperParams:
         if not isinstance(hparams, cls):
             raise TypeError(f"{cls.ALG_NAME} needs {cls.__name__} (load them with {cls.__name__}.from_hparams or "
                             f"load_hparams('{cls.ALG_NAME}', ...)), got {type(hparams).__name__}")
+        check_finite_fields(hparams, path="<hparams object>")
         hparams.validate(path="<hparams object>")
 
     def check_choice(self, key: str, choices: typing.Iterable[Any], *, path: str = "<dict>") -> None:
@@ -284,6 +295,37 @@ def _coerce(value: Any, hint: Any, *, path: str, key: str) -> Any:
                                fix="write a YAML mapping.")
         return value
     return value
+
+
+def _mentions_float(hint: Any) -> bool:
+    """Whether a type hint is ``float`` or holds it (``float | None``, ``list[float]``, ...)."""
+    return hint is float or any(_mentions_float(a) for a in typing.get_args(hint))
+
+
+@functools.lru_cache(maxsize=None)
+def finite_fields(cls: type) -> tuple[str, ...]:
+    """Names of ``cls``'s float-typed fields that must be finite (all but ``hp(..., finite=False)``)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in fields(cls)
+                 if f.metadata.get("finite", True) and _mentions_float(hints.get(f.name, Any)))
+
+
+def _non_finite(value: Any) -> Any:
+    """The first ``inf`` / ``nan`` in ``value`` (a number, or a list/tuple/dict of them), else None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return None if math.isfinite(float(value)) else value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((bad for bad in map(_non_finite, items) if bad is not None), None)
+
+
+def check_finite_fields(obj: Any, *, path: str) -> None:
+    """Raise ``HparamsError`` naming the first float field of ``obj`` that holds ``inf`` or ``nan``."""
+    for name in finite_fields(type(obj)):
+        bad = _non_finite(getattr(obj, name, None))
+        if bad is not None:
+            raise HparamsError(f"{float(bad)!r} is not a finite number.", path=path, key=name,
+                               fix="set a finite number such as 1e-3 (YAML reads .inf, .nan and "
+                                   "out-of-range values such as 1e999 as infinite or NaN).")
 
 
 def is_hparams_class(obj: Any) -> bool:

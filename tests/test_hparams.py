@@ -95,3 +95,60 @@ def test_check_given_names_the_class_and_validates(tmp_path):
     DemoHyperParams.check_given(DemoHyperParams.from_hparams(p))
     with pytest.raises(HparamsError, match="steps"):
         Strict.check_given(Strict.from_hparams(p))
+
+
+@dataclass
+class FloatsHyperParams(DemoHyperParams):
+    ALG_NAME: ClassVar[str] = "Demo"
+    margin: float | None = hp(None, "Optional float.")
+    weights: list[float] = hp([1.0], "A list of floats.")
+    cap: float = hp(float("inf"), "May be infinite.", finite=False)
+
+
+@pytest.mark.parametrize("line, key, shown", [
+    ("lr: .inf", "lr", "inf"), ("lr: -.inf", "lr", "-inf"), ("lr: .nan", "lr", "nan"),
+    ("lr: inf", "lr", "inf"), ("lr: 1e999", "lr", "inf"), ("margin: .nan", "margin", "nan"),
+    ("weights: [1.0, .inf]", "weights", "inf"),
+])
+def test_non_finite_floats_are_refused_on_loading(tmp_path, line, key, shown):
+    p = write(tmp_path, f"alg_name: Demo\nmodel_name: m\nrequired_thing: x\n{line}\n")
+    with pytest.raises(HparamsError, match=rf"demo.yaml: key '{key}': {shown} is not a finite number\. Fix: "):
+        FloatsHyperParams.from_hparams(p)
+
+
+def test_finite_false_fields_may_be_infinite(tmp_path):
+    p = write(tmp_path, "alg_name: Demo\nmodel_name: m\nrequired_thing: x\ncap: .inf\nmargin: null\n")
+    hp_obj = FloatsHyperParams.from_hparams(p)
+    assert hp_obj.cap == float("inf") and hp_obj.margin is None
+    FloatsHyperParams.check_given(hp_obj)
+
+
+def test_check_given_refuses_floats_made_non_finite_after_loading(tmp_path):
+    """An object mutated after loading (or built by hand) is caught before any weight changes."""
+    obj = FloatsHyperParams.from_config({"alg_name": "Demo", "model_name": "m", "required_thing": "x"})
+    obj.lr = float("nan")
+    with pytest.raises(HparamsError, match=r"<hparams object>: key 'lr': nan is not a finite number"):
+        FloatsHyperParams.check_given(obj)
+    obj.lr, obj.weights = 1e-3, [float("-inf")]
+    with pytest.raises(HparamsError, match=r"key 'weights': -inf is not a finite number"):
+        FloatsHyperParams.check_given(obj)
+
+
+@pytest.mark.parametrize("method, key, value", [
+    ("FT", "lr", ".inf"), ("DECODE", "kl_weight", ".nan"), ("LDKE", "edit_lr", "inf"),
+    ("LDKE", "weight_norm", "nan"), ("UniKE", "beta", "1e999"), ("LoRA", "lr", "-inf"),
+])
+def test_every_method_refuses_non_finite_floats(tmp_path, method, key, value):
+    """The check is declared once in the base: every method's float fields get it without code of their own."""
+    from mke_plugins.hparams import load_hparams, locate_hparams
+
+    text = locate_hparams(method, "world").read_text()
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"{text}\n{key}: {value}\n" if f"\n{key}:" not in text
+                 else "\n".join(f"{key}: {value}" if ln.startswith(f"{key}:") else ln for ln in text.splitlines()))
+    with pytest.raises(HparamsError, match=rf"bad.yaml: key '{key}': -?(inf|nan) is not a finite number"):
+        load_hparams(method, str(p))
+    good = load_hparams(method, "world")
+    setattr(good, key, float(value.lstrip(".")))
+    with pytest.raises(HparamsError, match=rf"key '{key}': -?(inf|nan) is not a finite number"):
+        type(good).check_given(good)

@@ -4,13 +4,13 @@ This package depends on pluggy only. It imports no torch, transformers, easyedit
 mke_plugins, so a third-party plugin can declare its methods cheaply.
 """
 
-from .errors import (ArchiveError, HparamsError, MKEError, PluginError, RegistrationError,
-                     RequestError, UnknownMethodError, close_matches)
+from .errors import (ArchiveError, HparamsError, MKEError, NonFiniteLossError, PluginError,
+                     RegistrationError, RequestError, UnknownMethodError, close_matches)
 from .hookspecs import PROJECT, hookimpl, hookspec
 from .spec import RESTORE_POLICIES, MethodSpec, resolve
 
 __all__ = [
     "PROJECT", "hookimpl", "hookspec", "MethodSpec", "RESTORE_POLICIES", "resolve",
     "MKEError", "PluginError", "RegistrationError", "UnknownMethodError", "HparamsError",
-    "RequestError", "ArchiveError", "close_matches",
+    "RequestError", "ArchiveError", "NonFiniteLossError", "close_matches",
 ]

@@ -83,6 +83,18 @@ class RequestError(MKEError, ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class NonFiniteLossError(MKEError, FloatingPointError):
+    """An optimisation loop met an ``inf`` / ``nan`` loss term. Names the method, the step and the term."""
+
+    def __init__(self, method: str, step: int, term: str, value: str = "nan", *, where: str = "step",
+                 fix: str = "") -> None:
+        self.method, self.step, self.term, self.value, self.fix = method, step, term, value, fix
+        text = f"{method}: the loss term {term!r} is not finite at {where} {step} (it is {value})."
+        if fix:
+            text = f"{text} Fix: {fix}"
+        super().__init__(text)
+
+
 class ArchiveError(MKEError, FileNotFoundError):
     """An offline artefact (trained archive) is missing or does not match the model."""
 

@@ -2,13 +2,16 @@
 
 The JSON keeps the schema of issue 4 (``model``, ``data``, ``mode``, ``cases`` and per method the
 keys in :data:`mke_plugins.bench.score.SCHEMA_KEYS`, accuracies in [0, 1], ``null`` where the
-data has no probe for a metric) plus extra keys. It is written with ``allow_nan=False``: a NaN
-is a bug, never a number in the file.
+data has no probe for a metric) plus extra keys. JSON has no ``inf`` / ``nan``: :func:`finite_json`
+writes them as ``null`` (the table prints them as ``inf`` / ``nan``), so a run whose numbers blew
+up is still saved, and the file stays strict JSON (``allow_nan=False``).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 def _fmt(value: Any, kind: str) -> str:
     if value is None:
         return "n/a"
+    if not isinstance(value, numbers.Real):
+        return str(value)[:7]
+    if not math.isfinite(value):
+        return str(float(value))  # nan, inf, -inf
     if kind in ("acc", "rate"):
         return f"{value:.3f}"
     if kind == "sec":
@@ -67,10 +74,22 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every ``inf`` / ``nan`` float (at any depth of dicts, lists, tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    """Write ``result`` as strict JSON; non-finite numbers become ``null``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(finite_json(result), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -81,6 +100,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    result = finite_json(result)  # inf / nan are drawn as n/a, like missing values
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(result["methods"])

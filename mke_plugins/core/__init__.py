@@ -6,5 +6,6 @@
 * ``deltas``: trainable fp32 value-column deltas applied by hook and folded exactly.
 * ``neurons``: T-Patcher-style key-value neuron blocks kept outside the module tree.
 * ``wrap``: named gates and ``GatedModel``, the ``edited_model`` of hook-based methods.
+* ``finite``: ``check_finite``, one call per optimisation step, stops a loss gone inf/nan.
 * ``scoring``: metrics (owned by the bench).
 """

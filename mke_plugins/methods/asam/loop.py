@@ -25,8 +25,8 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import nn
 
-from mke_hooks import MKEError
 from mke_plugins.adapters import HookPoint, Query, VLMAdapter
+from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import capture
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.wrap import gate_open
@@ -80,9 +80,8 @@ def edit_generator(hparams: ASAMHyperParams, query: Query) -> torch.Generator:
 
 
 def _finite(value: torch.Tensor, term: str, step: int) -> None:
-    if not torch.isfinite(value).all():
-        raise MKEError(f"ASAM: the loss term {term!r} is not finite at outer step {step}. Fix: lower `lr`, "
-                       f"`lar_eps` or the weight of that term (lambda_*), or use dtype float32.")
+    check_finite("ASAM", step, where="outer step", **{term: value},
+                 fix="lower `lr`, `lar_eps` or the weight of that term (lambda_*), or use dtype float32.")
 
 
 def _cat_rows(bank: torch.Tensor | None, extra: list[torch.Tensor]) -> torch.Tensor | None:

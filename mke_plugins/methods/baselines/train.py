@@ -14,6 +14,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mke_plugins.core.finite import check_finite
+
+
+FIX = "lower `lr`, or load the model in float32."
+
 
 @dataclass
 class FitResult:
@@ -25,10 +30,11 @@ class FitResult:
 
 def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *, lr: float, max_steps: int,
         weight_decay: float = 0.0,
-        project: Callable[[list[torch.Tensor]], None] | None = None) -> FitResult:
+        project: Callable[[list[torch.Tensor]], None] | None = None, method: str = "FT") -> FitResult:
     """Adam on ``params`` to fit ``batch``'s targets; stop when all target tokens are argmax-correct.
 
     ``project`` may modify the fp32 masters in place after every step (e.g. a norm constraint).
+    A non-finite loss raises ``NonFiniteLossError`` naming ``method`` and the step.
     """
     params = list(params)
     masters = [p.detach().float().clone() for p in params]
@@ -42,6 +48,7 @@ def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *,
             with torch.enable_grad():
                 logits = adapter.forward(model, batch)
                 loss = adapter.loss(model, batch, logits=logits)
+            check_finite(method, steps + 1, nll=loss, fix=FIX)
             if first is None:
                 first = float(loss.detach())
             ok = bool(adapter.success(logits, batch).all())

@@ -25,6 +25,7 @@ from torch import nn
 
 from mke_plugins.adapters import LayerInfo, VLMAdapter, get_adapter
 from mke_plugins.core.deltas import ColumnDelta, DeltaSet
+from mke_plugins.core.finite import check_finite
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.snapshot import WeightSnapshot
 
@@ -133,6 +134,10 @@ def make_deltas(infos: Sequence[LayerInfo], group: Sequence[Neuron]) -> DeltaSet
     return DeltaSet(ColumnDelta(infos[layer].value, cols) for layer, cols in by_layer(group).items())
 
 
+#: what to change when a stage's loss is no longer finite
+FIX = "lower `lr` or `kl_weight`, or load the model in float32."
+
+
 def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group: Sequence[Neuron],
                 infos: Sequence[LayerInfo], threshold: float, hparams: DECODEHyperParams,
                 snapshot: WeightSnapshot, name: str) -> StageReport:
@@ -157,6 +162,8 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
                 l_loc = kl_loss(logits, stage)
                 report.final_l_loc = float(l_loc.detach())
                 loss = l_tgt + hparams.kl_weight * l_loc
+                check_finite(f"DECODE ({name} stage)", report.steps + 1, l_tgt=l_tgt, l_loc=l_loc, loss=loss,
+                             fix=FIX)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

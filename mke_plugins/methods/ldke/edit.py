@@ -24,6 +24,7 @@ from torch import nn
 
 from mke_hooks import HparamsError, RequestError
 from mke_plugins.adapters.base import Query, VLMAdapter, unwrap_model
+from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.requests import query_of
@@ -165,6 +166,10 @@ def _augmented(state: LDKEState, batch: Any, hparams: Any, seed: int) -> tuple[A
     return aug, add_noise
 
 
+#: what to change when the fit's loss is no longer finite
+FIX = "lower `edit_lr`, `weight_norm` or `loc_kl_weight`, or load the model in float32."
+
+
 def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[int, float, bool]:
     """Fit ``entry``'s factors on ``batch`` alone; returns (steps, final NLL, success)."""
     adapter, base = state.adapter, state.model
@@ -187,6 +192,7 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
                 nll = adapter.loss(base, batch, logits=logits)
                 ok = bool(adapter.success(logits, batch).all())
                 nll_value = float(nll.detach())
+                check_finite("LDKE", steps + 1, nll=nll, fix=FIX)
                 if (ok and nll_value < hparams.stop_nll) or steps == hparams.edit_steps:
                     break
                 loss = nll + hparams.weight_norm * entry.norm_penalty()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters.base import Batch, VLMAdapter
+from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import capture
 from mke_plugins.core.requests import query_of
 from mke_plugins.core.wrap import gate_open
@@ -35,6 +36,8 @@ from .unike_hparams import UniKEHyperParams
 log = logging.getLogger(__name__)
 RETRIEVE_CHUNK = 4096
 MEMORY_PENALTY_SAMPLES = 256
+#: what to change when an edit's loss is no longer finite
+FIX = "lower `edit_lr`, `negative_loss_weight` or `memory_loss_weight`, or load the model in float32."
 MARGIN_TOL = 1e-2  # the margin losses count as met below this (training may then stop at stop_loss)
 
 
@@ -183,6 +186,7 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
             rep.final_loss = value
             margins = _margin_loss(blocks, hparams, negatives, past_inputs)
             satisfied = margins is None or float(margins.detach()) < MARGIN_TOL
+            check_finite("UniKE", step + 1, nll=loss, margin=margins, fix=FIX)
             if (value < float(hparams.stop_loss) and satisfied) or step == int(hparams.max_edit_steps):
                 break
             total = loss

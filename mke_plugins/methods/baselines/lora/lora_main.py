@@ -130,7 +130,7 @@ def apply_lora_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hp
             batch = adapter.batch(model, tok, [Query(req["image"], req["prompt"], req["target"])],
                                   append_eos=hparams.append_eos)
             res = fit(adapter, model, batch, params, lr=hparams.lr, max_steps=hparams.max_steps,
-                      weight_decay=hparams.weight_decay)
+                      weight_decay=hparams.weight_decay, method="LoRA")
             steps.append(res.steps)
             ok.append(res.success)
             losses.append((res.first_loss, res.loss))
