@@ -70,6 +70,11 @@ SHARED_SLOTS = 4
 SHARED_MAX_BYTES = 64 * 2 ** 20
 
 
+def _reason(exc: BaseException) -> str:
+    """The first sentence of ``exc`` (torch's unreadable-file errors go on for a paragraph)."""
+    return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
+
+
 def _error(msg: str) -> HparamsError:
     return HparamsError(f"ASAM's memory loss needs training-split prompts: {msg}", key="memory_data",
                         fix="set `memory_data` to a readable records JSON or a folder holding train.json "
@@ -259,7 +264,7 @@ def load_cached_bank(path: Path, model: nn.Module, adapter: VLMAdapter, layers: 
         loaded = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         raise _bad_cache(path, f"cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
-                               f"{str(exc)[:200]}): it is truncated or damaged") from None
+                               f"{_reason(exc)}): it is truncated or damaged") from None
     if not isinstance(loaded, dict):
         raise _bad_cache(path, f"holds a {type(loaded).__name__}, not a dict of layer index -> states")
     try:

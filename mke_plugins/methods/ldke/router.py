@@ -53,6 +53,11 @@ class Features:
     prompt_tokens: list[tuple[int, ...]]
 
 
+def _reason(exc: BaseException) -> str:
+    """The first sentence of ``exc`` (torch's unreadable-file errors go on for a paragraph)."""
+    return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
+
+
 def feature_layer_index(n_layers: int, feature_layer: int | None) -> int:
     f = n_layers // 2 if feature_layer is None else int(feature_layer)
     if not 0 <= f < n_layers:
@@ -232,7 +237,7 @@ def load_archive(path: str | Path | None, *, field: str = "classifier_archive") 
         data = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal means the file is not an archive we can trust
         raise ArchiveError(f"hparams.{field}: {str(p)!r} cannot be read as an LDKE archive with "
-                           f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc)[:200]}): the file is "
+                           f"torch.load(weights_only=True) ({type(exc).__name__}: {_reason(exc)}): the file is "
                            f"truncated, damaged or not an LDKE archive. {rebuild_command(p)}") from None
     if isinstance(data, dict) and data.get("format") != ARCHIVE_FORMAT and isinstance(data.get("model"), dict):
         data = data["model"]  # EasyEdit MultimodalTrainer checkpoint

@@ -36,6 +36,11 @@ class UniKEArchiveError(ArchiveError):
     """The UniKE archive is unset, missing, malformed or built for another model or layer set."""
 
 
+def _reason(exc: BaseException) -> str:
+    """The first sentence of ``exc`` (torch's unreadable-file errors go on for a paragraph)."""
+    return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
+
+
 def resolve_layers(layers: Iterable[int], n_layers: int, *, what: str = "layers") -> list[int]:
     """Negative indices counted from the top → sorted absolute indices; out-of-range fails."""
     out = []
@@ -110,7 +115,7 @@ def read_payload(path: str | Path) -> dict[str, Any]:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         raise UniKEArchiveError(f"UniKE archive {str(p)!r} cannot be read with torch.load(weights_only=True) "
-                                f"({type(exc).__name__}: {str(exc)[:200]}): the file is truncated, damaged or not "
+                                f"({type(exc).__name__}: {_reason(exc)}): the file is truncated, damaged or not "
                                 f"a UniKE archive. {rebuild_hint(p)}.") from None
     payload = obj.get("model") if isinstance(obj, dict) else None
     return check_payload(payload, str(p))
