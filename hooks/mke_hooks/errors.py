@@ -96,7 +96,12 @@ class NonFiniteLossError(MKEError, FloatingPointError):
 
 
 class ArchiveError(MKEError, FileNotFoundError):
-    """An offline artefact (trained archive) is missing or does not match the model."""
+    """An offline artefact (trained archive, on-disk cache) is missing, damaged or for another model.
+
+    Damaged covers a truncated file, a missing key, a tensor of the wrong shape and a NaN or inf
+    value. The message names the file (and the tensor) and the fix: the exact command that
+    rebuilds an archive, or deleting a cache so it is rebuilt.
+    """
 
 
 #: Pairs of distinct methods whose names look alike. A suggestion never maps one to the other

@@ -21,7 +21,11 @@ the records file's bytes, the fields, ``memory_size``, ``memory_positions``, the
 seed. Banks are kept in memory per model (weakly keyed, so they die with the model; small banks,
 up to 64 MB, are also shared by fingerprint across models, e.g. deep copies) and, when
 ``memory_cache`` names a folder, also on disk as ``asam-bank-<fingerprint>.pt`` (plain tensors,
-loadable with ``torch.load(weights_only=True)``). Nothing is ever written inside the package.
+loadable with ``torch.load(weights_only=True)``). Nothing is ever written inside the package. The
+file is written atomically (a temporary file in the same folder, then ``os.replace``), so a crash
+or a full disk never leaves a partial bank behind; a cached bank that cannot be read, or whose
+layers, widths, dtype or values do not fit the model, is never used: loading it raises an
+:class:`~mke_hooks.ArchiveError` that names the file and says to delete it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
+import tempfile
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -38,7 +44,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mke_hooks import HparamsError
+from mke_hooks import ArchiveError, HparamsError
 from mke_plugins.adapters import Query, VLMAdapter, unwrap_model
 from mke_plugins.adapters.images import image_for_family
 from mke_plugins.core.hooks import capture
@@ -62,6 +68,11 @@ _BANKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, Bank]]" = weakref.WeakKe
 _SHARED: "OrderedDict[str, Bank]" = OrderedDict()
 SHARED_SLOTS = 4
 SHARED_MAX_BYTES = 64 * 2 ** 20
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of ``exc`` (torch's unreadable-file errors go on for a paragraph)."""
+    return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
 
 
 def _error(msg: str) -> HparamsError:
@@ -224,8 +235,7 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
         return shared, fp, "memory"
     cache_file = Path(hparams.memory_cache).expanduser() / f"asam-bank-{fp}.pt" if hparams.memory_cache else None
     if cache_file is not None and cache_file.is_file():
-        loaded = torch.load(cache_file, map_location=device, weights_only=True)
-        bank = {int(k): v for k, v in loaded.items()}
+        bank = load_cached_bank(cache_file, base, adapter, layers, device)
         per_model[fp] = bank
         _share(fp, bank)
         return bank, fp, "disk"
@@ -238,11 +248,64 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
     per_model[fp] = bank
     _share(fp, bank)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save({str(k): v.cpu() for k, v in bank.items()}, tmp)
-        tmp.replace(cache_file)
+        save_cached_bank(bank, cache_file)
     return bank, fp, "built"
+
+
+def _bad_cache(path: Path, what: str) -> ArchiveError:
+    return ArchiveError(f"ASAM memory cache {str(path)!r} {what}. Delete {path}: ASAM rebuilds the bank from "
+                        f"memory_data on the next edit (or set `memory_cache: null` to keep banks in memory only).")
+
+
+def load_cached_bank(path: Path, model: nn.Module, adapter: VLMAdapter, layers: Sequence[int],
+                     device: torch.device) -> Bank:
+    """The bank cached in ``path``, checked against the model and layers; never a damaged one."""
+    try:
+        loaded = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise _bad_cache(path, f"cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
+                               f"{_reason(exc)}): it is truncated or damaged") from None
+    if not isinstance(loaded, dict):
+        raise _bad_cache(path, f"holds a {type(loaded).__name__}, not a dict of layer index -> states")
+    try:
+        bank = {int(k): v for k, v in loaded.items()}
+    except (TypeError, ValueError):
+        raise _bad_cache(path, f"has keys {list(loaded)[:8]}, not layer indices") from None
+    check_bank(bank, path, model, adapter, layers)
+    return bank
+
+
+def check_bank(bank: Bank, path: Path, model: nn.Module, adapter: VLMAdapter, layers: Sequence[int]) -> None:
+    """Raise unless ``bank`` holds exactly ``layers``, each an (n, d) finite tensor of the bank dtype."""
+    if sorted(bank) != sorted(int(l) for l in layers):
+        raise _bad_cache(path, f"holds layers {sorted(bank)}, but this edit needs layers {sorted(layers)}")
+    infos, dtype = adapter.layers(model), bank_dtype(model)
+    for l, v in bank.items():
+        d = int(infos[l].value.weight.shape[0])
+        if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[1] != d:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise _bad_cache(path, f"layer {l} states have shape {got}, expected (n, {d}) (rows of width {d}, "
+                                   f"the model's hidden size)")
+        if v.dtype != dtype:
+            raise _bad_cache(path, f"layer {l} states are {v.dtype}, expected {dtype} for this model")
+        if not bool(torch.isfinite(v).all()):
+            raise _bad_cache(path, f"layer {l} states hold NaN or inf values")
+
+
+def save_cached_bank(bank: Bank, path: Path) -> None:
+    """Write ``bank`` to ``path`` atomically: a temporary file in the same folder, synced, then
+    ``os.replace``; on any failure the temporary file is removed and ``path`` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({str(k): v.cpu() for k, v in bank.items()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _share(fp: str, bank: Bank) -> None:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +51,11 @@ class Features:
     image_mean: torch.Tensor  # (B, d) float32, pre-LN mean over image positions (0 without image)
     has_image: torch.Tensor  # (B,) bool
     prompt_tokens: list[tuple[int, ...]]
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of ``exc`` (torch's unreadable-file errors go on for a paragraph)."""
+    return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
 
 
 def feature_layer_index(n_layers: int, feature_layer: int | None) -> int:
@@ -205,8 +211,23 @@ def _missing(field: str, detail: str) -> ArchiveError:
                         f"`layer_prior: none` (ablation, no archive needed).")
 
 
+def rebuild_command(path: str | Path) -> str:
+    """The sentence saying how to rebuild the archive at ``path`` (world model, or any model)."""
+    out = shlex.quote(str(path))
+    return (f"Rebuild it with `mke-plugins train LDKE --model world --out {out}` (the bundled world model) or "
+            f"`mke-plugins train LDKE --hparams <training yaml> --out {out}` (another model).")
+
+
+def _damaged(path: str | Path, what: str, field: str) -> ArchiveError:
+    return ArchiveError(f"hparams.{field}: LDKE archive {str(path)!r} is damaged: {what}. {rebuild_command(path)}")
+
+
 def load_archive(path: str | Path | None, *, field: str = "classifier_archive") -> dict[str, Any]:
-    """Read an archive (or a MultimodalTrainer checkpoint holding one) without unpickling objects."""
+    """Read an archive (or a MultimodalTrainer checkpoint holding one) without unpickling objects.
+
+    The archive is checked in full here (keys, head config, tensor shapes, finite values), so a
+    damaged file fails on load with an :class:`ArchiveError`, never inside a forward pass.
+    """
     if not path:
         raise _missing(field, "is not set.")
     p = Path(str(path))
@@ -216,18 +237,84 @@ def load_archive(path: str | Path | None, *, field: str = "classifier_archive") 
         data = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal means the file is not an archive we can trust
         raise ArchiveError(f"hparams.{field}: {str(p)!r} cannot be read as an LDKE archive with "
-                           f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc)[:200]}). Rebuild it "
-                           f"with `{TRAIN_COMMAND}`.") from None
+                           f"torch.load(weights_only=True) ({type(exc).__name__}: {_reason(exc)}): the file is "
+                           f"truncated, damaged or not an LDKE archive. {rebuild_command(p)}") from None
     if isinstance(data, dict) and data.get("format") != ARCHIVE_FORMAT and isinstance(data.get("model"), dict):
         data = data["model"]  # EasyEdit MultimodalTrainer checkpoint
     if not isinstance(data, dict) or data.get("format") != ARCHIVE_FORMAT:
         raise ArchiveError(f"hparams.{field}: {str(p)!r} is not an LDKE archive (no format {ARCHIVE_FORMAT!r}). "
-                           f"Rebuild it with `{TRAIN_COMMAND}`.")
-    if int(data.get("version", -1)) != ARCHIVE_VERSION:
+                           f"{rebuild_command(p)}")
+    if data.get("version") != ARCHIVE_VERSION:
         raise ArchiveError(f"hparams.{field}: {str(p)!r} has archive version {data.get('version')}, this LDKE "
-                           f"reads version {ARCHIVE_VERSION}. Rebuild it with `{TRAIN_COMMAND}`.")
+                           f"reads version {ARCHIVE_VERSION}. {rebuild_command(p)}")
+    check_archive(data, p, field=field)
     data["path"] = str(p)
     return data
+
+
+ARCHIVE_KEYS = ("fingerprint", "head", "tau", "mu", "mu_count")
+HEAD_KEYS = ("kind", "in_dim", "proj_dim", "hidden", "state")
+
+
+def check_archive(data: dict[str, Any], path: str | Path, *, field: str = "classifier_archive") -> None:
+    """Raise :class:`ArchiveError` unless ``data`` holds every key, a head whose tensors fit its
+    config and the fingerprint's features, a 1-D ``mu`` and finite numbers everywhere."""
+    missing = [k for k in ARCHIVE_KEYS if k not in data]
+    if missing:
+        raise _damaged(path, f"it lacks the keys {missing} (a truncated file or another tool's output)", field)
+    if not isinstance(data["fingerprint"], dict):
+        raise _damaged(path, f"'fingerprint' is a {type(data['fingerprint']).__name__}, expected a dict", field)
+    _check_head(data["head"], data["fingerprint"], path, field)
+    _check_tau(data["tau"], path, field)
+    mu = data["mu"]
+    if mu is not None:
+        if not isinstance(mu, torch.Tensor) or mu.dim() != 1:
+            shape = tuple(mu.shape) if isinstance(mu, torch.Tensor) else type(mu).__name__
+            raise _damaged(path, f"tensor 'mu' has shape {shape}, expected one value per decoder layer "
+                                 f"({data['fingerprint'].get('num_layers')},)", field)
+        _check_finite("'mu'", mu, path, field)
+
+
+def _check_head(head: Any, fp: dict[str, Any], path: str | Path, field: str) -> None:
+    """The head's config is valid and its ``state`` matches a head built from that config."""
+    if not isinstance(head, dict) or any(k not in head for k in HEAD_KEYS):
+        lacks = [k for k in HEAD_KEYS if not isinstance(head, dict) or k not in head]
+        raise _damaged(path, f"'head' lacks {lacks}", field)
+    dims = {k: head[k] for k in ("in_dim", "proj_dim", "hidden")}
+    if head["kind"] not in ("pair", "distance") or any(not isinstance(v, int) or v < 1 for v in dims.values()):
+        raise _damaged(path, f"head config kind={head['kind']!r}, {dims} is invalid (kind 'pair' or 'distance', "
+                             f"positive integer sizes)", field)
+    if "feature_dim" in fp and head["in_dim"] != fp["feature_dim"]:
+        raise _damaged(path, f"head in_dim is {head['in_dim']} but the fingerprint's feature_dim is "
+                             f"{fp['feature_dim']}", field)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in RouterHead(head["in_dim"], head["proj_dim"], head["hidden"],
+                                                             head["kind"]).state_dict().items()}
+    state = head["state"]
+    if not isinstance(state, dict):
+        raise _damaged(path, f"head.state is a {type(state).__name__}, expected a dict of tensors", field)
+    lost, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if lost or extra:
+        raise _damaged(path, f"head.state does not fit a {head['kind']!r} head: missing {lost}, unexpected {extra}",
+                       field)
+    for key, shape in expected.items():
+        t = state[key]
+        name = f"head.state[{key!r}]"
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise _damaged(path, f"tensor {name} has shape {got}, expected {shape} for head config {dims}", field)
+        _check_finite(name, t, path, field)
+
+
+def _check_tau(tau: Any, path: str | Path, field: str) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(float(tau)):
+        raise _damaged(path, f"the routing threshold tau is {tau!r}, expected a finite number", field)
+
+
+def _check_finite(name: str, t: torch.Tensor, path: str | Path, field: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise _damaged(path, f"tensor {name} holds NaN or inf values ({bad} of {t.numel()})", field)
 
 
 def check_fingerprint(archive: dict[str, Any], expected: dict[str, Any], *, field: str = "classifier_archive") -> None:
@@ -237,6 +324,11 @@ def check_fingerprint(archive: dict[str, Any], expected: dict[str, Any], *, fiel
         raise ArchiveError(f"hparams.{field}: {archive.get('path', 'the archive')!r} was trained for another "
                            f"model or feature setting ({'; '.join(diffs)}). Train one for this model with "
                            f"`{TRAIN_COMMAND}` (matching feature_layer and features).")
+    mu, n = archive.get("mu"), expected.get("num_layers")
+    if isinstance(mu, torch.Tensor) and n is not None and mu.numel() != n:
+        raise _damaged(archive.get("path", "the archive"), f"tensor 'mu' has {mu.numel()} entries, one per decoder "
+                                                           f"layer, but the fingerprint and the model have {n} layers",
+                       field)
 
 
 def head_from_archive(archive: dict[str, Any], device: torch.device | str = "cpu") -> RouterHead:

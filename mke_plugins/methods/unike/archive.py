@@ -4,13 +4,16 @@ One file written with ``torch.save``: a dict whose ``"model"`` entry is the payl
 top-level keys, such as EasyEdit's trainer ``opt`` and ``val_stats``, are ignored). The payload
 holds only tensors and plain Python values, so it is read with ``torch.load(weights_only=True)``
 and never unpickles arbitrary objects. Every failure raises :class:`UniKEArchiveError` naming the
-file and what to do; there is never a random fallback.
+file and what to do; there is never a random fallback. A file is checked in full when it is read
+(keys, every tensor's shape against ``meta``, finite values), so a damaged archive fails on load,
+never inside a forward pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -31,6 +34,11 @@ PAYLOAD_KEYS = ("meta", "mu", "bank.h_sem", "bank.h_pos", "bank.h_neg", "bank.id
 
 class UniKEArchiveError(ArchiveError):
     """The UniKE archive is unset, missing, malformed or built for another model or layer set."""
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of ``exc`` (torch's unreadable-file errors go on for a paragraph)."""
+    return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
 
 
 def resolve_layers(layers: Iterable[int], n_layers: int, *, what: str = "layers") -> list[int]:
@@ -86,8 +94,20 @@ def save_archive(payload: dict[str, Any], path: str | Path, extra: Mapping[str, 
     return path
 
 
+def rebuild_hint(path: str | Path) -> str:
+    """The sentence saying how to rebuild the archive at ``path`` (world model, or any model)."""
+    out = shlex.quote(str(path))
+    return (f"Rebuild it with `mke-plugins train UniKE --model world --out {out}` (the bundled world model) or "
+            f"`mke-plugins train UniKE --hparams <training yaml> --out {out}` (another model; a save of EasyEdit's "
+            f"MultimodalTrainer with `alg: UniKE` is a valid archive too)")
+
+
+def _damaged(where: str, what: str) -> UniKEArchiveError:
+    return UniKEArchiveError(f"UniKE archive {where!r} is damaged: {what}. {rebuild_hint(where)}.")
+
+
 def read_payload(path: str | Path) -> dict[str, Any]:
-    """The payload of an archive file, checked for format; errors name the file."""
+    """The payload of an archive file, checked for format, keys, shapes and finite values; errors name the file."""
     p = Path(str(path))
     if not p.is_file():
         raise UniKEArchiveError(f"UniKE archive {str(p)!r} does not exist; {BUILD_HINT}.")
@@ -95,23 +115,81 @@ def read_payload(path: str | Path) -> dict[str, Any]:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         raise UniKEArchiveError(f"UniKE archive {str(p)!r} cannot be read with torch.load(weights_only=True) "
-                                f"({type(exc).__name__}: {exc}); it is not a UniKE archive. {BUILD_HINT}.") from None
+                                f"({type(exc).__name__}: {_reason(exc)}): the file is truncated, damaged or not "
+                                f"a UniKE archive. {rebuild_hint(p)}.") from None
     payload = obj.get("model") if isinstance(obj, dict) else None
     return check_payload(payload, str(p))
 
 
 def check_payload(payload: Any, where: str) -> dict[str, Any]:
+    """``payload`` if it is a complete, undamaged UniKE payload; else :class:`UniKEArchiveError`."""
     if not isinstance(payload, dict) or not isinstance(payload.get("meta"), dict):
         raise UniKEArchiveError(f"{where}: no UniKE payload (expected a dict with 'model': {{'meta': ...}}); "
-                                f"{BUILD_HINT}.")
+                                f"{rebuild_hint(where)}.")
     fmt = payload["meta"].get("format")
     if fmt != FORMAT:
-        raise UniKEArchiveError(f"{where}: archive format is {fmt!r}, expected {FORMAT!r}; rebuild it: {BUILD_HINT}.")
+        raise UniKEArchiveError(f"{where}: archive format is {fmt!r}, expected {FORMAT!r}; {rebuild_hint(where)}.")
     missing = [k for k in PAYLOAD_KEYS if k not in payload]
     if missing:
-        raise UniKEArchiveError(f"{where}: archive lacks {missing}; it is truncated or from another tool. "
-                                f"{BUILD_HINT}.")
+        raise _damaged(where, f"it lacks {missing} (a truncated file or another tool's output)")
+    check_tensors(payload, where)
     return payload
+
+
+def _meta_sizes(meta: Mapping[str, Any], where: str) -> tuple[list[int], int, int]:
+    """``(layers, d, d_t)`` from ``meta``, each checked for type and sign."""
+    layers, d, d_t = meta.get("layers"), meta.get("d"), meta.get("d_t")
+    ok = (isinstance(layers, (list, tuple)) and layers and all(isinstance(l, int) for l in layers)
+          and all(isinstance(v, int) and v > 0 for v in (d, d_t)))
+    if not ok:
+        raise _damaged(where, f"meta layers={layers!r}, d={d!r}, d_t={d_t!r} are not a non-empty list of layer "
+                              f"indices and two positive integers")
+    return [int(l) for l in layers], int(d), int(d_t)
+
+
+def _expected_shapes(payload: Mapping[str, Any], layers: list[int], d: int, d_t: int
+                     ) -> dict[str, tuple[int | None, ...]]:
+    """Key -> shape (``None``: any size, taken from the tensor itself) of every payload tensor."""
+    from .encoders import SemEncoder, TruEncoder
+
+    L = len(layers)
+    n, m = _rows(payload.get("bank.h_sem")), _rows(payload.get("fit.r_pos"))
+    out: dict[str, tuple[int | None, ...]] = {
+        "mu": (L, d), "bank.h_sem": (None, L, d), "bank.h_pos": (n, L, d), "bank.h_neg": (n, L, d),
+        "bank.ids": (n,), "fit.r_pos": (None, L, d), "fit.r_neg": (m, L, d), "zeta": (L, d_t), "w_zeta": (L, d, d_t),
+    }
+    owners = ["shared"] if payload["meta"].get("shared_encoders", False) else [str(l) for l in layers]
+    with torch.device("meta"):
+        parts = {"enc_sem": SemEncoder(d).state_dict(), "enc_tru": TruEncoder(d, d_t).state_dict()}
+    for owner in owners:
+        for prefix, state in parts.items():
+            out.update({f"{prefix}.{owner}.{k}": tuple(v.shape) for k, v in state.items()})
+    return out
+
+
+def _rows(t: Any) -> int | None:
+    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+
+
+def _fits(t: torch.Tensor, shape: tuple[int | None, ...]) -> bool:
+    return t.dim() == len(shape) and all(e is None or e == g for e, g in zip(shape, t.shape))
+
+
+def check_tensors(payload: Mapping[str, Any], where: str) -> None:
+    """Every tensor the edit reads has the shape ``meta`` implies and only finite values."""
+    layers, d, d_t = _meta_sizes(payload["meta"], where)
+    sizes = f"meta: layers {layers}, d={d}, d_t={d_t}"
+    for key, shape in _expected_shapes(payload, layers, d, d_t).items():
+        t = payload.get(key)
+        want = "(" + ", ".join("n" if e is None else str(e) for e in shape) + ("," if len(shape) == 1 else "") + ")"
+        if t is None:
+            raise _damaged(where, f"tensor {key!r} is missing ({sizes})")
+        if not isinstance(t, torch.Tensor) or not _fits(t, shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise _damaged(where, f"tensor {key!r} has shape {got}, expected {want} ({sizes})")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise _damaged(where, f"tensor {key!r} holds NaN or inf values ({bad} of {t.numel()})")
 
 
 class Archive:
