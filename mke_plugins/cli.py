@@ -4,6 +4,10 @@
 Subcommand groups that need models (``world``, ``bench``) live beside their code and add
 themselves through an ``add_parser(subparsers)`` function listed in ``COMMAND_MODULES``;
 ``train METHOD`` runs the offline stage a method declares in its ``MethodSpec.offline``.
+
+An error mke-plugins raises on purpose (``MKEError``) is one line on stderr and exit code 2;
+``-v`` before the command (or ``bench -v``) adds its traceback. Every command may be piped into
+``head``: a closed pipe ends it quietly.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
+import traceback
 from typing import Sequence
 
 from mke_hooks import MKEError
@@ -92,6 +98,8 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mke-plugins", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", dest="traceback", action="store_true",
+                        help="on an error, show the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list plugins, their versions and methods")
     p.add_argument("--json", action="store_true")
@@ -114,16 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    if getattr(args, "passthrough", False):
+        return int(args.func(args, rest) or 0)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return int(args.func(args) or 0)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: send what is left for stdout to devnull, so exiting prints nothing."""
     try:
-        if getattr(args, "passthrough", False):
-            return args.func(args, rest)
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return int(args.func(args) or 0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (a test's capture)
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args: argparse.Namespace | None = None
+    try:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        code = _run(parser, args, rest)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # `mke-plugins ... | head -1`
+        _quiet_stdout()
+        return 1
     except MKEError as exc:
+        if getattr(args, "traceback", False):
+            traceback.print_exc()
         print(f"mke-plugins: error: {exc}", file=sys.stderr)
         return 2
 

@@ -74,6 +74,13 @@ def easyedit_modules() -> HostModules:
                        _optional("easyeditor.editors.utils"))
 
 
+def _check_tokens(requests: Any, tok: Any, model: Any) -> None:
+    """:func:`mke_plugins.core.requests.check_tokens`, imported on use (this module must not import torch)."""
+    from .core.requests import check_tokens
+
+    check_tokens(requests, tok, model)
+
+
 def make_apply(entry: MethodEntry, attr: str = "apply_multimodal") -> Callable[..., Any]:
     """EasyEdit-facing apply: normalises ``requests``, names the method in errors, and guards the model.
 
@@ -91,6 +98,7 @@ def make_apply(entry: MethodEntry, attr: str = "apply_multimodal") -> Callable[.
         fn = spec.resolved(attr)
         if isinstance(requests, dict):
             requests = [requests]  # EasyEdit main's sequential mode passes a bare dict
+        _check_tokens(requests, tok, model)  # no unknown words, no prompt over the context, before any edit
         try:
             with EditGuard(model):
                 return fn(model, tok, requests, hparams, copy=copy,

@@ -32,6 +32,17 @@ def _easyedit_yaml(values: list[str] | None) -> dict[str, str]:
     return out
 
 
+def check_outputs(json_path: str | None, plot_path: str | None) -> None:
+    """``--json`` and ``--plot`` can be written: checked before the run, not after it."""
+    from .checks import check_output, check_plot_format
+
+    if json_path:
+        check_output(json_path, "--json")
+    if plot_path:
+        check_output(plot_path, "--plot")
+        check_plot_format(plot_path)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from . import DEFAULT_CASES
 
@@ -68,6 +79,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 50M parameters on CPU, else torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("-v", "--verbose", dest="traceback", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, show the traceback too")
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -85,6 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         progress=args.progress, threads=args.threads)
     if args.sequential_n is not None and args.mode != "sequential":
         raise MKEError("--sequential-n needs --mode sequential")
+    check_outputs(args.json, args.plot)
     result = run_bench(cfg)
     print(table(result))
     if args.json:

@@ -9,6 +9,10 @@ image becomes the family-native object the method and the scorer expect
 (:func:`mke_plugins.adapters.images.image_for_family`). Image paths are relative to the image
 root (EasyEdit's ``coco_image``), by default the JSON file's folder. Empty strings count as
 absent, as in EasyEdit's loaders.
+
+Every record, picture and text field is checked before the first edit (:func:`load_requests`,
+:func:`with_images`, :func:`check_text`): a bad record stops the run at once, naming the record
+index, the field and the file, never half-way through.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mke_hooks import MKEError
+from mke_hooks.errors import RequestError
 
 #: MMEdit record field -> EasyEdit request key (text fields)
 TEXT_FIELDS = {
@@ -28,6 +33,8 @@ TEXT_FIELDS = {
 }
 #: MMEdit record field -> EasyEdit request key (image paths)
 IMAGE_FIELDS = {"image": "image", "image_rephrase": "image_rephrase", "m_loc": "multimodal_locality_image"}
+#: EasyEdit request key -> MMEdit record field, to name the field of the record in errors
+RECORD_FIELD = {dst: src for src, dst in {**TEXT_FIELDS, **IMAGE_FIELDS}.items()}
 PROBE_LISTS = ("portability", "fine_locality")
 PASSTHROUGH = ("case_id", "entity", "relation")
 
@@ -55,16 +62,24 @@ def _absent(value: Any) -> bool:
 
 def record_to_request(record: dict[str, Any], image_root: Path, index: int) -> dict[str, Any]:
     """One MMEdit record as an EasyEdit request dict, images still as absolute paths."""
+    if not isinstance(record, dict):
+        raise MKEError(f"record {index}: expected a JSON object with src, alt and image, got "
+                       f"{type(record).__name__} {json.dumps(record)[:40]}")
     for key in ("src", "alt", "image"):
         if _absent(record.get(key)):
             raise MKEError(f"record {index}: field {key!r} is missing or empty (MMEdit records need src, alt "
                            f"and image)")
+        if isinstance(record[key], str) and not record[key].strip():
+            raise MKEError(f"record {index}: field {key!r} is blank ({record[key]!r}); write the text")
     req: dict[str, Any] = {"file_type": "image"}
     for src, dst in TEXT_FIELDS.items():
         if not _absent(record.get(src)):
             req[dst] = str(record[src])
     for src, dst in IMAGE_FIELDS.items():
         if not _absent(record.get(src)):
+            if not isinstance(record[src], str):
+                raise MKEError(f"record {index}: field {src!r} must be an image path, got "
+                               f"{type(record[src]).__name__} {json.dumps(record[src])[:40]}")
             req[dst] = str(image_root / record[src])
     for key in PROBE_LISTS:
         items = record.get(key)
@@ -76,6 +91,9 @@ def record_to_request(record: dict[str, Any], image_root: Path, index: int) -> d
         for j, item in enumerate(items):
             if not isinstance(item, dict) or _absent(item.get("prompt")) or _absent(item.get("answer")):
                 raise MKEError(f"record {index}: {key}[{j}] needs non-empty 'prompt' and 'answer'")
+            if not _absent(item.get("image")) and not isinstance(item["image"], str):
+                raise MKEError(f"record {index}: {key}[{j}].image must be an image path, got "
+                               f"{type(item['image']).__name__}")
             item = dict(item)
             item["image"] = None if _absent(item.get("image")) else str(image_root / item["image"])
             out.append(item)
@@ -108,7 +126,10 @@ def load_requests(data: str | Path, *, cases: int | None = None,
             raise MKEError(f"--cases must be at least 1, got {cases}")
         raw = raw[:cases]
     root = Path(image_root) if image_root is not None else path.parent
-    return path, [record_to_request(r, root, i) for i, r in enumerate(raw)]
+    try:
+        return path, [record_to_request(r, root, i) for i, r in enumerate(raw)]
+    except MKEError as exc:
+        raise MKEError(f"{path}: {exc}") from None
 
 
 class ImageCache:
@@ -118,29 +139,51 @@ class ImageCache:
         self.adapter = adapter
         self._cache: dict[str, Any] = {}
 
-    def __call__(self, path: str | None) -> Any:
+    def __call__(self, path: str | None, where: str = "") -> Any:
+        """The image at ``path``; ``where`` (``record 3, field 'image'``) prefixes errors."""
         if path is None:
             return None
         if path not in self._cache:
             from mke_plugins.adapters.images import image_for_family
 
+            where = f"{where}: " if where else ""
             if not Path(path).is_file():
-                raise MKEError(f"image {path} not found; check --data and --image-root")
-            self._cache[path] = image_for_family(self.adapter, path)
+                raise MKEError(f"{where}image {path} not found; check --data and --image-root")
+            try:
+                self._cache[path] = image_for_family(self.adapter, path)
+            except (OSError, SyntaxError, ValueError) as exc:  # PIL: truncated, not an image, bad size
+                raise MKEError(f"{where}{path} is not a readable image ({exc}); replace the file or fix "
+                               f"the path") from None
         return self._cache[path]
 
 
 def with_images(requests: list[dict[str, Any]], adapter: Any) -> list[dict[str, Any]]:
-    """Copies of ``requests`` whose image paths are replaced by family-native images."""
+    """Copies of ``requests`` whose image paths are replaced by family-native images (all loaded now)."""
     load = ImageCache(adapter)
     out = []
-    for r in requests:
+    for i, r in enumerate(requests):
         r = dict(r)
         for key in IMAGE_FIELDS.values():
             if key in r:
-                r[key] = load(r[key])
+                r[key] = load(r[key], f"record {i}, field {RECORD_FIELD[key]!r}")
         for key in PROBE_LISTS:
             if key in r:
-                r[key] = [dict(item, image=load(item.get("image"))) for item in r[key]]
+                r[key] = [dict(item, image=load(item.get("image"), f"record {i}, field '{key}[{j}].image'"))
+                          for j, item in enumerate(r[key])]
         out.append(r)
     return out
+
+
+def check_text(requests: list[dict[str, Any]], tok: Any, model: Any, path: str | Path) -> None:
+    """Every record's text is spelled by the tokenizer and fits the model's context.
+
+    :func:`mke_plugins.core.requests.check_tokens` on all requests at once, its error told in the
+    records' terms (``edit.json: record 3, field 'alt': ...``).
+    """
+    from mke_plugins.core.requests import check_tokens
+
+    try:
+        check_tokens(requests, tok, model)
+    except RequestError as err:
+        field = RECORD_FIELD.get(err.field, err.field)
+        raise MKEError(f"{path}: record {err.index}, field {field!r}: {str(err).split(': ', 1)[-1]}") from None

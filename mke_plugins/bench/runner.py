@@ -35,8 +35,9 @@ import torch
 from mke_hooks import MKEError
 
 from . import DEFAULT_CASES
+from .checks import check_config, check_model_dir
 from .cost import PeakMemory, fwd_bwd_seconds, sync
-from .data import load_requests, with_images
+from .data import check_text, load_requests, with_images
 from .methods import BoundMethod, MethodRequest, bind
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
 from .restore import StateCheck, restore_like_easyedit
@@ -91,15 +92,15 @@ def load_model(path: str | None, device: str, dtype: str) -> tuple[Any, Any, str
 
         model, tok = world.load(device=device, dtype=torch_dtype)
         return model, tok, str(world.model_path())
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise MKEError(f"--model {path}: no config.json there; pass a saved Hugging Face model directory "
-                       f"(blip2/minigpt4 need EasyEdit's LAVIS wrappers and cannot be loaded by path)")
+    p = check_model_dir(path)
     from transformers import AutoModelForImageTextToText
 
     from mke_plugins.adapters.processors import load_processor
 
-    model = AutoModelForImageTextToText.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MKEError(f"--model {path}: transformers cannot load it: {str(exc).strip().splitlines()[0]}") from exc
     model.to(device).eval()
     return model, load_processor(p), str(p)
 
@@ -146,20 +147,22 @@ class Bench:
             raise MKEError(f"--mode must be single or sequential, got {cfg.mode!r}")
         if cfg.sequential_n is not None and cfg.sequential_n < 1:
             raise MKEError(f"--sequential-n must be at least 1, got {cfg.sequential_n}")
+        check_config(cfg)
         self.cfg = cfg
-        self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype)
-        self.threads = cfg.threads
-        if self.threads is None and cfg.device == "cpu" and \
-                sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
-            self.threads = 1
-        self.adapter = get_adapter(self.model, SimpleNamespace(model_name=self.model_path))
         data = cfg.data
         if data is None:
             from mke_plugins import world
 
             data = str(world.data_dir())
         self.data_path, raw = load_requests(data, cases=cfg.cases, image_root=cfg.image_root)
-        self.requests = with_images(raw, self.adapter)
+        self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype)
+        self.threads = cfg.threads
+        if self.threads is None and cfg.device == "cpu" and \
+                sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
+            self.threads = 1
+        self.adapter = get_adapter(self.model, SimpleNamespace(model_name=self.model_path))
+        self.requests = with_images(raw, self.adapter)  # every record and picture, before the first edit
+        check_text(self.requests, self.tok, self.model, self.data_path)
         self.methods = [self._bind(r) for r in (cfg.methods or self.default_methods(cfg.hparams))]
         if not self.methods:
             raise MKEError("no methods to run: nothing is registered with hyperparameters for "
