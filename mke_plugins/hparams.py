@@ -296,9 +296,9 @@ def locate_hparams(method: str, model: str) -> Path:
 
     registry = get_registry()
     entry = registry.get(method)
-    found = registry.loaded.manager.hook.mke_locate_hparams(method=method, model=model)
+    found = registry.call_hook("mke_locate_hparams", method=method, model=model, first=True)
     if found:
-        return Path(found)
+        return Path(found[0])
     folder = entry.hparams_dir()
     if folder is not None:
         for suffix in (".yaml", ".yml"):
@@ -326,7 +326,7 @@ def load_hparams(method: str, model: str, **overrides: Any):
     entry = registry.get(method)
     path = Path(model) if str(model).endswith((".yaml", ".yml")) else locate_hparams(method, model)
     config = read_yaml(path)
-    registry.loaded.manager.hook.mke_adjust_hparams(method=method, model=str(model), config=config)
+    registry.call_hook("mke_adjust_hparams", method=method, model=str(model), config=config)
     config.update(overrides)
     cls = entry.spec.resolved("hparams_cls")
     return cls.from_config(config, path=str(path))

@@ -125,7 +125,21 @@ def _add(loaded: LoadedPlugins, info: PluginInfo, load: Any) -> None:
         loaded.failures.append(PluginFailure(info, f"rejected by the plugin manager: {exc}",
                                              "match the hook signatures in hooks/README.md."))
         return
+    wrappers = _wrapper_hooks(loaded.manager, obj)
+    if wrappers:
+        loaded.manager.unregister(obj)
+        loaded.failures.append(PluginFailure(info, f"implements {wrappers[0]!r} as a hook wrapper.",
+                                             "drop wrapper=/hookwrapper= from its @hookimpl; "
+                                             "mke_plugins calls each plugin's hooks one at a time."))
+        return
     loaded.plugins.append((info, obj))
+
+
+def _wrapper_hooks(pm: pluggy.PluginManager, obj: Any) -> list[str]:
+    """Hooks that ``obj`` implements as wrappers (the host calls plain implementations only)."""
+    return [caller.name for caller in pm.get_hookcallers(obj) or []
+            for impl in caller.get_hookimpls()
+            if impl.plugin is obj and (impl.hookwrapper or impl.wrapper)]
 
 
 def load_plugins(*, entry_points: bool = True) -> LoadedPlugins:

@@ -179,6 +179,43 @@ class Registry:
             out.append((info, sorted(e.name for e in self._entries.values() if e.plugin == info)))
         return out
 
+    # -- per-method hooks --------------------------------------------------------------
+    def call_hook(self, hook: str, *, method: str, first: bool = False, **kwargs: Any) -> list[Any]:
+        """Call every plugin's ``hook(method=..., **kwargs)`` one at a time, in pluggy's order.
+
+        Returns the non-``None`` answers (only the first when ``first``). An implementation that
+        raises is reported by its plugin: when that plugin registered ``method`` the call fails
+        with a ``PluginError``; otherwise the answer is skipped with a warning (and recorded in
+        ``failures``), so one broken plugin never breaks another plugin's method.
+        """
+        owner = self.get(method).plugin
+        kwargs["method"] = method
+        answers: list[Any] = []
+        for impl in reversed(getattr(self.loaded.manager.hook, hook).get_hookimpls()):
+            try:
+                answer = impl.function(*(kwargs[a] for a in impl.argnames))
+            except Exception as exc:  # noqa: BLE001 - a plugin's own bug, reported by name
+                self._hook_failed(impl.plugin, hook, kwargs, exc, owner)
+                continue
+            if answer is not None:
+                answers.append(answer)
+                if first:
+                    break
+        return answers
+
+    def _hook_failed(self, plugin: Any, hook: str, kwargs: dict[str, Any], exc: Exception,
+                     owner: PluginInfo) -> None:
+        info = self.loaded.info_of(plugin)
+        failure = PluginFailure(
+            info, f"{hook}({kwargs['method']!r}, {kwargs.get('model')!r}) raised "
+                  f"{type(exc).__name__}: {exc}",
+            f"fix the plugin, or set MKE_BLOCK_PLUGINS={info.name} to skip it.")
+        if info == owner:
+            raise PluginError(failure.error, plugin=info.label, fix=failure.fix) from exc
+        if failure not in self.failures:
+            self.failures.append(failure)
+        warnings.warn(f"{failure} Its {hook} answer was skipped.", stacklevel=4)
+
 
 @lru_cache(maxsize=1)
 def get_registry() -> Registry:

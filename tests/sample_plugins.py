@@ -70,6 +70,11 @@ def _bad_refs(register):
     register(_spec("Unresolvable", apply_multimodal="no_such_module_for_mke:apply"))
 
 
+@hookimpl(wrapper=True)
+def _wrapping_adjust(method, model, config):  # pragma: no cover - never called
+    return (yield)
+
+
 good = _plugin(mke_register_methods=_good)
 raises = _plugin(mke_register_methods=_raises)
 not_a_spec = _plugin(mke_register_methods=_not_a_spec)
@@ -78,3 +83,4 @@ case_clash = _plugin(mke_register_methods=_case_clash)
 lora = _plugin(mke_register_methods=_lora)
 misspelled = _plugin(mke_register_method=_typo)
 bad_refs = _plugin(mke_register_methods=_bad_refs)
+wrapper = _plugin(mke_register_methods=_good, mke_adjust_hparams=_wrapping_adjust)

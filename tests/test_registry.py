@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import pytest
 
 from mke_hooks import PluginError, UnknownMethodError
 from mke_plugins import plugins as plugins_mod
+from mke_plugins import registry as registry_mod
 from mke_plugins.easyedit import install, uninstall
+from mke_plugins.hparams import load_hparams
 from mke_plugins.plugins import load_plugins
 from mke_plugins.registry import Registry
 from mke_plugins.testing.standin import new_host
@@ -148,7 +151,47 @@ def test_installed_plugins_clash_is_credited_to_the_later_one(monkeypatch, tmp_p
             "by plug-aaa 1.0 (entry point plug_aaa = plug_aaa)") in failure_text(reg)
 
 
-# -- references ---------------------------------------------
+HPARAMS_HOOKS = """
+    from mke_hooks import MethodSpec, hookimpl
+
+    @hookimpl
+    def mke_register_methods(register):
+        register(MethodSpec(name="Hooky", hparams_cls="mke_plugins.hparams:MultimodalHyperParams",
+                            apply_multimodal="os.path:join", summary="hooks that raise"))
+
+    @hookimpl
+    def mke_locate_hparams(method, model):
+        raise RuntimeError("locate boom")
+
+    @hookimpl
+    def mke_adjust_hparams(method, model, config):
+        raise KeyError("adjust boom")
+    """
+
+
+def test_raising_hparams_hooks_are_blamed_on_their_plugin(monkeypatch, tmp_path):
+    install_dist(monkeypatch, tmp_path / "site", "plug-hooks", "plug_hooks", HPARAMS_HOOKS, version="2.0")
+    reg = Registry(load_plugins())
+    monkeypatch.setattr(registry_mod, "get_registry", lambda: reg)
+    who = "plugin plug-hooks 2.0 (entry point plug_hooks = plug_hooks): "
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_hparams("FT", "world").alg_name == "FT"  # a built-in still loads
+    shown = [str(w.message) for w in caught]
+    assert any(m.startswith(who + "mke_locate_hparams('FT', 'world') raised RuntimeError: locate boom")
+               for m in shown), shown
+    assert any(m.startswith(who + "mke_adjust_hparams('FT', 'world') raised KeyError: 'adjust boom'")
+               for m in shown), shown
+    assert who + "mke_locate_hparams('FT', 'world') raised" in failure_text(reg)
+    with pytest.raises(PluginError, match=r"^" + re.escape(who + "mke_locate_hparams('Hooky', 'world') raised")):
+        load_hparams("Hooky", "world")
+    yaml_path = tmp_path / "hooky.yaml"
+    yaml_path.write_text("alg_name: Hooky\nmodel_name: m\n")
+    with pytest.raises(PluginError, match=re.escape(who + "mke_adjust_hparams('Hooky', ")):
+        load_hparams("Hooky", str(yaml_path))
+
+
+# -- references, hook wrappers ----------------------------------------------------------------
 def test_uncallable_reference_is_refused_with_the_plugin(monkeypatch):
     reg = build(monkeypatch, ["bad_refs"])
     assert "Uncallable" not in reg.names() and "Unresolvable" in reg.names()
@@ -171,3 +214,9 @@ def test_unresolvable_reference_names_plugin_and_reference(monkeypatch):
             host.alg_dict.ALG_MULTIMODAL_DICT["Unresolvable"]("M", None, [{}], None)
     finally:
         uninstall()
+
+
+def test_hook_wrappers_are_refused(monkeypatch):
+    reg = build(monkeypatch, ["wrapper"])
+    assert "Good" not in reg.names()
+    assert "implements 'mke_adjust_hparams' as a hook wrapper. Fix: drop wrapper=" in failure_text(reg)
