@@ -191,7 +191,7 @@ def test_raising_hparams_hooks_are_blamed_on_their_plugin(monkeypatch, tmp_path)
         load_hparams("Hooky", str(yaml_path))
 
 
-# -- references, hook wrappers ----------------------------------------------------------------
+# -- references, hook wrappers, selection variables ---------------------------------------------
 def test_uncallable_reference_is_refused_with_the_plugin(monkeypatch):
     reg = build(monkeypatch, ["bad_refs"])
     assert "Uncallable" not in reg.names() and "Unresolvable" in reg.names()
@@ -220,3 +220,16 @@ def test_hook_wrappers_are_refused(monkeypatch):
     reg = build(monkeypatch, ["wrapper"])
     assert "Good" not in reg.names()
     assert "implements 'mke_adjust_hparams' as a hook wrapper. Fix: drop wrapper=" in failure_text(reg)
+
+
+def test_selection_names_matching_no_plugin_are_warned(monkeypatch):
+    monkeypatch.setenv("MKE_LOAD_PLUGINS", "goood,lora")
+    monkeypatch.setenv("MKE_BLOCK_PLUGINS", "zzz-nothing")
+    with pytest.warns(UserWarning) as caught:
+        reg = build(monkeypatch, ["good", "lora"])
+    shown = [str(w.message) for w in caught]
+    assert any(m.startswith("MKE_LOAD_PLUGINS names 'goood', which matches no installed plugin. Did you mean "
+                            "'good'? Available plugin names: ") for m in shown), shown
+    assert any(m.startswith("MKE_BLOCK_PLUGINS names 'zzz-nothing', which matches no installed plugin. "
+                            "Available plugin names: ") for m in shown), shown
+    assert not any("'lora'" in m for m in shown) and "LoRA" in reg.names()
