@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import yaml
 
 from mke_hooks import HparamsError, close_matches
+from mke_plugins.autoinstall import maybe_install
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -173,6 +174,7 @@ class MultimodalHyperParams:
             config["name"] = config["model_name"]
         obj = cls(**config)
         obj.validate(path=path)
+        maybe_install()  # easyeditor imported by a route the import hook did not see
         return obj
 
     def validate(self, *, path: str = "<dict>") -> None:
@@ -350,6 +352,7 @@ def load_hparams(method: str, model: str, **overrides: Any):
     """
     from .registry import get_registry
 
+    maybe_install()  # before anything can fail: EasyEdit's editor needs the methods, not the hparams
     registry = get_registry()
     entry = registry.get(method)
     path = Path(model) if str(model).endswith((".yaml", ".yml")) else locate_hparams(method, model)
