@@ -6,16 +6,16 @@ Importing this package is cheap (no torch): the public functions import what the
 * ``load_hparams(method, model, **overrides)`` loads a method's hyperparameters.
 * ``get_registry()`` lists methods and the plugins that provide them.
 
-When ``easyeditor`` is already imported, importing this package installs the methods
-(``MKE_AUTO_INSTALL=0`` turns that off).
+The methods are installed into EasyEdit automatically, whatever the import order: at
+``import mke_plugins`` when ``easyeditor`` is already imported, else right after ``easyeditor``
+is imported (``mke_plugins.autoinstall``; ``MKE_AUTO_INSTALL=0`` turns that off).
 """
 
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
-import warnings as _warnings
 from typing import Any
+
+from . import autoinstall as _autoinstall
 
 __version__ = "0.1.0"
 
@@ -41,9 +41,4 @@ def get_registry():
     return _get()
 
 
-if "easyeditor" in _sys.modules and _os.environ.get("MKE_AUTO_INSTALL", "1") != "0":
-    try:
-        install()
-    except Exception as _exc:  # noqa: BLE001 - never break an import; say what happened
-        _warnings.warn(f"mke_plugins could not install its methods into EasyEdit: {_exc}. "
-                       "Call mke_plugins.install() to see the full error.", stacklevel=2)
+_autoinstall.activate()

@@ -8,7 +8,8 @@ stays available to our bench and is reported as not injected.
 
 Activation: call ``mke_plugins.install()`` after ``import easyeditor`` and before building a
 ``MultimodalEditor`` or ``MultimodalTrainer``. As a convenience, ``import mke_plugins`` does it
-for you when ``easyeditor`` is already imported (set ``MKE_AUTO_INSTALL=0`` to turn that off).
+for you whatever the import order (``mke_plugins.autoinstall``; ``MKE_AUTO_INSTALL=0`` turns
+that off).
 """
 
 from __future__ import annotations

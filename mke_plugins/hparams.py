@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import yaml
 
 from mke_hooks import HparamsError, close_matches
+from mke_plugins.autoinstall import maybe_install
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -183,6 +184,7 @@ class MultimodalHyperParams:
         obj = cls(**config)
         check_finite_fields(obj, path=path)
         obj.validate(path=path)
+        maybe_install()  # easyeditor imported by a route the import hook did not see
         return obj
 
     def validate(self, *, path: str = "<dict>") -> None:
@@ -214,13 +216,40 @@ class MultimodalHyperParams:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``SafeLoader`` (so ``!!python`` tags stay refused) that refuses duplicate mapping keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(key, lines[key], line)
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file and the line."""
+    """Read a YAML mapping; errors name the file and the line (and the key, for a duplicate)."""
     if not path.is_file():
         raise HparamsError("file not found.", path=str(path),
                            fix="check the path, or use `mke-plugins hparams METHOD MODEL` to see bundled files.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as dup:
+        raise HparamsError(f"appears twice, on lines {dup.first} and {dup.again}; YAML would silently "
+                           "keep only the last value.", path=str(path), key=str(dup.key),
+                           fix=f"delete one of the two lines (line {dup.again} is the one that "
+                               "would win).") from None
     except yaml.YAMLError as exc:
         raise HparamsError(f"not valid YAML: {exc}", path=str(path),
                            fix="fix the syntax at the line shown.") from None
@@ -338,9 +367,9 @@ def locate_hparams(method: str, model: str) -> Path:
 
     registry = get_registry()
     entry = registry.get(method)
-    found = registry.loaded.manager.hook.mke_locate_hparams(method=method, model=model)
+    found = registry.call_hook("mke_locate_hparams", method=method, model=model, first=True)
     if found:
-        return Path(found)
+        return Path(found[0])
     folder = entry.hparams_dir()
     if folder is not None:
         for suffix in (".yaml", ".yml"):
@@ -360,15 +389,29 @@ def load_hparams(method: str, model: str, **overrides: Any):
 
     Looks the file up through the ``mke_locate_hparams`` hook, then the method's bundled
     ``hparams/<model>.yaml``; lets plugins adjust it (``mke_adjust_hparams``); applies
-    ``overrides``; validates strictly. ``model`` may also be a path to a YAML file.
+    ``overrides``; validates strictly. ``model`` may also be a path to a YAML file. An error
+    caused by an override names the override, not the file.
     """
     from .registry import get_registry
 
+    maybe_install()  # before anything can fail: EasyEdit's editor needs the methods, not the hparams
     registry = get_registry()
     entry = registry.get(method)
     path = Path(model) if str(model).endswith((".yaml", ".yml")) else locate_hparams(method, model)
     config = read_yaml(path)
-    registry.loaded.manager.hook.mke_adjust_hparams(method=method, model=str(model), config=config)
+    registry.call_hook("mke_adjust_hparams", method=method, model=str(model), config=config)
     config.update(overrides)
     cls = entry.spec.resolved("hparams_cls")
-    return cls.from_config(config, path=str(path))
+    try:
+        return cls.from_config(config, path=str(path))
+    except HparamsError as exc:
+        if exc.key not in overrides:
+            raise
+        raise override_error(exc, overrides[exc.key], f"load_hparams({method!r}, {model!r}, ...)") from None
+
+
+def override_error(exc: HparamsError, value: Any, where: str) -> HparamsError:
+    """``exc`` (about an overridden key) re-aimed at the override ``key=value`` given in ``where``."""
+    shown = str(value).lower() if isinstance(value, bool) else value
+    return HparamsError(exc.message, path=f"override {exc.key}={shown} in {where}", key=exc.key,
+                        fix=exc.fix)

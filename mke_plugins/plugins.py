@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -81,7 +82,7 @@ def _env_names(var: str) -> set[str] | None:
 
 def _selected(info: PluginInfo) -> bool:
     load, block = _env_names("MKE_LOAD_PLUGINS"), _env_names("MKE_BLOCK_PLUGINS")
-    keys = {info.distribution, info.name, info.entry_point.split("=")[0].strip()}
+    keys = _keys(info)
     if block and keys & block:
         return False
     if load is not None and not info.builtin and not keys & load:
@@ -125,7 +126,21 @@ def _add(loaded: LoadedPlugins, info: PluginInfo, load: Any) -> None:
         loaded.failures.append(PluginFailure(info, f"rejected by the plugin manager: {exc}",
                                              "match the hook signatures in hooks/README.md."))
         return
+    wrappers = _wrapper_hooks(loaded.manager, obj)
+    if wrappers:
+        loaded.manager.unregister(obj)
+        loaded.failures.append(PluginFailure(info, f"implements {wrappers[0]!r} as a hook wrapper.",
+                                             "drop wrapper=/hookwrapper= from its @hookimpl; "
+                                             "mke_plugins calls each plugin's hooks one at a time."))
+        return
     loaded.plugins.append((info, obj))
+
+
+def _wrapper_hooks(pm: pluggy.PluginManager, obj: Any) -> list[str]:
+    """Hooks that ``obj`` implements as wrappers (the host calls plain implementations only)."""
+    return [caller.name for caller in pm.get_hookcallers(obj) or []
+            for impl in caller.get_hookimpls()
+            if impl.plugin is obj and (impl.hookwrapper or impl.wrapper)]
 
 
 def load_plugins(*, entry_points: bool = True) -> LoadedPlugins:
@@ -134,21 +149,42 @@ def load_plugins(*, entry_points: bool = True) -> LoadedPlugins:
     pm.add_hookspecs(hookspecs)
     loaded = LoadedPlugins(pm)
     own = metadata.version("mke-plugins") if _installed("mke-plugins") else "dev"
+    candidates: list[PluginInfo] = []
     for module in DEFAULT_PLUGINS:
         info = PluginInfo(module, "mke-plugins", own, builtin=True)
+        candidates.append(info)
         _add(loaded, info, lambda m=module: importlib.import_module(m))
     if entry_points:
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "unknown"
             version = ep.dist.version if ep.dist is not None else "?"
             info = PluginInfo(ep.name, dist, version, entry_point=f"{ep.name} = {ep.value}")
+            candidates.append(info)
             if any(i.name == info.name for i, _ in loaded.plugins):
                 loaded.failures.append(PluginFailure(info, f"plugin name {ep.name!r} is already taken.",
                                                      "rename the entry point."))
                 continue
             _add(loaded, info, ep.load)
     pm.check_pending()
+    if entry_points:
+        _warn_unmatched_env(candidates)
     return loaded
+
+
+def _keys(info: PluginInfo) -> set[str]:
+    """The names ``MKE_LOAD_PLUGINS`` / ``MKE_BLOCK_PLUGINS`` match a plugin by."""
+    return {info.distribution, info.name, info.entry_point.split("=")[0].strip()} - {""}
+
+
+def _warn_unmatched_env(candidates: list[PluginInfo]) -> None:
+    """Warn about each name in the selection variables that matches no installed plugin."""
+    known = sorted(set().union(*map(_keys, candidates)))
+    for var in ("MKE_LOAD_PLUGINS", "MKE_BLOCK_PLUGINS"):
+        for name in sorted((_env_names(var) or set()) - set(known)):
+            sugg = close_matches(name, known)
+            hint = f" Did you mean {', '.join(map(repr, sugg))}?" if sugg else ""
+            warnings.warn(f"{var} names {name!r}, which matches no installed plugin.{hint} "
+                          f"Available plugin names: {', '.join(known)}.", stacklevel=3)
 
 
 def _installed(dist: str) -> bool:

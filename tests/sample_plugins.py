@@ -64,6 +64,17 @@ def _typo(register):  # pragma: no cover - never called
     pass
 
 
+@hookimpl
+def _bad_refs(register):
+    register(_spec("Uncallable", apply_multimodal=42))
+    register(_spec("Unresolvable", apply_multimodal="no_such_module_for_mke:apply"))
+
+
+@hookimpl(wrapper=True)
+def _wrapping_adjust(method, model, config):  # pragma: no cover - never called
+    return (yield)
+
+
 good = _plugin(mke_register_methods=_good)
 raises = _plugin(mke_register_methods=_raises)
 not_a_spec = _plugin(mke_register_methods=_not_a_spec)
@@ -71,3 +82,5 @@ bad_restore = _plugin(mke_register_methods=_bad_restore)
 case_clash = _plugin(mke_register_methods=_case_clash)
 lora = _plugin(mke_register_methods=_lora)
 misspelled = _plugin(mke_register_method=_typo)
+bad_refs = _plugin(mke_register_methods=_bad_refs)
+wrapper = _plugin(mke_register_methods=_good, mke_adjust_hparams=_wrapping_adjust)

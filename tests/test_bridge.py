@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mke_plugins.easyedit import install, uninstall
@@ -63,3 +67,57 @@ def test_install_is_idempotent(reg):
     install(reg, host=host)
     uninstall()
     assert "Good" not in host.alg_dict.ALG_MULTIMODAL_DICT
+
+
+# -- import order: our methods reach EasyEdit whether it is imported before or after us ----------
+FAKE_EASYEDIT = {
+    "__init__.py": ("from .util import alg_dict\nfrom .editors import utils\n\n\n"
+                    "class MultimodalEditor:\n    @classmethod\n    def from_hparams(cls, hparams):\n"
+                    "        return alg_dict.ALG_MULTIMODAL_DICT[hparams.alg_name]  # EasyEdit's bare KeyError\n"),
+    "util/__init__.py": "",
+    "util/alg_dict.py": "ALG_MULTIMODAL_DICT = {}\nMULTIMODAL_EDIT_ALGS = set()\nALG_DICT = {}\n",
+    "editors/__init__.py": "",
+    "editors/utils.py": "CALLABLE_RESTORE_ALGS = set()\nPEFT_RESTORE_ALGS = set()\nKEEP_EDITED_MODEL_ALGS = set()\n",
+}
+
+
+def run_with_fake_easyedit(tmp_path, code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with a fake ``easyeditor`` package importable."""
+    site = tmp_path / "fake_site"
+    for rel, text in FAKE_EASYEDIT.items():
+        (site / "easyeditor" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / "easyeditor" / rel).write_text(text)
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path, **env})
+
+
+EDIT = ("import mke_plugins, easyeditor\n"
+        "print('after import:', 'DECODE' in easyeditor.util.alg_dict.ALG_MULTIMODAL_DICT,"
+        " type(easyeditor.__loader__).__name__)\n"
+        "print(easyeditor.MultimodalEditor.from_hparams(mke_plugins.load_hparams('DECODE', 'world')).__name__)\n")
+
+
+def test_methods_are_installed_when_easyeditor_is_imported_after_us(tmp_path):
+    out = run_with_fake_easyedit(tmp_path, EDIT)
+    assert out.stdout.splitlines() == ["after import: True SourceFileLoader", "apply_DECODE_via_mke_plugins"], \
+        out.stderr[-2000:]
+
+
+def test_methods_are_installed_when_easyeditor_is_imported_first(tmp_path):
+    code = "import easyeditor, mke_plugins; print('DECODE' in easyeditor.util.alg_dict.ALG_MULTIMODAL_DICT)"
+    assert run_with_fake_easyedit(tmp_path, code).stdout.split() == ["True"]
+
+
+def test_hparams_install_when_easyeditor_came_unseen(tmp_path):
+    code = ("import mke_plugins, mke_plugins.autoinstall as a; a.unwatch(); import easyeditor\n"
+            "d = easyeditor.util.alg_dict.ALG_MULTIMODAL_DICT; print('DECODE' in d)\n"
+            "mke_plugins.load_hparams('DECODE', 'world'); print('DECODE' in d)\n")
+    out = run_with_fake_easyedit(tmp_path, code)
+    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+
+
+def test_auto_install_off_is_honoured(tmp_path):
+    out = run_with_fake_easyedit(tmp_path, EDIT, MKE_AUTO_INSTALL="0")
+    assert out.stdout.splitlines() == ["after import: False SourceFileLoader"]
+    assert "KeyError: 'DECODE'" in out.stderr

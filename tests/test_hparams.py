@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mke_hooks import HparamsError
-from mke_plugins.hparams import MultimodalHyperParams, hp
+from mke_plugins.hparams import MultimodalHyperParams, hp, read_yaml
 
 
 @dataclass
@@ -152,3 +152,36 @@ def test_every_method_refuses_non_finite_floats(tmp_path, method, key, value):
     setattr(good, key, float(value.lstrip(".")))
     with pytest.raises(HparamsError, match=rf"key '{key}': -?(inf|nan) is not a finite number"):
         type(good).check_given(good)
+
+def test_duplicate_key_names_file_key_and_lines(tmp_path):
+    p = write(tmp_path, "alg_name: Demo\nrequired_thing: x\nlr: 0.1\nsteps: 3\nlr: 0.5\n")
+    with pytest.raises(HparamsError) as e:
+        DemoHyperParams.from_hparams(p)
+    assert str(e.value).startswith(f"{p}: key 'lr': appears twice, on lines 3 and 5;")
+    nested = write(tmp_path, "alg_name: Demo\nrequired_thing: x\nlayers: [1]\nextra:\n  a: 1\n  a: 2\n")
+    with pytest.raises(HparamsError, match=r"key 'a': appears twice, on lines 5 and 6"):
+        read_yaml(nested)
+    merged = write(tmp_path, "base: &b {lr: 1}\nother:\n  <<: *b\n  lr: 2\n")
+    assert read_yaml(merged)["other"] == {"lr": 2}  # a merge key is not a duplicate
+    with pytest.raises(HparamsError, match=r"not valid YAML: .*python/object"):
+        read_yaml(write(tmp_path, "alg_name: !!python/object/apply:os.getcwd []\n"))
+
+
+def test_override_errors_name_the_override_not_the_file():
+    from mke_plugins.bench.methods import bind, parse_method
+    from mke_plugins.hparams import load_hparams
+
+    cases = {"DECODE[max_stepz=3]": "key 'max_stepz': unknown hyperparameter 'max_stepz'",
+             "DECODE[max_steps=abc]": "key 'max_steps': expected an integer, got 'abc'",
+             "DECODE[max_steps=1.5]": "key 'max_steps': expected an integer, got 1.5"}
+    for label, problem in cases.items():
+        override = label[len("DECODE["):-1]
+        with pytest.raises(HparamsError) as e:
+            bind(parse_method(label), hparams_key="world", common={"device": "cpu"})
+        assert str(e.value).startswith(f"override {override} in {label}: {problem}"), str(e.value)
+        assert "world.yaml" not in str(e.value)
+    with pytest.raises(HparamsError) as e:
+        load_hparams("DECODE", "world", max_stepz=3)
+    assert str(e.value).startswith("override max_stepz=3 in load_hparams('DECODE', 'world', ...): key "
+                                   "'max_stepz': unknown hyperparameter 'max_stepz' for DECODEHyperParams. "
+                                   "Fix: did you mean 'max_steps'")

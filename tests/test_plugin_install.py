@@ -89,7 +89,8 @@ def test_broken_plugins_are_reported_by_name(site):
 def test_block_list_skips_a_plugin(site):
     env_out = subprocess.run(
         [sys.executable, "-m", "mke_plugins.cli", "plugins", "--json"], capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=str(site), MKE_BLOCK_PLUGINS="mke-broken,mke-typo"), cwd=ROOT)
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+                 MKE_BLOCK_PLUGINS="mke-broken,mke-typo"), cwd=ROOT)
     assert json.loads(env_out.stdout)["failures"] == []
 
 

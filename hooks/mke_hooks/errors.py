@@ -23,8 +23,7 @@ class PluginError(MKEError):
     """
 
     def __init__(self, message: str, *, plugin: str = "", fix: str = "") -> None:
-        self.plugin = plugin
-        self.fix = fix
+        self.message, self.plugin, self.fix = message, plugin, fix
         text = message
         if plugin:
             text = f"plugin {plugin}: {text}"
@@ -58,7 +57,7 @@ class HparamsError(MKEError, ValueError):
     """A hyperparameter file or value is wrong. Names the file, the key and the fix."""
 
     def __init__(self, message: str, *, path: str = "", key: str = "", fix: str = "") -> None:
-        self.path, self.key, self.fix = path, key, fix
+        self.message, self.path, self.key, self.fix = message, path, key, fix
         where = ""
         if path:
             where = f"{path}: "

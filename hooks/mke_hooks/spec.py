@@ -10,6 +10,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union
 
+from .errors import PluginError
+
 Ref = Union[str, Callable[..., Any], type, None]
 
 #: How EasyEdit undoes an edit (see ``EASYEDIT.md`` §3):
@@ -51,6 +53,8 @@ class MethodSpec:
         hparams_dir: package-relative or absolute folder with ``<model>.yaml`` files.
         paper: citation of the method's paper.
         summary: one line for listings.
+        registered_by: set by the host's registry, not by plugins: the label (distribution,
+            version, entry point) of the plugin that registered the spec, named in errors.
     """
 
     name: str
@@ -64,7 +68,20 @@ class MethodSpec:
     paper: str = ""
     summary: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    registered_by: str = field(default="", compare=False)
 
     def resolved(self, attr: str) -> Any:
-        """The object behind ``attr`` (a reference string is imported now)."""
-        return resolve(getattr(self, attr))
+        """The object behind ``attr`` (a reference string is imported now).
+
+        Raises ``PluginError`` naming the method, the plugin and the reference when the
+        reference cannot be imported.
+        """
+        ref = getattr(self, attr)
+        try:
+            return resolve(ref)
+        except Exception as exc:
+            raise PluginError(
+                f"method {self.name!r}: {attr}={ref!r} cannot be resolved: "
+                f"{type(exc).__name__}: {exc}.", plugin=self.registered_by,
+                fix="install the module it names (and that module's dependencies), or correct "
+                    "the 'package.module:attribute' reference in the plugin's MethodSpec.") from exc

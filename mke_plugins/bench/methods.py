@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from mke_hooks import MKEError
+from mke_hooks import HparamsError, MKEError
 
 EASYEDIT_PREFIX = "easyedit:"
 #: EasyEdit methods the bench cannot run as editors (why)
@@ -145,11 +145,16 @@ def _apply_overrides(hparams: Any, overrides: dict[str, Any], label: str) -> Non
 def bind_ours(req: MethodRequest, hparams_key: str, common: dict[str, Any]) -> BoundMethod:
     """A registered method: hparams from its bundled YAML for ``hparams_key`` plus overrides."""
     from mke_plugins.easyedit import make_apply
-    from mke_plugins.hparams import load_hparams
+    from mke_plugins.hparams import load_hparams, override_error
     from mke_plugins.registry import get_registry
 
     entry = get_registry().get(req.name)
-    hparams = load_hparams(req.name, hparams_key, **{**common, **req.overrides})
+    try:
+        hparams = load_hparams(req.name, hparams_key, **{**common, **req.overrides})
+    except HparamsError as exc:  # an override's fault is reported against the row as written
+        if exc.key not in req.overrides:
+            raise
+        raise override_error(exc, req.overrides[exc.key], req.label) from None
     return BoundMethod(req, make_apply(entry), hparams, entry.spec.restore, entry.plugin.label)
 
 
