@@ -153,6 +153,7 @@ def test_every_method_refuses_non_finite_floats(tmp_path, method, key, value):
     with pytest.raises(HparamsError, match=rf"key '{key}': -?(inf|nan) is not a finite number"):
         type(good).check_given(good)
 
+
 def test_duplicate_key_names_file_key_and_lines(tmp_path):
     p = write(tmp_path, "alg_name: Demo\nrequired_thing: x\nlr: 0.1\nsteps: 3\nlr: 0.5\n")
     with pytest.raises(HparamsError) as e:
