@@ -10,6 +10,7 @@ from mke_hooks.errors import RequestError
 from mke_plugins.adapters.base import HookPoint
 from mke_plugins.core.deltas import ColumnDelta, DeltaSet
 from mke_plugins.core.hooks import HookSet, capture, hook_counts, intervene
+from mke_plugins.core.modes import frozen
 from mke_plugins.core.requests import fine_locality, get_field, normalize_requests, portability, query_of, \
     text_only_prompt
 from mke_plugins.core.snapshot import RestoreHandle, WeightSnapshot, assert_same_state, state_diff, state_of
@@ -163,7 +164,7 @@ def test_column_delta_hook_equals_fold_and_restores(dtype):
     base = m(x)
     d = ColumnDelta(m.down, [2, 7])
     assert d.Z.dtype == torch.float32 and d.Z.shape == (2, 6)
-    with d:
+    with d, frozen(m):
         assert torch.equal(m(x), base)  # zero delta
         opt = torch.optim.SGD([d.Z], lr=1.0)
         loss = m(x).float().pow(2).sum()

@@ -10,6 +10,7 @@ import torch
 from mke_plugins.adapters import Query, get_adapter
 from mke_plugins.core.hooks import capture, hook_counts
 from mke_plugins.core.neurons import _REGISTRY, patches_for
+from mke_plugins.core.modes import frozen
 from mke_plugins.core.snapshot import RestoreHandle, assert_same_state, state_of
 from mke_plugins.core.wrap import GatedModel, gate_open, gated, is_gate_open, set_always_on
 from mke_plugins.testing.images import make_image, make_lavis_image
@@ -60,10 +61,10 @@ def test_block_delta_is_gated_exact_and_trainable(fam):
     want = rec0["out"].float() + block.delta(rec["q"])
     torch.testing.assert_close(rec["out"].float(), want, atol=1e-5, rtol=1e-5)
     # gradients reach the block only
-    with gate_open(model, patches.gate):
-        loss = adapter.loss(model, batch)
-    loss.backward()
+    with frozen(model), gate_open(model, patches.gate):
+        adapter.loss(model, batch).backward()
     assert block.value.grad is not None and block.value.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
     block.freeze()
     assert block.frozen and list(patches.parameters()) == []
     # never in the module tree; removal restores hooks and registry

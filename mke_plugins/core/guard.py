@@ -118,14 +118,15 @@ class EditGuard:
     # -- recording ----------------------------------------------------------------------
     def _record(self) -> None:
         model = self.model
-        self._modules = [_ModuleRecord(m) for m in model.modules()]
+        is_module = isinstance(model, nn.Module)  # anything else: only the snapshots are undone
+        self._modules = [_ModuleRecord(m) for m in model.modules()] if is_module else []
         self._params = []
-        for p in model.parameters():
+        for p in model.parameters() if is_module else ():
             grad = p.grad
             saved = grad.detach().clone() if grad is not None else None
             self._params.append((p, p.requires_grad, grad, saved))
         self._global = {k: _copy(getattr(_tm, k)) for k in _GLOBAL_HOOKS if hasattr(_tm, k)}
-        self._gates = wrap.gate_snapshot(model)
+        self._gates = wrap.gate_snapshot(model) if is_module else None
 
     def register(self, snapshot: WeightSnapshot) -> None:
         """Called by every ``WeightSnapshot`` created while this guard is the innermost one."""
@@ -153,7 +154,8 @@ class EditGuard:
             rec.restore()
         for key, saved in self._global.items():
             _put_back(getattr(_tm, key), saved)
-        wrap.gate_restore(self.model, self._gates)
+        if isinstance(self.model, nn.Module):
+            wrap.gate_restore(self.model, self._gates)
         for snap in reversed(self.snapshots):
             snap.restore()
         with torch.no_grad():

@@ -21,11 +21,13 @@ def frozen(model: nn.Module, trainable: Iterable[torch.Tensor] = (), *,
     """Every parameter of ``model`` frozen except ``trainable``; eval mode unless told otherwise.
 
     On exit, each parameter's ``requires_grad`` and each module's ``training`` flag are restored
-    to their values on entry, also when the block raises.
+    to their values on entry, also when the block raises, and a parameter that had no ``.grad`` on
+    entry has none on exit (the gradients of a trained weight are the method's, not the user's).
     """
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
+    no_grad = [p for p in params if p.grad is None]
     keep = {id(t) for t in trainable}
     try:
         if eval_mode:
@@ -36,5 +38,7 @@ def frozen(model: nn.Module, trainable: Iterable[torch.Tensor] = (), *,
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+        for p in no_grad:
+            p.grad = None
         for m, mode in modes:
             m.training = mode
