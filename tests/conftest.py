@@ -1,11 +1,11 @@
-"""Session-wide test fixtures: tiny models built once per session into a temporary directory.
+"""Test-run-wide fixtures: tiny models built once per test run into a temporary directory.
 
 ``tiny_dir(family)`` builds (once) and returns the directory of an HF tiny model;
 ``tiny_model(family)`` loads a *fresh* ``(model, processor)`` pair from it each call (cheap), so a
 test that edits weights cannot leak into another. ``tiny_lavis(family)`` builds a fresh
 LAVIS-style tiny model (``blip2`` / ``minigpt4``) and returns ``(model, tokenizer)``.
 ``family_model(family)`` is either, by family, with the ``model_name`` that selects its adapter.
-Other agents: add shared fixtures here, each with a docstring; keep per-area fixtures in the
+Contributors: add shared fixtures here, each with a docstring; keep per-area fixtures in the
 test module that uses them.
 """
 

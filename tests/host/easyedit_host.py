@@ -27,13 +27,8 @@ HELLO_METHOD = "HelloFT"
 #: steps there; these reach every target token in a few steps and keep the host check fast
 HELLO_TINY_OVERRIDES: dict[str, object] = {"lr": 2e-2, "max_steps": 25}
 
-SETUP_HINT = (
-    "The EasyEdit host check needs an EasyEdit main checkout and an interpreter where "
-    "`import easyeditor` works. See README.md, section 'Contributing', paragraph 'Host tests'; in short:\n"
-    "  git -C <EasyEdit clone> archive HEAD | tar -x -C /some/easyedit   # never inside this repo\n"
-    "  bash tests/host/setup_host_env.sh /some/easyedit .venv-host\n"
-    "  EASYEDIT_SRC=/some/easyedit PYTHONPATH=/some/easyedit .venv-host/bin/python -m pytest tests/host"
-)
+#: one line, so each skipped host test prints one line (README.md, 'Contributing' > 'Host tests', says how)
+SETUP_HINT = "host check not set up: see README.md, 'Contributing', 'Host tests'."
 
 #: the three metric keys every request yields, plus the two locality keys when their inputs are given
 METRIC_KEYS: tuple[str, ...] = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc",
@@ -53,19 +48,19 @@ def easyedit_unavailable_reason() -> str | None:
     """None when the host check can run here, else why not (with the setup hint)."""
     src = os.environ.get("EASYEDIT_SRC", "").strip()
     if not src:
-        return "EASYEDIT_SRC is not set.\n" + SETUP_HINT
+        return "EASYEDIT_SRC is not set; " + SETUP_HINT
     root = Path(src)
     if not (root / "easyeditor" / "__init__.py").is_file():
-        return f"EASYEDIT_SRC={src} is not an EasyEdit checkout (no easyeditor/__init__.py).\n" + SETUP_HINT
+        return f"EASYEDIT_SRC={src} is not an EasyEdit checkout (no easyeditor/__init__.py); " + SETUP_HINT
     try:
         mod = importlib.import_module("easyeditor")
     except Exception as exc:  # noqa: BLE001 - any import failure means "not set up"
         return (f"`import easyeditor` fails in this interpreter: {type(exc).__name__}: {exc}\n"
-                "(Put EASYEDIT_SRC on PYTHONPATH and use the host venv.)\n" + SETUP_HINT)
+                "(put EASYEDIT_SRC on PYTHONPATH and use the host venv); " + SETUP_HINT)
     origin = Path(getattr(mod, "__file__", "") or "").resolve()
     if root.resolve() not in origin.parents:
         return (f"`easyeditor` is imported from {origin}, not from EASYEDIT_SRC={src}; "
-                f"set PYTHONPATH={src}.\n" + SETUP_HINT)
+                f"set PYTHONPATH={src}; " + SETUP_HINT)
     return None
 
 
