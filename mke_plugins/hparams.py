@@ -8,9 +8,10 @@ and every message names the file and the key.
 
 Every field of every hparams class carries a ``help`` string (``hp(default, "help")``); a test
 checks that. Every float field must hold finite numbers (checked on loading and again by
-``check_given``) unless declared ``hp(..., finite=False)``. Values of the form ``"@world"`` /
-``"@world-data"`` resolve to the bundled world model and data folder, so the shipped
-``world.yaml`` files work from any install location.
+``check_given``) unless declared ``hp(..., finite=False)``. Values written
+``"@<key>/<relative path>"`` (``"@world-model"``, ``"@ldke/world.pt"``) name bundled files and
+resolve to absolute paths, so the shipped YAML files work from any install location (see
+:mod:`mke_plugins.bundled`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import yaml
 
 from mke_hooks import HparamsError, close_matches
 from mke_plugins.autoinstall import maybe_install
+from mke_plugins.bundled import resolve_bundled
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -66,14 +68,8 @@ def to_dtype(value: Any, *, path: str = "", key: str = "dtype") -> Any:
 
 
 def resolve_special(value: Any) -> Any:
-    """Expand ``@world`` (bundled world model) and ``@world-data`` (its data folder)."""
-    if value == "@world":
-        from mke_plugins.world import model_path
-        return str(model_path())
-    if value == "@world-data":
-        from mke_plugins.world import data_dir
-        return str(data_dir())
-    return value
+    """A bundled-file value (``"@world-model"``, ``"@ldke/world.pt"``) as an absolute path (``mke_plugins.bundled``)."""
+    return resolve_bundled(value)
 
 
 @dataclass
@@ -89,7 +85,7 @@ class MultimodalHyperParams:
     ALG_REFUSED: ClassVar[dict[str, str]] = {}
 
     alg_name: str = hp("", "Method name as EasyEdit's alg_name, exact case.")
-    model_name: Any = hp("", "Model path (also the family key for EasyEdit) or a (model, processor) tuple; '@world' is the bundled world model.")
+    model_name: Any = hp("", "Model path (also the family key for EasyEdit) or a (model, processor) tuple; '@world-model' is the bundled world model.")
     device: Any = hp("cpu", "Device for EasyEdit's editor/evaluator ('cpu', 'cuda:0' or an int). Methods take the device from the model's parameters.")
     dtype: Any = hp("float32", "Model dtype: float32, bfloat16 or float16 (converted to torch.dtype).")
     name: str = hp("", "Processor/tokenizer path used by EasyEdit's datasets and trainer; defaults to model_name.")
@@ -176,7 +172,8 @@ class MultimodalHyperParams:
         config["alg_name"] = alg
         hints = typing.get_type_hints(cls)
         for key, value in list(config.items()):
-            config[key] = _coerce(resolve_special(value), hints.get(key, Any), path=path, key=key)
+            value = resolve_bundled(value, path=path, key=key)  # here, so a deprecation warning names the file
+            config[key] = _coerce(value, hints.get(key, Any), path=path, key=key)
         if "dtype" in config or "dtype" in names:
             config["dtype"] = to_dtype(config.get("dtype", names["dtype"].default), path=path)
         if not config.get("name") and isinstance(config.get("model_name"), str):
