@@ -238,13 +238,6 @@ class MultimodalHyperParams:
         check_fields(hparams, path="<hparams object>")
         hparams.validate(path="<hparams object>")
 
-    def check_choice(self, key: str, choices: typing.Iterable[Any], *, path: str = "<dict>") -> None:
-        """Raise a ``HparamsError`` naming ``key`` unless its value is one of ``choices``."""
-        choices = list(choices)
-        if getattr(self, key) not in choices:
-            raise HparamsError(f"{getattr(self, key)!r} is not allowed.", path=path, key=key,
-                               fix=f"use one of {choices}.")
-
     @classmethod
     def field_help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
