@@ -107,6 +107,7 @@ class ASAMHyperParams(MultimodalHyperParams):
         return int(self.lar_variants) if self.lar else 0
 
     def validate(self, *, path: str = "<dict>") -> None:
+        """LAR's settings when ``lar`` is on, RCSL's need of LAR, the memory loss's need of ``memory_data``."""
         super().validate(path=path)
         if self.lar:
             self._validate_lar(path)

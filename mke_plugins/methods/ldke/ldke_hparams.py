@@ -99,6 +99,7 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
     seed: int = hp(0, "Seed of every random step (delta init, trace noise).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:
+        """``features: clip`` needs ``clip_model``."""
         super().validate(path=path)
         _check_clip(self, path)
 
@@ -150,7 +151,8 @@ class LDKETrainingHyperParams(_RouterFields, EasyEditTrainerFields, MultimodalHy
     seed: int = hp(0, "Seed of sampling, head initialisation and shuffling.", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:
-        super().validate(path=path)  # EasyEditTrainerFields: alg names LDKE
+        """``alg`` names LDKE (``EasyEditTrainerFields``); ``features: clip`` needs ``clip_model``."""
+        super().validate(path=path)
         _check_clip(self, path)
 
 

@@ -89,6 +89,7 @@ class UniKEHyperParams(MultimodalHyperParams):
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:
+        """At least one of the two kinds of knowledge is edited."""
         super().validate(path=path)
         if not (self.use_intrinsic or self.use_external):
             raise HparamsError("use_intrinsic and use_external are both false: the edit would do nothing.",
