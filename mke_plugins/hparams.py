@@ -6,11 +6,13 @@ that contract and works without EasyEdit installed, but is strict where EasyEdit
 unknown keys are rejected with close-match suggestions, all missing keys are listed at once,
 and every message names the file and the key.
 
-Every field of every hparams class carries a ``help`` string (``hp(default, "help")``); a test
-checks that. Every float field must hold finite numbers (checked on loading and again by
-``check_given``) unless declared ``hp(..., finite=False)``. Values of the form ``"@world"`` /
-``"@world-data"`` resolve to the bundled world model and data folder, so the shipped
-``world.yaml`` files work from any install location.
+A field is declared with ``hp(default, "help", ge=, gt=, le=, lt=, finite=, nonempty=,
+distinct=)`` and typed; choices are ``Literal[...]`` types. The base checks every field's type
+and constraints (numbers inside ``Optional`` and lists too) when loading (errors name the file
+and the key) and again in ``check_given`` (an object changed after loading). A class's own
+``validate`` holds only rules across fields and never changes a value; values derived from
+other fields are filled by ``normalize`` (run at construction, before any check). Values
+written ``"@<key>/<relative path>"`` name bundled files (see :mod:`mke_plugins.bundled`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import dataclasses
 import functools
 import math
 import numbers
+import operator
+import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -29,6 +33,7 @@ import yaml
 
 from mke_hooks import HparamsError, close_matches
 from mke_plugins.autoinstall import maybe_install
+from mke_plugins.bundled import resolve_bundled
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -37,15 +42,28 @@ _DTYPES = {
 }
 
 
-def hp(default: Any = MISSING, help: str = "", *, finite: bool = True, **kw: Any) -> Any:
-    """A dataclass field with a ``help`` text (mutable defaults are copied per instance).
+_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le),
+           ("lt", "<", operator.lt))
+_FINITE_FIX = ("set a finite number such as 1e-3 (YAML reads .inf, .nan and out-of-range values such as "
+               "1e999 as infinite or NaN).")
 
-    A field typed ``float`` (also ``float | None``, ``list[float]``) must hold finite numbers;
-    ``finite=False`` lets it hold ``inf`` / ``nan`` (see :func:`check_finite_fields`).
+
+def hp(default: Any = MISSING, help: str = "", *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None, finite: bool = True, nonempty: bool = False,
+       distinct: bool = False, **kw: Any) -> Any:
+    """A dataclass field with a ``help`` text and constraints the base checks (mutable defaults are copied).
+
+    ``ge`` / ``gt`` / ``le`` / ``lt`` bound an ``int`` or ``float`` field, also the number inside
+    ``Optional`` and every element of a list. A ``float`` field must be finite unless
+    ``finite=False``. ``nonempty`` / ``distinct`` apply to a list. Choices are a ``Literal[...]`` type.
     """
     if not help:
         raise ValueError("every hyperparameter needs a help text")
-    meta = {"help": help} if finite else {"help": help, "finite": False}
+    bounds = {name: b for name, b in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if b is not None}
+    for name, bound in bounds.items():
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not math.isfinite(bound):
+            raise ValueError(f"hp({name}=...) must be a finite number, got {bound!r}")
+    meta = {"help": help, **bounds, "finite": finite, "nonempty": nonempty, "distinct": distinct}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
@@ -66,14 +84,8 @@ def to_dtype(value: Any, *, path: str = "", key: str = "dtype") -> Any:
 
 
 def resolve_special(value: Any) -> Any:
-    """Expand ``@world`` (bundled world model) and ``@world-data`` (its data folder)."""
-    if value == "@world":
-        from mke_plugins.world import model_path
-        return str(model_path())
-    if value == "@world-data":
-        from mke_plugins.world import data_dir
-        return str(data_dir())
-    return value
+    """A bundled-file value (``"@world-model"``, ``"@ldke/world.pt"``) as an absolute path (``mke_plugins.bundled``)."""
+    return resolve_bundled(value)
 
 
 @dataclass
@@ -89,13 +101,13 @@ class MultimodalHyperParams:
     ALG_REFUSED: ClassVar[dict[str, str]] = {}
 
     alg_name: str = hp("", "Method name as EasyEdit's alg_name, exact case.")
-    model_name: Any = hp("", "Model path (also the family key for EasyEdit) or a (model, processor) tuple; '@world' is the bundled world model.")
+    model_name: Any = hp("", "Model path (also the family key for EasyEdit) or a (model, processor) tuple; '@world-model' is the bundled world model.")
     device: Any = hp("cpu", "Device for EasyEdit's editor/evaluator ('cpu', 'cuda:0' or an int). Methods take the device from the model's parameters.")
     dtype: Any = hp("float32", "Model dtype: float32, bfloat16 or float16 (converted to torch.dtype).")
     name: str = hp("", "Processor/tokenizer path used by EasyEdit's datasets and trainer; defaults to model_name.")
     exact_match: bool = hp(False, "EasyEdit field (ICL evaluator, BLIP trainer loss).")
-    batch_size: int = hp(1, "EasyEdit forces 1 for multimodal edits.")
-    max_length: int = hp(40, "Maximum generated length where a method generates.")
+    batch_size: int = hp(1, "EasyEdit forces 1 for multimodal edits.", ge=1)
+    max_length: int = hp(40, "Maximum generated length where a method generates.", ge=1)
     tokenizer_class: str = hp("", "LAVIS families: tokenizer class name (EasyEdit reads it).")
     tokenizer_name: str = hp("", "LAVIS families: tokenizer path.")
     coco_image: str = hp("", "Image root of EasyEdit's VQA/caption datasets ('@world-data' for the world).")
@@ -106,7 +118,22 @@ class MultimodalHyperParams:
     qformer_checkpoint: str = hp("", "LAVIS families: Q-Former checkpoint.")
     pretrained_ckpt: str = hp("", "MiniGPT-4: pretrained projection checkpoint.")
     use_chat_template: bool = hp(True, "EasyEdit field read by some multimodal methods.")
-    seed: int = hp(0, "Random seed for every nondeterministic step of the method.")
+    seed: int = hp(0, "Random seed for every nondeterministic step of the method.", ge=0)
+
+    def __post_init__(self) -> None:
+        self.normalize()
+
+    def normalize(self) -> None:
+        """Fill values derived from others; runs at construction and in ``check_given``, before any check.
+
+        The base resolves bundled-file values (``"@<key>/<path>"``) of string fields. A subclass
+        that derives a value (a default taken from another field, a canonical spelling) overrides
+        this, calls ``super().normalize()``, and must stay idempotent.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and value.startswith("@"):
+                setattr(self, f.name, resolve_bundled(value, key=f.name))
 
     # -- EasyEdit's HyperParams API ------------------------------------------------------
     @classmethod
@@ -174,21 +201,26 @@ class MultimodalHyperParams:
             raise HparamsError("alg_name is missing.", path=path, key="alg_name",
                                fix="add `alg_name: <method>`.")
         config["alg_name"] = alg
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for key, value in list(config.items()):
-            config[key] = _coerce(resolve_special(value), hints.get(key, Any), path=path, key=key)
+            value = resolve_bundled(value, path=path, key=key)  # here, so a deprecation warning names the file
+            config[key] = _coerce(value, hints.get(key, Any), path=path, key=key)
         if "dtype" in config or "dtype" in names:
             config["dtype"] = to_dtype(config.get("dtype", names["dtype"].default), path=path)
         if not config.get("name") and isinstance(config.get("model_name"), str):
             config["name"] = config["model_name"]
         obj = cls(**config)
-        check_finite_fields(obj, path=path)
+        check_fields(obj, path=path)
         obj.validate(path=path)
         maybe_install()  # easyeditor imported by a route the import hook did not see
         return obj
 
     def validate(self, *, path: str = "<dict>") -> None:
-        """Hook for subclasses: raise ``HparamsError`` on values that cannot work."""
+        """Hook for subclasses: rules across fields (each field's own constraints are ``hp``'s).
+
+        Raise ``HparamsError`` naming the key to change; never change a value (see ``normalize``).
+        A subclass calls ``super().validate(path=path)`` so that mixins' rules run too.
+        """
 
     @classmethod
     def check_given(cls, hparams: Any) -> None:
@@ -196,20 +228,15 @@ class MultimodalHyperParams:
 
         EasyEdit hands the apply function whatever object the user built, so a wrong class (a
         plain dict, another method's hparams) gets a ``TypeError`` that says how to load the right
-        one, and a right one with impossible values gets ``validate``'s ``HparamsError``.
+        one, and a right one with impossible values (changed after loading, or built by hand) gets
+        the ``HparamsError`` loading would have raised. It normalises the object first.
         """
         if not isinstance(hparams, cls):
             raise TypeError(f"{cls.ALG_NAME} needs {cls.__name__} (load them with {cls.__name__}.from_hparams or "
                             f"load_hparams('{cls.ALG_NAME}', ...)), got {type(hparams).__name__}")
-        check_finite_fields(hparams, path="<hparams object>")
+        hparams.normalize()
+        check_fields(hparams, path="<hparams object>")
         hparams.validate(path="<hparams object>")
-
-    def check_choice(self, key: str, choices: typing.Iterable[Any], *, path: str = "<dict>") -> None:
-        """Raise a ``HparamsError`` naming ``key`` unless its value is one of ``choices``."""
-        choices = list(choices)
-        if getattr(self, key) not in choices:
-            raise HparamsError(f"{getattr(self, key)!r} is not allowed.", path=path, key=key,
-                               fix=f"use one of {choices}.")
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -326,35 +353,96 @@ def _coerce(value: Any, hint: Any, *, path: str, key: str) -> Any:
     return value
 
 
-def _mentions_float(hint: Any) -> bool:
-    """Whether a type hint is ``float`` or holds it (``float | None``, ``list[float]``, ...)."""
-    return hint is float or any(_mentions_float(a) for a in typing.get_args(hint))
-
-
 @functools.lru_cache(maxsize=None)
-def finite_fields(cls: type) -> tuple[str, ...]:
-    """Names of ``cls``'s float-typed fields that must be finite (all but ``hp(..., finite=False)``)."""
-    hints = typing.get_type_hints(cls)
-    return tuple(f.name for f in fields(cls)
-                 if f.metadata.get("finite", True) and _mentions_float(hints.get(f.name, Any)))
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _non_finite(value: Any) -> Any:
-    """The first ``inf`` / ``nan`` in ``value`` (a number, or a list/tuple/dict of them), else None."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return None if math.isfinite(float(value)) else value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    return next((bad for bad in map(_non_finite, items) if bad is not None), None)
+def check_fields(obj: Any, *, path: str) -> None:
+    """Raise ``HparamsError`` on the first field of ``obj`` whose value breaks its type or ``hp`` constraints."""
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        _check(getattr(obj, f.name), hints.get(f.name, Any), f.metadata, path=path, key=f.name)
 
 
-def check_finite_fields(obj: Any, *, path: str) -> None:
-    """Raise ``HparamsError`` naming the first float field of ``obj`` that holds ``inf`` or ``nan``."""
-    for name in finite_fields(type(obj)):
-        bad = _non_finite(getattr(obj, name, None))
-        if bad is not None:
-            raise HparamsError(f"{float(bad)!r} is not a finite number.", path=path, key=name,
-                               fix="set a finite number such as 1e-3 (YAML reads .inf, .nan and "
-                                   "out-of-range values such as 1e999 as infinite or NaN).")
+def _check(value: Any, hint: Any, rules: Any, *, path: str, key: str, item: bool = False) -> None:
+    """Check ``value`` against ``hint`` (choices, number types) and ``rules`` (``hp``'s metadata)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        arm = next((a for a in args if _is_a(value, a)), None)
+        if arm is None:
+            raise HparamsError(f"expected {_describe(hint)}, got {value!r}.", path=path, key=key,
+                               fix=f"set {key} to {_describe(hint)}.")
+        return _check(value, arm, rules, path=path, key=key, item=item)
+    if not _is_a(value, hint):
+        what = f"{value!r} is not allowed" if origin is typing.Literal else f"expected {_describe(hint)}, got {value!r}"
+        raise HparamsError(f"{what}.", path=path, key=key, fix=f"set {key} to {_describe(hint)}.")
+    if origin in (list, tuple) or hint in (list, tuple):
+        _check_list(value, rules, path=path, key=key)
+        for element in value:
+            _check(element, args[0] if args else Any, rules, path=path, key=key, item=True)
+    elif origin is dict:
+        for element in value.values():
+            _check(element, args[-1], rules, path=path, key=key, item=True)
+    elif hint in (int, float):
+        _check_number(value, rules, path=path, key=key, item=item, finite=hint is float)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether ``value`` already has type ``hint`` (strict: no conversion; ints pass as floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in args)
+    if hint is float or hint is int:
+        kind = numbers.Real if hint is float else numbers.Integral
+        return isinstance(value, kind) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    """``int | None`` -> "an integer or null", for messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", tuple: "a list", dict: "a mapping"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_list(value: Any, rules: Any, *, path: str, key: str) -> None:
+    if rules.get("nonempty") and not value:
+        raise HparamsError("the list is empty.", path=path, key=key, fix=f"list at least one value in {key}.")
+    if rules.get("distinct"):
+        repeated = [v for i, v in enumerate(value) if v in value[:i]]
+        if repeated:
+            raise HparamsError(f"{list(value)!r} repeats {repeated[0]!r}.", path=path, key=key,
+                               fix=f"list each value of {key} once.")
+
+
+def _check_number(value: Any, rules: Any, *, path: str, key: str, item: bool, finite: bool) -> None:
+    """Finiteness first (``nan`` fails every comparison), then every bound."""
+    if finite and rules.get("finite", True) and not math.isfinite(float(value)):
+        raise HparamsError(f"{float(value)!r} is not a finite number.", path=path, key=key, fix=_FINITE_FIX)
+    bounds = [(sym, rules[name], op) for name, sym, op in _BOUNDS if name in rules]
+    if any(not op(value, bound) for _, bound, op in bounds):
+        rule = " and ".join(f"{sym} {bound}" for sym, bound, _ in bounds)
+        subject = f"every element of {key}" if item else key
+        raise HparamsError(f"{value!r} is out of range: {subject} must be {rule}.", path=path, key=key,
+                           fix=f"set {subject} to a value {rule}.")
 
 
 def is_hparams_class(obj: Any) -> bool:

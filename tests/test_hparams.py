@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import pytest
 import torch
 
 from mke_hooks import HparamsError
 from mke_plugins.hparams import MultimodalHyperParams, hp, read_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -186,3 +192,174 @@ def test_override_errors_name_the_override_not_the_file():
     assert str(e.value).startswith("override max_stepz=3 in load_hparams('DECODE', 'world', ...): key "
                                    "'max_stepz': unknown hyperparameter 'max_stepz' for DECODEHyperParams. "
                                    "Fix: did you mean 'max_steps'")
+
+
+# -- declarative constraints: hp(ge=, gt=, le=, lt=, nonempty=, distinct=) and Literal choices --------
+
+@dataclass
+class BoundedHyperParams(MultimodalHyperParams):
+    ALG_NAME: ClassVar[str] = "Bounded"
+    steps: int = hp(10, "Steps.", ge=1)
+    lr: float = hp(1e-2, "Learning rate.", gt=0)
+    share: float = hp(0.5, "A share.", ge=0, lt=1)
+    cap: int = hp(5, "At most 10.", le=10)
+    threshold: float | None = hp(None, "Optional, in [0, 1].", ge=0, le=1)
+    layers: list[int] = hp([0, 1], "Layer indices.", ge=0, nonempty=True, distinct=True)
+    mode: Literal["fast", "slow"] = hp("fast", "A choice.")
+    masks: list[Literal["a", "b"]] = hp(["a"], "Choices in a list.")
+    positions: int | Literal["all"] = hp("all", "'all' or a count >= 1.", ge=1)
+
+
+def bounded(**values):
+    return BoundedHyperParams.from_config({"alg_name": "Bounded", **values}, path="b.yaml")
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("steps", 0, "0 is out of range: steps must be >= 1. Fix: set steps to a value >= 1."),
+    ("lr", 0.0, "0.0 is out of range: lr must be > 0."),
+    ("share", 1.0, "1.0 is out of range: share must be >= 0 and < 1."),
+    ("share", -0.1, "-0.1 is out of range: share must be >= 0 and < 1."),
+    ("cap", 11, "11 is out of range: cap must be <= 10."),
+    ("threshold", 1.5, "1.5 is out of range: threshold must be >= 0 and <= 1."),
+    ("layers", [0, -1], "-1 is out of range: every element of layers must be >= 0."),
+    ("layers", [], "the list is empty. Fix: list at least one value in layers."),
+    ("layers", [1, 2, 1], "[1, 2, 1] repeats 1. Fix: list each value of layers once."),
+    ("mode", "medium", "'medium' is not allowed. Fix: use one of ['fast', 'slow']."),
+    ("masks", ["a", "c"], "'c' is not allowed."),
+    ("positions", 0, "0 is out of range: positions must be >= 1."),
+    ("positions", "some", "expected an integer, got 'some'."),
+])
+def test_constraints_are_checked_on_loading(key, value, problem):
+    with pytest.raises(HparamsError) as err:
+        bounded(**{key: value})
+    assert str(err.value).startswith(f"b.yaml: key '{key}': {problem}"), str(err.value)
+    assert err.value.key == key and err.value.fix
+
+
+def test_values_within_bounds_load_unchanged():
+    h = bounded(steps=1, lr=1e-9, share=0, cap=10, threshold=None, layers=[3], mode="slow",
+                masks=["b", "a"], positions=4)
+    assert (h.steps, h.share, h.cap, h.threshold, h.layers, h.mode, h.positions) == (1, 0.0, 10, None, [3], "slow", 4)
+    assert bounded(threshold=1, positions="all").threshold == 1.0
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("steps", 0, "0 is out of range: steps must be >= 1."),
+    ("steps", 2.0, "expected an integer, got 2.0."),
+    ("steps", True, "expected an integer, got True."),
+    ("lr", "1e-3", "expected a number, got '1e-3'."),
+    ("threshold", -1.0, "-1.0 is out of range: threshold must be >= 0 and <= 1."),
+    ("threshold", "x", "expected a number or null, got 'x'."),
+    ("layers", [0, 0], "[0, 0] repeats 0."),
+    ("layers", (0, -2), "-2 is out of range: every element of layers must be >= 0."),
+    ("mode", "medium", "'medium' is not allowed. Fix: set mode to one of ['fast', 'slow']."),
+    ("masks", ["z"], "'z' is not allowed."),
+])
+def test_check_given_rechecks_an_object_changed_after_loading(key, value, problem):
+    h = bounded()
+    setattr(h, key, value)
+    with pytest.raises(HparamsError) as err:
+        BoundedHyperParams.check_given(h)
+    assert str(err.value).startswith(f"<hparams object>: key '{key}': {problem}"), str(err.value)
+
+
+def test_hp_refuses_bounds_that_are_not_numbers():
+    for bad in ({"ge": "0"}, {"lt": float("inf")}, {"gt": True}):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            hp(1, "help", **bad)
+
+
+def world_hparams_of_every_class():
+    from mke_plugins.hparams import load_hparams, locate_hparams
+    from mke_plugins.methods.ldke.ldke_hparams import LDKETrainingHyperParams
+    from mke_plugins.methods.unike.unike_hparams import UniKETrainingHparams
+
+    objs = [load_hparams(m, "world") for m in ("DECODE", "LDKE", "ASAM", "UniKE", "FT", "LoRA")]
+    for cls, method in ((LDKETrainingHyperParams, "LDKE"), (UniKETrainingHparams, "UniKE")):
+        objs.append(cls.from_hparams(locate_hparams(method, "world").parent / "training" / "world.yaml"))
+    return objs
+
+
+def test_validate_never_changes_a_value():
+    """validate holds only checks: calling it (or check_given) again leaves every value as loaded."""
+    import copy
+
+    for obj in world_hparams_of_every_class():
+        before = copy.deepcopy(obj.to_dict())
+        obj.validate(path="x")
+        obj.validate(path="x")
+        type(obj).check_given(obj)
+        assert obj.to_dict() == before, type(obj).__name__
+
+
+def test_normalize_fills_derived_values_before_any_check():
+    from mke_plugins.methods.unike.unike_hparams import UniKETrainingHparams
+
+    h = UniKETrainingHparams.from_config({"alg": "UNIKE", "enc_lr": 3e-4, "enc_epochs": 7})
+    assert (h.alg, h.lr, h.max_epochs) == ("UniKE", 3e-4, 7)
+    assert UniKETrainingHparams(enc_lr=2e-4, max_iters=5).max_epochs is None  # direct construction too
+    with pytest.raises(HparamsError, match="key 'alg': 'unike' is not allowed"):
+        UniKETrainingHparams.from_config({"alg": "unike"})
+
+
+# -- bundled files: one prefix syntax, @<key>/<relative path> -------------------------------------------
+
+def test_bundled_prefixes_resolve_through_one_table(tmp_path):
+    from mke_plugins.methods.ldke import archives_dir as ldke_archives
+    from mke_plugins.methods.unike import archives_dir as unike_archives
+    from mke_plugins.world import data_dir, model_path
+
+    p = write(tmp_path, 'alg_name: Demo\nrequired_thing: "@ldke/world.pt"\nmodel_name: "@world-model"\n'
+                        'coco_image: "@world-data"\nrephrase_image: "@world-data/images"\nname: "@unike/world.pt"\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = DemoHyperParams.from_hparams(p)
+    assert h.model_name == str(model_path()) and h.coco_image == str(data_dir())
+    assert h.rephrase_image == str(data_dir() / "images")
+    assert h.required_thing == str(ldke_archives() / "world.pt") and h.name == str(unike_archives() / "world.pt")
+
+
+@pytest.mark.parametrize("old, new", [("@world", "@world-model"), ("@bundled/world.pt", "@unike/world.pt")])
+def test_old_spellings_still_resolve_with_a_deprecation_warning(tmp_path, old, new):
+    from mke_plugins.bundled import resolve_bundled
+
+    p = write(tmp_path, f'alg_name: Demo\nrequired_thing: "{old}"\n')
+    with pytest.warns(DeprecationWarning, match=rf"demo.yaml: key 'required_thing': '{old}' is a deprecated "
+                                                rf"spelling; write '{new}'"):
+        h = DemoHyperParams.from_hparams(p)
+    assert h.required_thing == resolve_bundled(new)
+
+
+def test_bundled_table_registration_and_unknown_keys(monkeypatch, tmp_path):
+    from mke_plugins import bundled
+
+    monkeypatch.setattr(bundled, "BUNDLED_ROOTS", dict(bundled.BUNDLED_ROOTS))
+    bundled.register_bundled("demo-files", lambda: tmp_path)
+    assert bundled.resolve_bundled("@demo-files/a/b.txt") == str(tmp_path / "a" / "b.txt")
+    assert "demo-files" in bundled.bundled_keys()
+    with pytest.raises(ValueError, match="'@demo-files' is already registered"):
+        bundled.register_bundled("demo-files", lambda: tmp_path / "other")
+    bundled.register_bundled("world-model", "mke_plugins.world:model_path")  # the same root again: no-op
+    with pytest.raises(ValueError, match="must start with a letter"):
+        bundled.register_bundled("@bad", lambda: tmp_path)
+    for value in ("@world-train", "@nobody/x", "plain/path", 3, None):  # unknown keys are left as written
+        assert bundled.resolve_bundled(value) == value
+    bundled.register_bundled("broken", "no_such_module_xyz:root")
+    with pytest.raises(HparamsError, match=r"key 'archive': '@broken/x': the folder of '@broken' cannot be found"):
+        bundled.resolve_bundled("@broken/x", key="archive")
+
+
+def test_every_bundled_yaml_uses_the_current_spelling():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert len(world_hparams_of_every_class()) == 8
+
+
+def test_the_host_layer_does_not_import_the_world():
+    code = ("import sys, mke_plugins.hparams, mke_plugins.bundled, mke_plugins.trainer_hparams; "
+            "print('mke_plugins.world' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    for module in ("hparams", "bundled", "trainer_hparams"):
+        assert "world" not in "".join(ln for ln in (ROOT / "mke_plugins" / f"{module}.py").read_text().splitlines()
+                                      if ln.startswith(("import ", "from ")))

@@ -20,6 +20,7 @@ import copy
 import inspect
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import metadata
@@ -154,9 +155,14 @@ def check_hparams(method: str) -> None:
     assert models, "ship at least one hparams/<model>.yaml"
     for model in models:
         path = entry.hparams_dir() / f"{model}.yaml"
-        hp = cls.from_hparams(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # bundled files use current spellings
+            hp = cls.from_hparams(str(path))
         assert hp.alg_name == method, f"{path}: alg_name is {hp.alg_name!r}"
         assert set(read_yaml(path)) <= {f.name for f in fields(cls)}
+        loaded = copy.deepcopy(hp.to_dict())
+        cls.check_given(hp)  # normalize, field constraints, validate: none may change a loaded value
+        assert hp.to_dict() == loaded, f"{path}: validate/normalize changed a loaded value"
 
 
 def check_apply_signature(method: str) -> None:

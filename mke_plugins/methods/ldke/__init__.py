@@ -11,10 +11,21 @@ the registry resolves on first use.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mke_hooks import MethodSpec, hookimpl
+from mke_plugins.bundled import register_bundled
 
 PAPER = ("L. Gu, Z. Zeng, F. Li, X. Gao, Z. Shi, X. Cao. Towards Localized and Disentangled Knowledge Editing "
          "for Multimodal Large Language Models. arXiv 2605.29826, 2026.")
+
+
+def archives_dir() -> Path:
+    """Folder of the archives shipped with LDKE (``@ldke/<file>`` in hyperparameters)."""
+    return Path(__file__).resolve().parent / "archives"
+
+
+register_bundled("ldke", archives_dir)
 
 
 @hookimpl

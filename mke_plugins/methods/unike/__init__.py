@@ -12,12 +12,22 @@ the registry resolves on first use. :func:`set_active` and :func:`restore_all` i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mke_hooks import MethodSpec, hookimpl
+from mke_plugins.bundled import register_bundled
 
 PAPER = ("K. Pan, Z. Fan, J. Li, Q. Yu, H. Fei, S. Tang, R. Hong, H. Zhang, Q. Sun. Towards Unified Multimodal "
          "Editing with Enhanced Knowledge Collaboration. NeurIPS 2024 (OpenReview kf80ZS3fVy).")
+
+
+def archives_dir() -> Path:
+    """Folder of the archives shipped with UniKE (``@unike/<file>`` in hyperparameters)."""
+    return Path(__file__).resolve().parent / "archives"
+
+
+register_bundled("unike", archives_dir, old="bundled")
 
 
 @hookimpl

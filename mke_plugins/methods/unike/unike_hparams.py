@@ -6,24 +6,22 @@ offline stage (``mke-plugins train UniKE`` or EasyEdit's ``MultimodalTrainer``) 
 archive from ``UniKETrainingHparams``, which also carries every field EasyEdit's trainer reads.
 
 The defaults are the 7B values of the spec; ``hparams/world.yaml`` and
-``hparams/training/world.yaml`` hold the values for the bundled world model. ``archive`` may be
-``"@bundled/<file>"``: a file shipped inside this package (``archives/``). The official
-spelling ``UNIKE`` is accepted and normalised to ``UniKE``; EasyEdit's unrelated text method
-``UnKE`` is refused by name.
+``hparams/training/world.yaml`` hold the values for the bundled world model. Each field declares
+its constraints (``hp(..., ge=...)``, ``Literal`` choices); ``validate`` holds the rules across
+fields. ``archive`` may be ``"@unike/<file>"``: a file shipped inside this package
+(``archives/``; ``"@bundled/<file>"`` is the deprecated spelling). The official spelling
+``UNIKE`` is accepted and normalised to ``UniKE``; EasyEdit's unrelated text method ``UnKE`` is
+refused by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 from mke_hooks import HparamsError
 from mke_plugins.hparams import MultimodalHyperParams, hp
 from mke_plugins.trainer_hparams import EasyEditTrainerFields
-
-ALPHA_MODES = ("dynamic", "fixed")
-BUNDLED_PREFIX = "@bundled/"
 
 _REFUSED = {
     name: (f"alg_name {name!r} is EasyEdit's own, unrelated text method UnKE (and dataset), not UniKE "
@@ -31,34 +29,6 @@ _REFUSED = {
     for name in ("UnKE", "UNKE", "unke", "Unke")
 }
 _REFUSED.update({name: f"alg_name is case-sensitive: {name!r} is not 'UniKE'." for name in ("unike", "Unike")})
-
-
-def bundled_dir() -> Path:
-    """Folder of the archives shipped with the package."""
-    return Path(__file__).resolve().parent / "archives"
-
-
-def resolve_archive_path(value: Any) -> Any:
-    """``"@bundled/world.pt"`` → the absolute path of that shipped archive; other values unchanged."""
-    if isinstance(value, str) and value.startswith(BUNDLED_PREFIX):
-        return str(bundled_dir() / value[len(BUNDLED_PREFIX):])
-    return value
-
-
-def _check_layers(layers: Any, path: str) -> None:
-    if (not isinstance(layers, list) or not layers
-            or any(not isinstance(v, int) or isinstance(v, bool) for v in layers)
-            or len(set(layers)) != len(layers)):
-        raise HparamsError(f"expected a non-empty list of distinct layer indices, got {layers!r}.", path=path,
-                           key="layers", fix="write e.g. [-2, -1] (negative indices count from the top).")
-
-
-def _positive(obj: Any, key: str, path: str, *, integer: bool = False, allow_zero: bool = False) -> None:
-    value = getattr(obj, key)
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok_type or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
-        what = ("a whole number" if integer else "a number") + (" >= 0" if allow_zero else " > 0")
-        raise HparamsError(f"expected {what}, got {value!r}.", path=path, key=key, fix=f"write {what}.")
 
 
 @dataclass
@@ -74,29 +44,33 @@ class UniKEHyperParams(MultimodalHyperParams):
     archive: str | None = hp(
         None, "Path of the offline archive (bank, encoders, zeta); required. Build it with "
               "`mke-plugins train UniKE --hparams <training yaml>` or EasyEdit's MultimodalTrainer with "
-              "`alg: UniKE`. '@bundled/<file>' names an archive shipped in the package.")
+              "`alg: UniKE`. '@unike/<file>' names an archive shipped in the package.")
     layers: list[int] = hp([-4, -3, -2, -1], "Edited decoder layers; negative indices count from the top. Must "
-                                              "be covered by the archive.")
-    num_neurons: int = hp(10, "n_e: new key-value neurons per edited layer per edit.")
-    top_k: int = hp(40, "K: memory entries per edit and layer (the edit's own entry + K-1 retrieved from the bank).")
-    alpha_mode: str = hp("dynamic", "'dynamic': alpha from the semantic encoder per position; 'fixed': alpha_fixed.")
-    alpha_fixed: float = hp(0.5, "The mixing weight of external knowledge when alpha_mode is 'fixed'.")
-    beta: float = hp(0.1, "Scale of zeta' = W_zeta zeta added to every new value row.")
+                                              "be covered by the archive.", nonempty=True, distinct=True)
+    num_neurons: int = hp(10, "n_e: new key-value neurons per edited layer per edit.", ge=1)
+    top_k: int = hp(40, "K: memory entries per edit and layer (the edit's own entry + K-1 retrieved from the "
+                        "bank).", ge=1)
+    alpha_mode: Literal["dynamic", "fixed"] = hp(
+        "dynamic", "'dynamic': alpha from the semantic encoder per position; 'fixed': alpha_fixed.")
+    alpha_fixed: float = hp(0.5, "The mixing weight of external knowledge when alpha_mode is 'fixed'.",
+                            ge=0, le=1)
+    beta: float = hp(0.1, "Scale of zeta' = W_zeta zeta added to every new value row.", ge=0)
     use_intrinsic: bool = hp(True, "Add trained key-value neurons (false: external knowledge only).")
     use_external: bool = hp(True, "Install the latent memory feature shifts (false: intrinsic neurons only).")
     use_zeta: bool = hp(True, "Add beta * W_zeta zeta to the new values (false: no truthfulness direction).")
-    edit_lr: float = hp(7.5e-4, "Adam learning rate of the new keys, biases, values and W_zeta.")
-    max_edit_steps: int = hp(20, "Optimisation step cap per edit.")
-    stop_loss: float = hp(0.1, "Stop early once the mean target NLL is below this.")
-    grad_clip: float = hp(1.0, "Maximum gradient norm per edit step.")
-    key_noise: float = hp(0.01, "Relative noise on repeated key initialisations (std = key_noise * |k| / sqrt(d)).")
+    edit_lr: float = hp(7.5e-4, "Adam learning rate of the new keys, biases, values and W_zeta.", gt=0)
+    max_edit_steps: int = hp(20, "Optimisation step cap per edit.", ge=1)
+    stop_loss: float = hp(0.1, "Stop early once the mean target NLL is below this.", ge=0)
+    grad_clip: float = hp(1.0, "Maximum gradient norm per edit step.", gt=0)
+    key_noise: float = hp(0.01, "Relative noise on repeated key initialisations (std = key_noise * |k| / sqrt(d)).",
+                          ge=0)
     memory_loss_weight: float = hp(0.0, "Weight of the Transformer-Patcher memory penalty: the mean activation "
                                         "magnitude of the new neurons on bank h_sem states (for gated FFNs the "
                                         "SiLU(gate)*up product can be negative, so |activation| is penalised); 0 = off. "
-                                        "Helps sequential editing at some cost in text generality.")
+                                        "Helps sequential editing at some cost in text generality.", ge=0)
     negatives: int = hp(0, "Locality negatives per edit (project choice): the bank h_sem states nearest to the "
                            "edit's h_sem (same-relation questions about other entities), shifted by the current "
-                           "latent memory, feed the margin loss (negative_loss_weight); 0 = off.")
+                           "latent memory, feed the margin loss (negative_loss_weight); 0 = off.", ge=0)
     negatives_from_edits: bool = hp(True, "With negative_loss_weight > 0, also use the earlier edits' inputs (their "
                                           "answer-position FFN inputs as the edited model now sees them; the "
                                           "edit batches are kept until the edit is removed) as negatives, so a "
@@ -104,40 +78,22 @@ class UniKEHyperParams(MultimodalHyperParams):
                                           "edits; project choice).")
     key_scale: float = hp(1.0, "s: the gate key and bias are multiplied by s at init, so the pre-activation is "
                                "s*(p - key_threshold) where p is the input's projection on the centred key (1 at "
-                               "the edit state). 1 with key_threshold 0 = the spec's init (project choice).")
+                               "the edit state). 1 with key_threshold 0 = the spec's init (project choice).", gt=0)
     key_threshold: float = hp(0.0, "theta: projection below which a new neuron's gate starts negative (see "
                                    "key_scale); e.g. 0.8 keeps relation-mates (projection ~0.6) silent while "
                                    "rephrasings (~0.95) still fire (project choice).")
     negative_margin: float = hp(4.0, "Margin loss target: the gate pre-activation of every new neuron on every "
-                                     "locality negative should be <= -negative_margin (SiLU(-4) ~ -0.07).")
+                                     "locality negative should be <= -negative_margin (SiLU(-4) ~ -0.07).", ge=0)
     negative_loss_weight: float = hp(0.0, "Weight of the margin loss mean(relu(pre(negative) + negative_margin)) "
-                                          "(T-Patcher's memory loss on locality negatives); 0 = off.")
-    seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).")
-
-    def __post_init__(self) -> None:
-        self.archive = resolve_archive_path(self.archive)
+                                          "(T-Patcher's memory loss on locality negatives); 0 = off.", ge=0)
+    seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:
-        """Reject values that cannot work; errors name the field and the fix."""
-        self.check_choice("alpha_mode", ALPHA_MODES, path=path)
-        _check_layers(self.layers, path)
-        _positive(self, "negatives", path, integer=True, allow_zero=True)
-        for key in ("num_neurons", "top_k", "max_edit_steps"):
-            _positive(self, key, path, integer=True)
-        for key in ("edit_lr", "grad_clip", "key_scale"):
-            _positive(self, key, path)
-        for key in ("beta", "stop_loss", "key_noise", "memory_loss_weight", "negative_margin",
-                    "negative_loss_weight"):
-            _positive(self, key, path, allow_zero=True)
-        if not isinstance(self.alpha_fixed, (int, float)) or not 0.0 <= self.alpha_fixed <= 1.0:
-            raise HparamsError(f"expected a number in [0, 1], got {self.alpha_fixed!r}.", path=path,
-                               key="alpha_fixed", fix="write e.g. 0.5.")
+        """At least one of the two kinds of knowledge is edited."""
+        super().validate(path=path)
         if not (self.use_intrinsic or self.use_external):
             raise HparamsError("use_intrinsic and use_external are both false: the edit would do nothing.",
                                path=path, key="use_intrinsic", fix="set at least one of them to true.")
-        if self.archive is not None and not isinstance(self.archive, str):
-            raise HparamsError(f"expected a file path, got {self.archive!r}.", path=path, key="archive",
-                               fix="write the path of the archive built by `mke-plugins train UniKE`.")
 
 
 @dataclass
@@ -155,61 +111,63 @@ class UniKETrainingHparams(EasyEditTrainerFields, MultimodalHyperParams):
     ALG_REFUSED: ClassVar[dict[str, str]] = _REFUSED
 
     alg_name: str = hp("UniKE", "Must be 'UniKE'.")
-    alg: str = hp("UniKE", "EasyEdit trainer key (upper-cased to UNIKE in ALG_TRAIN_DICT); must be 'UniKE'.")
+    alg: Literal["UniKE", "UNIKE"] = hp("UniKE", "EasyEdit trainer key (upper-cased to UNIKE in ALG_TRAIN_DICT); "
+                                                 "'UniKE' ('UNIKE' is normalised to it).")
     # -- offline stage ---------------------------------------------------------------------------
     layers: list[int] = hp([-4, -3, -2, -1], "Layers whose FFN inputs are banked and get encoders; negative "
-                                              "indices count from the top. Editing layers must be a subset.")
+                                              "indices count from the top. Editing layers must be a subset.",
+                           nonempty=True, distinct=True)
     data: str = hp("@world-train", "CLI default data: '@world-train' (the world's train split) or an MMEdit JSON "
                                    "file (then `image_root` is its image folder).")
     image_root: str = hp("", "Image folder of an MMEdit JSON given in `data` (default: the JSON's folder).")
     out: str = hp("", "Where the CLI writes the archive (default: ./unike-<model>.pt).")
-    bank_size: int = hp(20000, "Maximum triplets in the bank.")
+    bank_size: int = hp(20000, "Maximum triplets in the bank.", ge=1)
     include_variants: bool = hp(True, "Also bank the rephrased-question and rephrased-image triplets of a record.")
-    tru_dim: int | None = hp(256, "d_t, output size of the truthfulness encoder; null = the hidden size d.")
+    tru_dim: int | None = hp(256, "d_t, output size of the truthfulness encoder; null = the hidden size d.",
+                         ge=1)
     shared_encoders: bool = hp(False, "One encoder pair for all layers (the official code's layout).")
-    tau: float = hp(0.1, "Contrastive temperature.")
+    tau: float = hp(0.1, "Contrastive temperature.", gt=0)
     enc_lr: float = hp(1e-4, "Adam learning rate of the encoders (CLI; the trainer uses `lr`, which defaults "
-                             "to this).")
-    enc_batch_size: int = hp(256, "Triplets per encoder batch (a trainer batch is filled up to this by replay).")
-    enc_epochs: int = hp(20, "Encoder epochs over the cached bank (CLI).")
-    holdout: float = hp(0.05, "Held-out fraction of triplets for epoch selection (CLI).")
-    patience: int = hp(5, "CLI: stop after this many epochs without a better held-out score.")
+                             "to this).", gt=0)
+    enc_batch_size: int = hp(256, "Triplets per encoder batch (a trainer batch is filled up to this by replay).",
+                             ge=1)
+    enc_epochs: int = hp(20, "Encoder epochs over the cached bank (CLI).", ge=1)
+    holdout: float = hp(0.05, "Held-out fraction of triplets for epoch selection (CLI).", ge=0, lt=0.5)
+    patience: int = hp(5, "CLI: stop after this many epochs without a better held-out score.", ge=1)
     zeta_fit_size: int | None = hp(4096, "Triplets whose output residual states are kept for the W_zeta fit; "
-                                         "null = all.")
-    ridge: float = hp(1e-3, "Ridge lambda of the W_zeta decoder fit.")
-    seed: int = hp(42, "Seed of shuffling, holdout split, replay and encoder initialisation.")
+                                         "null = all.", ge=1)
+    ridge: float = hp(1e-3, "Ridge lambda of the W_zeta decoder fit.", gt=0)
+    seed: int = hp(42, "Seed of shuffling, holdout split, replay and encoder initialisation.", ge=0)
     # -- EasyEdit MultimodalTrainer fields (EASYEDIT.md §6): the rest come from EasyEditTrainerFields ------
     inner_params: list[str] = hp([], "EasyEdit trainer: parameter names checked against the model (unused by "
                                       "UniKE; may stay empty).")
-    lr: float | None = hp(None, "EasyEdit trainer: optimiser learning rate of the encoders; null = enc_lr.")
+    lr: float | None = hp(None, "EasyEdit trainer: optimiser learning rate of the encoders; null = enc_lr.",
+                          gt=0)
     cedit: float = hp(1.0, "EasyEdit trainer: weight of the edit loss; must be 1 (the loss is UniKE's L).")
     iedit: float = hp(0.0, "EasyEdit trainer: weight of the image edit loss; must be 0.")
     cloc: float = hp(0.0, "EasyEdit trainer: weight of the locality loss; must be 0.")
     archive: str | None = hp(None, "EasyEdit trainer: an earlier trainer save (or UniKE archive) to resume from.")
-    grad_clip: float = hp(100.0, "EasyEdit trainer: gradient clipping of the encoders.")
-    max_epochs: int | None = hp(None, "EasyEdit trainer: epochs over the train set; null = enc_epochs.")
-    val_interval: int = hp(500, "EasyEdit trainer: steps between validations (each saves the archive).")
+    grad_clip: float = hp(100.0, "EasyEdit trainer: gradient clipping of the encoders.", ge=0)
+    max_epochs: int | None = hp(None, "EasyEdit trainer: epochs over the train set; null = enc_epochs.",
+                                ge=1)
+    val_interval: int = hp(500, "EasyEdit trainer: steps between validations (each saves the archive).",
+                           ge=1)
     save: bool = hp(True, "EasyEdit trainer: write the archive.")
     results_dir: str = hp("./results", "EasyEdit trainer: output root; the archive is models/UniKE/<model basename>.")
 
+    def normalize(self) -> None:
+        """``alg: UNIKE`` spelled ``UniKE``; ``lr`` and ``max_epochs`` (without ``max_iters``) default to the CLI's."""
+        super().normalize()
+        if self.alg == "UNIKE":
+            self.alg = "UniKE"
+        if self.lr is None:
+            self.lr = self.enc_lr
+        if self.max_epochs is None and self.max_iters is None:
+            self.max_epochs = self.enc_epochs
+
     def validate(self, *, path: str = "<dict>") -> None:
-        """Reject values that cannot work; fill ``lr``/``max_epochs`` from the offline fields."""
-        if self.alg not in ("UniKE", "UNIKE"):
-            raise HparamsError(f"alg is {self.alg!r}; the trainer looks this method up by alg.", path=path,
-                               key="alg", fix="set `alg: UniKE`.")
-        self.alg = "UniKE"
-        _check_layers(self.layers, path)
-        for key in ("bank_size", "enc_batch_size", "enc_epochs", "patience"):
-            _positive(self, key, path, integer=True)
-        for key in ("tau", "enc_lr", "ridge"):
-            _positive(self, key, path)
-        if self.tru_dim is not None:
-            _positive(self, "tru_dim", path, integer=True)
-        if self.zeta_fit_size is not None:
-            _positive(self, "zeta_fit_size", path, integer=True)
-        if not isinstance(self.holdout, (int, float)) or not 0.0 <= self.holdout < 0.5:
-            raise HparamsError(f"expected a fraction in [0, 0.5), got {self.holdout!r}.", path=path,
-                               key="holdout", fix="write e.g. 0.1.")
+        """The trainer's total loss must be exactly UniKE's contrastive loss."""
+        super().validate(path=path)
         for key, want in (("cedit", 1.0), ("iedit", 0.0), ("cloc", 0.0)):
             if float(getattr(self, key)) != want:
                 raise HparamsError(
@@ -217,10 +175,3 @@ class UniKETrainingHparams(EasyEditTrainerFields, MultimodalHyperParams):
                     f"then MultimodalTrainer's total loss (cedit*l_edit + cloc*(l_loc+l_image_loc) + "
                     f"iedit*l_image_edit) is exactly UniKE's contrastive loss L.", path=path, key=key,
                     fix=f"set `{key}: {int(want)}`.")
-        if self.train_base:
-            raise HparamsError("train_base must be false: UniKE never trains the model.", path=path,
-                               key="train_base", fix="set `train_base: false`.")
-        if self.lr is None:
-            self.lr = self.enc_lr
-        if self.max_epochs is None and self.max_iters is None:
-            self.max_epochs = self.enc_epochs
