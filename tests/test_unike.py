@@ -86,7 +86,7 @@ def _nll(setup: dict[str, Any], model: Any, rec: dict[str, Any]) -> float:
 
 # -- hparams -----------------------------------------------------------------------------------
 def test_every_yaml_loads_and_layers_fit_the_family_structure(family_model) -> None:
-    from mke_plugins.methods.unike.archive import resolve_layers
+    from mke_plugins.adapters import resolve_layers
 
     for family, key in FAMILY_YAML.items():
         hp = UniKEHyperParams.from_hparams(HERE / f"{key}.yaml")
@@ -306,7 +306,8 @@ def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwe
     from mke_plugins.core.hooks import capture
     from mke_plugins.core.wrap import gate_open
     from mke_plugins.methods.unike import restore_all
-    from mke_plugins.methods.unike.archive import load_archive, resolve_layers
+    from mke_plugins.adapters import resolve_layers
+    from mke_plugins.methods.unike.archive import load_archive
     from mke_plugins.methods.unike.edit import _negatives
     from mke_plugins.methods.unike.runtime import GATE, runtime_for
 

@@ -41,20 +41,6 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
 
 
-def resolve_layers(layers: Iterable[int], n_layers: int, *, what: str = "layers") -> list[int]:
-    """Negative indices counted from the top → sorted absolute indices; out-of-range fails."""
-    out = []
-    for v in layers:
-        i = v + n_layers if v < 0 else v
-        if not 0 <= i < n_layers:
-            raise ValueError(f"{what}: layer {v} does not exist in a model with {n_layers} decoder layers; use "
-                             f"indices in [-{n_layers}, {n_layers - 1}]")
-        out.append(i)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{what}: {list(layers)} names the same layer twice")
-    return sorted(out)
-
-
 def fingerprint(infos: Mapping[int, LayerInfo] | Iterable[LayerInfo]) -> str:
     """SHA-256 over the first 4,096 elements of each layer's key weights, cast to bf16 first.
 
