@@ -1,9 +1,10 @@
 """The ``mke-plugins`` command.
 
 ``plugins`` / ``methods`` / ``hparams`` are answered from the registry without importing torch.
-Subcommand groups that need models (``world``, ``bench``) live beside their code and add
-themselves through an ``add_parser(subparsers)`` function listed in ``COMMAND_MODULES``;
-``train METHOD`` runs the offline stage a method declares in its ``MethodSpec.offline``.
+Subcommand groups that need models (``world``, ``bench``, ``scale``, ``train``) live beside their
+code and add themselves through an ``add_parser(subparsers)`` function listed in
+``COMMAND_MODULES``; ``train METHOD`` (``mke_plugins/train.py``) runs the offline stage a method
+declares in its ``MethodSpec.offline``.
 
 An error mke-plugins raises on purpose (``MKEError``) is one line on stderr and exit code 2;
 ``-v`` before the command (or ``bench -v``) adds its traceback. Every command may be piped into
@@ -23,7 +24,8 @@ from typing import Sequence
 
 from mke_hooks import MKEError
 
-COMMAND_MODULES: tuple[str, ...] = ("mke_plugins.world.cli", "mke_plugins.bench.cli", "mke_plugins.bench.scale")
+COMMAND_MODULES: tuple[str, ...] = ("mke_plugins.train", "mke_plugins.world.cli", "mke_plugins.bench.cli",
+                                    "mke_plugins.bench.scale")
 
 
 def _registry():
@@ -89,13 +91,6 @@ def cmd_hparams(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    entry = _registry().get(args.method)
-    if entry.spec.offline is None:
-        raise MKEError(f"method {args.method!r} has no offline stage to train.")
-    return int(entry.spec.resolved("offline")(rest) or 0)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mke-plugins", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", dest="traceback", action="store_true",
@@ -112,10 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundled model key (e.g. world) or a YAML path")
     p.add_argument("-v", "--verbose", action="store_true", help="show each field's help")
     p.set_defaults(func=cmd_hparams)
-    p = sub.add_parser("train", help="run a method's offline stage (mke-plugins train METHOD --help)",
-                       add_help=False)
-    p.add_argument("method")
-    p.set_defaults(func=cmd_train, passthrough=True)
     for module in COMMAND_MODULES:
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).add_parser(sub)

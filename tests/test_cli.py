@@ -43,3 +43,80 @@ def test_unknown_method_and_model_errors(capsys):
     assert "method 'FT' has no hyperparameters for model 'wrld'. Fix: did you mean 'world'?" in err
     assert main(["train", "FT"]) == 2
     assert "method 'FT' has no offline stage to train" in capsys.readouterr().err
+
+
+# -- plugin commands and offline stages (sample plugins from tests/sample_plugins.py) -----------
+def _sample_registry(monkeypatch, names):
+    """A registry with the built-ins plus the named sample plugins, used by ``train``."""
+    from importlib import metadata
+
+    from mke_plugins import cli
+    from mke_plugins import plugins as plugins_mod
+    from mke_plugins import train as train_mod
+    from mke_plugins.plugins import load_plugins
+    from mke_plugins.registry import Registry
+
+    eps = [metadata.EntryPoint(n, f"sample_plugins:{n}", "mke_plugins") for n in names]
+    real = metadata.entry_points
+    monkeypatch.setattr(plugins_mod.metadata, "entry_points",
+                        lambda **kw: eps if kw.get("group") == "mke_plugins" else real(**kw))
+    reg = Registry(load_plugins())
+    monkeypatch.setattr(cli, "_registry", lambda: reg)
+    monkeypatch.setattr(train_mod, "_registry", lambda: reg)
+    return reg
+
+
+def test_train_overview_and_stage_help_show_the_common_and_the_stage_flags(monkeypatch, capsys):
+    import pytest
+
+    _sample_registry(monkeypatch, ["trainy"])
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: mke-plugins train METHOD" in out and "LDKE" in out and "UniKE" in out and "Trainy" in out
+    assert main(["train"]) == 2 and "name the method" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "UniKE", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--hparams KEY|PATH", "--model DIR", "--data DIR|FILE", "--image-root DIR", "--out PATH",
+                 "--device DEV", "--seed N", "--quiet", "qwen2vl-7b", "build UniKE's offline archive", "Defaults:"):
+        assert flag in out, flag
+    with pytest.raises(SystemExit):
+        main(["train", "Trainy", "--help"])
+    out = capsys.readouterr().out
+    assert "Trainy options:" in out and "--steps STEPS" in out and "--hparams KEY|PATH" in out
+
+
+def test_train_hands_the_stage_parsed_flags_and_seeded_hparams(monkeypatch, capsys, tmp_path):
+    import random
+
+    import sample_plugins
+
+    from mke_plugins.adapters.loading import seed_all
+
+    _sample_registry(monkeypatch, ["trainy"])
+    yaml = tmp_path / "trainy.yaml"
+    yaml.write_text("alg_name: Trainy\nmodel_name: some-model\nseed: 5\n")
+    assert main(["train", "Trainy", "--hparams", str(yaml), "--steps", "9", "--seed", "11", "--out", "o.pt",
+                 "--device", "1", "--quiet", "--model", "world"]) == 0
+    args, hp = sample_plugins.SEEN["args"], sample_plugins.SEEN["hparams"]
+    assert (args.method, args.hparams, args.out, args.quiet, args.options) == \
+        ("Trainy", str(yaml), "o.pt", True, {"steps": 9})
+    assert args.model.endswith("world-qwen2-vl") and hp.model_name == args.model == hp.name
+    assert (hp.seed, hp.device) == (11, 1)  # --device 1 is EasyEdit's CUDA index
+    seed_all(11)
+    assert sample_plugins.SEEN["draw"] == random.random(), "load_hparams seeds every generator"
+    yaml.write_text("alg_name: Trainy\nmodel_name: some-model\n")
+    assert main(["train", "Trainy", "--hparams", str(yaml), "--device", "0"]) == 0
+    assert sample_plugins.SEEN["hparams"].seed == 0
+    assert main(["train", "Clashy", "--hparams", str(yaml)]) == 2
+    err = capsys.readouterr().err
+    assert "method 'Clashy': offline_flags cannot add its flags" in err and "--out" in err
+    assert main(["train", "Trainy", "--hparams", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: file not found" in capsys.readouterr().err
+
+
+def test_offline_flags_without_an_offline_stage_is_refused(monkeypatch):
+    reg = _sample_registry(monkeypatch, ["trainy"])
+    assert "Flagsonly" not in reg and "Trainy" in reg
+    assert any("offline_flags is set but offline is not" in f.error for f in reg.failures)

@@ -33,3 +33,4 @@ def mke_locate_hparams(method: str, model: str) -> str | None:
 @hookspec
 def mke_adjust_hparams(method: str, model: str, config: dict[str, Any]) -> None:
     """Edit the loaded YAML mapping ``config`` in place before it is validated."""
+

@@ -1,6 +1,6 @@
 """UniKE's offline stage (spec §2): one implementation behind both drivers.
 
-:class:`UniKEOffline` holds the whole stage; the CLI (``train_cli.py``) and EasyEdit's
+:class:`UniKEOffline` holds the whole stage; the CLI (``unike_train.py``) and EasyEdit's
 ``MultimodalTrainer`` (``trainable.py``) call only its public functions:
 
 * :meth:`~UniKEOffline.observe` — steps 1–2 on any teacher-forced :class:`Batch`: one forward
