@@ -75,6 +75,29 @@ def _wrapping_adjust(method, model, config):  # pragma: no cover - never called
     return (yield)
 
 
+def _hello(args):
+    print(f"hello, {args.name}")
+    return 0
+
+
+@hookimpl
+def _commands(subparsers):
+    p = subparsers.add_parser("hello", help="say hello (sample plugin)")
+    p.add_argument("--name", default="world")
+    p.set_defaults(func=_hello)
+    subparsers.add_parser("no-func", help="a command that forgets set_defaults(func=...)")
+
+
+@hookimpl
+def _taken_command(subparsers):
+    subparsers.add_parser("bench", help="clashes with the built-in bench command")
+
+
+@hookimpl
+def _raising_commands(subparsers):
+    raise RuntimeError("boom while adding commands")
+
+
 #: what the sample offline stage received (``TrainArgs``, its hparams), for the CLI tests
 SEEN: dict = {}
 
@@ -115,3 +138,6 @@ misspelled = _plugin(mke_register_method=_typo)
 bad_refs = _plugin(mke_register_methods=_bad_refs)
 wrapper = _plugin(mke_register_methods=_good, mke_adjust_hparams=_wrapping_adjust)
 trainy = _plugin(mke_register_methods=_trainy)
+commands = _plugin(mke_register_commands=_commands)
+taken_command = _plugin(mke_register_commands=_taken_command)
+raising_commands = _plugin(mke_register_commands=_raising_commands)

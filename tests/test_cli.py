@@ -47,7 +47,7 @@ def test_unknown_method_and_model_errors(capsys):
 
 # -- plugin commands and offline stages (sample plugins from tests/sample_plugins.py) -----------
 def _sample_registry(monkeypatch, names):
-    """A registry with the built-ins plus the named sample plugins, used by ``train``."""
+    """A registry with the built-ins plus the named sample plugins, used by the CLI and ``train``."""
     from importlib import metadata
 
     from mke_plugins import cli
@@ -64,6 +64,26 @@ def _sample_registry(monkeypatch, names):
     monkeypatch.setattr(cli, "_registry", lambda: reg)
     monkeypatch.setattr(train_mod, "_registry", lambda: reg)
     return reg
+
+
+def test_a_plugin_adds_a_command_and_a_taken_name_is_refused_naming_the_plugin(monkeypatch, capsys):
+    from mke_plugins.cli import build_parser
+
+    reg = _sample_registry(monkeypatch, ["commands", "taken_command", "raising_commands"])
+    assert main(["hello", "--name", "mke"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "hello, mke\n"
+    assert ("plugin unknown ? (entry point taken_command = sample_plugins:taken_command): mke_register_commands "
+            "raised PluginError: command 'bench' is already taken (a built-in command or another plugin's). "
+            "Fix: give the command another name.") in out.err
+    assert "(entry point raising_commands = sample_plugins:raising_commands): mke_register_commands raised " \
+           "RuntimeError: boom while adding commands" in out.err
+    assert any("mke_register_commands" in f.error for f in reg.failures)
+    bench = next(a for a in build_parser()._actions if a.dest == "command").choices["bench"]
+    assert bench.get_default("func").__module__ == "mke_plugins.bench.cli", "the built-in bench command stays"
+    capsys.readouterr()
+    assert main(["no-func"]) == 2
+    assert "command 'no-func' sets no func" in capsys.readouterr().err
 
 
 def test_train_overview_and_stage_help_show_the_common_and_the_stage_flags(monkeypatch, capsys):
