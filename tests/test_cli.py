@@ -140,3 +140,26 @@ def test_offline_flags_without_an_offline_stage_is_refused(monkeypatch):
     reg = _sample_registry(monkeypatch, ["trainy"])
     assert "Flagsonly" not in reg and "Trainy" in reg
     assert any("offline_flags is set but offline is not" in f.error for f in reg.failures)
+
+
+def test_train_records_are_the_world_split_by_default_or_an_mmedit_file(tmp_path):
+    import json
+    import shutil
+
+    from mke_plugins import world
+    from mke_plugins.adapters.hf import Qwen2VLAdapter
+    from mke_plugins.train import load_records
+
+    adapter = Qwen2VLAdapter()
+    records, label = load_records(None, adapter=adapter)
+    assert label == f"world:seed{world.DEFAULT_SEED}" and len(records) == len(world.record_paths("train"))
+    picture = world.record_paths("train")[0]["image"]
+    shutil.copy(picture, tmp_path / "p.png")
+    (tmp_path / "train.json").write_text(json.dumps([
+        {"src": "what is it made of?", "alt": "glass", "image": "p.png", "rephrase": "its material?"},
+        {"src": "skipped: no answer", "alt": "", "image": "p.png"}]))
+    records, label = load_records(str(tmp_path), adapter=adapter)
+    assert label == str(tmp_path / "train.json") and len(records) == 1
+    rec = records[0]
+    assert (rec["prompt"], rec["target"], rec["rephrase_prompt"]) == ("what is it made of?", "glass", "its material?")
+    assert isinstance(rec["image"], list) and rec["image"][0].size  # qwen2-vl: a list of one PIL image
