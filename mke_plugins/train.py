@@ -93,8 +93,12 @@ def stage_parser(entry: Any) -> argparse.ArgumentParser:
         except argparse.ArgumentError as exc:
             raise PluginError(f"method {entry.name!r}: offline_flags cannot add its flags: {exc}.",
                               plugin=entry.spec.registered_by,
-                              fix=f"rename the flag; the host already defines --{', --'.join(COMMON_FLAGS)}.") from exc
+                              fix=f"rename the flag; the host already defines {_common_flag_names()}.") from exc
     return p
+
+
+def _common_flag_names() -> str:
+    return ", ".join("--" + dest.replace("_", "-") for dest in COMMON_FLAGS)
 
 
 def _description(run: Any, entry: Any) -> str:
