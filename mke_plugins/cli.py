@@ -1,9 +1,11 @@
 """The ``mke-plugins`` command.
 
 ``plugins`` / ``methods`` / ``hparams`` are answered from the registry without importing torch.
-Subcommand groups that need models (``world``, ``bench``) live beside their code and add
-themselves through an ``add_parser(subparsers)`` function listed in ``COMMAND_MODULES``;
-``train METHOD`` runs the offline stage a method declares in its ``MethodSpec.offline``.
+Subcommand groups that need models (``world``, ``bench``, ``scale``, ``train``) live beside their
+code and add themselves through an ``add_parser(subparsers)`` function listed in
+``COMMAND_MODULES``; ``train METHOD`` (``mke_plugins/train.py``) runs the offline stage a method
+declares in its ``MethodSpec.offline``. Plugins add commands of their own through the
+``mke_register_commands`` hook; a name already taken is refused, naming the plugin.
 
 An error mke-plugins raises on purpose (``MKEError``) is one line on stderr and exit code 2;
 ``-v`` before the command (or ``bench -v``) adds its traceback. Every command may be piped into
@@ -19,11 +21,12 @@ import json
 import os
 import sys
 import traceback
-from typing import Sequence
+from typing import Any, Sequence
 
-from mke_hooks import MKEError
+from mke_hooks import MKEError, PluginError
 
-COMMAND_MODULES: tuple[str, ...] = ("mke_plugins.world.cli", "mke_plugins.bench.cli", "mke_plugins.bench.scale")
+COMMAND_MODULES: tuple[str, ...] = ("mke_plugins.train", "mke_plugins.world.cli", "mke_plugins.bench.cli",
+                                    "mke_plugins.bench.scale")
 
 
 def _registry():
@@ -89,11 +92,53 @@ def cmd_hparams(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    entry = _registry().get(args.method)
-    if entry.spec.offline is None:
-        raise MKEError(f"method {args.method!r} has no offline stage to train.")
-    return int(entry.spec.resolved("offline")(rest) or 0)
+class CommandAdder:
+    """What a plugin's ``mke_register_commands`` gets: ``add_parser`` that refuses a name already taken."""
+
+    def __init__(self, subparsers: Any, plugin: str) -> None:
+        self._sub, self.plugin = subparsers, plugin
+        self.added: list[tuple[str, argparse.ArgumentParser]] = []
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        for taken in (name, *kwargs.get("aliases", ())):
+            if taken in self._sub.choices:
+                raise PluginError(f"command {taken!r} is already taken (a built-in command or another plugin's).",
+                                  plugin=self.plugin, fix="give the command another name.")
+        parser = self._sub.add_parser(name, **kwargs)
+        self.added.append((name, parser))
+        return parser
+
+
+def _command_without_func(name: str, plugin: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        raise PluginError(f"command {name!r} sets no func.", plugin=plugin,
+                          fix="call set_defaults(func=run) on the parser it adds, run(args) returning the exit code.")
+    return run
+
+
+def add_plugin_commands(sub: Any) -> None:
+    """Call each plugin's ``mke_register_commands``; a plugin that fails is reported and skipped."""
+    from .plugins import PluginFailure
+    from .registry import registration_order
+
+    reg = _registry()
+    impls = {id(i.plugin): i.function for i in reg.loaded.manager.hook.mke_register_commands.get_hookimpls()}
+    for info, obj in registration_order(reg.loaded):
+        if id(obj) not in impls:
+            continue
+        adder = CommandAdder(sub, info.label)
+        try:
+            impls[id(obj)](subparsers=adder)
+        except Exception as exc:  # noqa: BLE001 - a plugin's own bug, reported by name
+            failure = PluginFailure(info, f"mke_register_commands raised {type(exc).__name__}: "
+                                          f"{getattr(exc, 'message', exc)}",
+                                    getattr(exc, "fix", "") or "fix the plugin, or set MKE_BLOCK_PLUGINS to skip it.")
+            if failure not in reg.failures:
+                reg.failures.append(failure)
+            print(f"mke-plugins: warning: {failure}", file=sys.stderr)
+        for name, parser in adder.added:
+            if parser.get_default("func") is None:
+                parser.set_defaults(func=_command_without_func(name, info.label))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,13 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundled model key (e.g. world) or a YAML path")
     p.add_argument("-v", "--verbose", action="store_true", help="show each field's help")
     p.set_defaults(func=cmd_hparams)
-    p = sub.add_parser("train", help="run a method's offline stage (mke-plugins train METHOD --help)",
-                       add_help=False)
-    p.add_argument("method")
-    p.set_defaults(func=cmd_train, passthrough=True)
     for module in COMMAND_MODULES:
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).add_parser(sub)
+    add_plugin_commands(sub)
     return parser
 
 

@@ -36,7 +36,8 @@ EASYEDIT_BUILTINS: frozenset[str] = frozenset({
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 #: ``MethodSpec`` fields that name code: a callable (or class) or a ``"module:attr"`` string.
-REFERENCE_FIELDS: tuple[str, ...] = ("hparams_cls", "apply_multimodal", "apply_text", "trainer", "offline")
+REFERENCE_FIELDS: tuple[str, ...] = ("hparams_cls", "apply_multimodal", "apply_text", "trainer", "offline",
+                                     "offline_flags")
 REQUIRED_REFERENCES: frozenset[str] = frozenset({"hparams_cls", "apply_multimodal"})
 
 
@@ -150,6 +151,9 @@ class Registry:
             if problem:
                 fail(f"method {spec.name!r}: {attr} {problem}, got {getattr(spec, attr)!r}.",
                      f"set {attr}= to a callable or a 'package.module:attribute' string.")
+        if spec.offline_flags is not None and spec.offline is None:
+            fail(f"method {spec.name!r}: offline_flags is set but offline is not.",
+                 "set offline= to the stage's run(args) function, or drop offline_flags.")
         if spec.restore not in RESTORE_POLICIES:
             fail(f"method {spec.name!r}: restore={spec.restore!r} is not a restore policy.",
                  f"use one of {list(RESTORE_POLICIES)}.")

@@ -241,3 +241,41 @@ def test_normalize_requests_checks_image_types_with_the_adapter(setup):
     assert len(normalize_requests(good, adapter)) == 1
     with pytest.raises(RequestError, match=r"request #1, field 'image_rephrase'.*PIL"):
         normalize_requests([good, {**good, "image_rephrase": torch.zeros(3, 4, 4)}], adapter)
+
+
+# -- the shared helpers of adapters/base.py and adapters/loading.py -------------------------------
+def test_resolve_layers_counts_from_the_top_and_names_the_field_on_errors():
+    from mke_hooks import HparamsError
+    from mke_plugins.adapters import resolve_layers
+
+    assert resolve_layers([-1, 0, -2], 4) == [0, 2, 3]
+    with pytest.raises(HparamsError, match="key 'edit_layers': entry 4 is out of range .* 4 decoder layers"):
+        resolve_layers([4], 4, key="edit_layers")
+    with pytest.raises(HparamsError, match=r"key 'layers': \[3, -1\] names the same layer twice"):
+        resolve_layers([3, -1], 4)
+
+
+def test_load_vlm_refuses_a_folder_it_cannot_load_with_the_fix(tmp_path):
+    from mke_hooks import MKEError
+    from mke_plugins.adapters.loading import load_vlm
+
+    with pytest.raises(MKEError, match="--model .*: no config.json there; pass a saved Hugging Face model"):
+        load_vlm(tmp_path)
+    with pytest.raises(MKEError, match="model_name in x.yaml: blip2 is one of EasyEdit's LAVIS wrappers"):
+        load_vlm("blip2", what="model_name in x.yaml")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    with pytest.raises(MKEError, match="no weights there"):
+        load_vlm(tmp_path)
+
+
+def test_seed_all_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    from mke_plugins.adapters.loading import seed_all
+
+    seed_all(3)
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    seed_all(3)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first

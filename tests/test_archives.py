@@ -120,7 +120,7 @@ LDKE_CASES = {
 def _assert_ldke_message(err: BaseException, path: Path, words: list[str]) -> None:
     text = str(err)
     assert str(path) in text, text
-    assert f"mke-plugins train LDKE --model world --out {path}" in text, text
+    assert f"mke-plugins train LDKE --hparams world --out {path}" in text, text
     for w in words:
         assert w in text, (w, text)
 
@@ -195,7 +195,7 @@ UNIKE_CASES = {
 def _assert_unike_message(err: BaseException, path: Path, words: list[str]) -> None:
     text = str(err)
     assert str(path) in text, text
-    assert f"mke-plugins train UniKE --model world --out {path}" in text, text
+    assert f"mke-plugins train UniKE --hparams world --out {path}" in text, text
     for w in words:
         assert w in text, (w, text)
 

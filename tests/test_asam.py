@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mke_hooks import HparamsError, MKEError, RequestError
-from mke_plugins.adapters import Query, get_adapter
+from mke_plugins.adapters import Query, get_adapter, resolve_layers
 from mke_plugins.core.hooks import hook_counts
 from mke_plugins.core.snapshot import assert_same_state, state_of
 from mke_plugins.core.wrap import GatedModel
@@ -388,7 +388,7 @@ def test_real_family_yaml_matches_same_family_tiny_model(yaml_name, family_setup
     assert pattern in path.read_text(), f"{path}: its header comment should name the decoder layers {pattern}"
     model, tok, tiny_adapter, _ = family_setup(family)
     assert get_adapter(None, hp).family == tiny_adapter.family
-    assert patch.resolve_layers(hp.edit_layers, n_real) == [n_real - 2, n_real - 1]  # the last two (spec §3)
+    assert resolve_layers(hp.edit_layers, n_real) == [n_real - 2, n_real - 1]  # the last two (spec §3)
     assert (hp.n_neurons, hp.lar_variants, hp.lar_masks, hp.lar_eps, hp.lar_steps) == \
         (5, 4, ["joint", "joint", "image", "text"], 0.05, 3)
     names = {id(m): n for n, m in model.named_modules()}

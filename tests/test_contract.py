@@ -31,7 +31,7 @@ def test_listing_methods_imports_no_torch():
 def test_every_hook_is_documented_with_its_signature():
     readme = (ROOT / "hooks" / "README.md").read_text()
     hooks = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("mke_")]
-    assert set(hooks) == {"mke_register_methods", "mke_locate_hparams", "mke_adjust_hparams"}
+    assert set(hooks) == {"mke_register_methods", "mke_locate_hparams", "mke_adjust_hparams", "mke_register_commands"}
     for name in hooks:
         params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
         assert f"### `{name}(" in readme, f"{name} has no section in hooks/README.md"
@@ -43,7 +43,7 @@ def test_readme_snippets_run():
     readme = (ROOT / "hooks" / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     runnable = [b for b in blocks if "@hookimpl" in b]
-    assert len(runnable) >= 3
+    assert len(runnable) >= 4
     for block in runnable:
         exec(compile(block, "hooks/README.md", "exec"), {})
 

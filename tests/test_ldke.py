@@ -400,13 +400,15 @@ def world_subset():
 
 
 def test_training_through_the_standin_trainer_is_deterministic(world_subset, tmp_path):
-    from mke_plugins.methods.ldke.train import train_archive
+    from mke_plugins.methods.ldke.ldke_train import train_archive
+    from mke_plugins.train import make_trainer
 
     model, tok, records = world_subset
     hp = _train_hp(max_epochs=1, prior_edits=6, val_fraction=0.25, batch_size=4)
     a = train_archive(hp, out=tmp_path / "a.pt", trainer="standin", records=records, model=model, tok=tok,
+                      make_trainer=make_trainer, progress=False)
+    b = train_archive(hp, trainer="standin", records=records, model=model, tok=tok, make_trainer=make_trainer,
                       progress=False)
-    b = train_archive(hp, trainer="standin", records=records, model=model, tok=tok, progress=False)
     assert a["mu_count"] == 6 and abs(float(a["mu"].sum()) - 1.0) < 1e-5
     assert a["meta"]["trainer"] == "standin" and 0.05 <= a["tau"] <= 0.95
     for k, v in a["head"]["state"].items():
@@ -465,13 +467,17 @@ def test_train_cli_help_and_hparams_errors(tmp_path):
     assert out.returncode != 0 and "neg_per_pos" in out.stderr
 
 
-def test_train_cli_model_key_picks_the_bundled_yaml_and_unknown_keys_list_the_known_ones(tmp_path):
-    from mke_plugins.methods.ldke.train import _yaml_and_out, build_parser
+def test_train_cli_hparams_key_picks_the_bundled_yaml_and_unknown_keys_list_the_known_ones(capsys):
+    from mke_plugins.cli import main
+    from mke_plugins.registry import get_registry
+    from mke_plugins.train import resolve_hparams, stage_parser, train_args
 
-    path, out = _yaml_and_out(build_parser().parse_args(["--model", "qwen2vl-7b"]))
-    assert path == HPARAMS_DIR / "training" / "qwen2vl-7b.yaml" and out == "ldke-qwen2vl-7b.pt"
-    path, out = _yaml_and_out(build_parser().parse_args([]))
-    assert path.name == "world.yaml" and out == "ldke-world.pt"
-    proc = subprocess.run([sys.executable, "-m", "mke_plugins.cli", "train", "LDKE", "--model", "qwen9"],
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and "qwen9" in proc.stderr and "qwen2vl-7b" in proc.stderr
+    entry = get_registry().get("LDKE")
+    assert resolve_hparams(entry, "qwen2vl-7b") == (HPARAMS_DIR / "training" / "qwen2vl-7b.yaml", None)
+    args = train_args(entry, stage_parser(entry).parse_args(["--max-epochs", "2", "--trainer", "standin"]))
+    assert Path(args.hparams).name == "world.yaml" and args.options == {"trainer": "standin", "max_epochs": 2}
+    assert main(["train", "LDKE", "--hparams", "qwen9"]) == 2
+    err = capsys.readouterr().err
+    assert "--hparams" in err and "qwen9" in err and "qwen2vl-7b" in err
+    assert main(["train", "LDKE", "--model", "qwen2vl-7b"]) == 2  # the old spelling of a training YAML key
+    assert "write `--hparams qwen2vl-7b`" in capsys.readouterr().err

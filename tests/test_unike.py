@@ -52,7 +52,7 @@ def _edit_hparams(model_name: str, archive: str | None = None, **over: Any) -> U
 
 
 def _build(model: Any, tok: Any, family: str, path: Path, **over: Any) -> dict[str, Any]:
-    from mke_plugins.methods.unike.train_cli import build_archive
+    from mke_plugins.methods.unike.unike_train import build_archive
 
     hp = _train_hparams(family, **over)
     return build_archive(hp, model, tok, _records(family, 12), "test", str(path), progress=False)
@@ -86,7 +86,7 @@ def _nll(setup: dict[str, Any], model: Any, rec: dict[str, Any]) -> float:
 
 # -- hparams -----------------------------------------------------------------------------------
 def test_every_yaml_loads_and_layers_fit_the_family_structure(family_model) -> None:
-    from mke_plugins.methods.unike.archive import resolve_layers
+    from mke_plugins.adapters import resolve_layers
 
     for family, key in FAMILY_YAML.items():
         hp = UniKEHyperParams.from_hparams(HERE / f"{key}.yaml")
@@ -303,10 +303,11 @@ def test_a_re_edit_of_the_same_question_is_not_its_own_negative(qwen) -> None:
 
 
 def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwen) -> None:
+    from mke_plugins.adapters import resolve_layers
     from mke_plugins.core.hooks import capture
     from mke_plugins.core.wrap import gate_open
     from mke_plugins.methods.unike import restore_all
-    from mke_plugins.methods.unike.archive import load_archive, resolve_layers
+    from mke_plugins.methods.unike.archive import load_archive
     from mke_plugins.methods.unike.edit import _negatives
     from mke_plugins.methods.unike.runtime import GATE, runtime_for
 

@@ -33,3 +33,13 @@ def mke_locate_hparams(method: str, model: str) -> str | None:
 @hookspec
 def mke_adjust_hparams(method: str, model: str, config: dict[str, Any]) -> None:
     """Edit the loaded YAML mapping ``config`` in place before it is validated."""
+
+
+@hookspec
+def mke_register_commands(subparsers: Any) -> None:
+    """Add commands to ``mke-plugins``: ``subparsers.add_parser(name, help=...)`` per command.
+
+    Give each command ``set_defaults(func=run)``, where ``run(args: argparse.Namespace) -> int``
+    returns the exit code. A name already taken (a built-in command or another plugin's) is
+    refused, naming the plugin.
+    """

@@ -49,7 +49,11 @@ class MethodSpec:
         apply_text: optional text-only apply for EasyEdit's ``BaseEditor`` (``ALG_DICT``).
         restore: how ``weights_copy`` undoes the edit (see ``RestorePolicy``).
         trainer: optional EasyEdit ``EditableModel`` subclass trained by ``MultimodalTrainer``.
-        offline: optional ``run(argv: list[str]) -> int`` behind ``mke-plugins train NAME``.
+        offline: optional ``run(args: TrainArgs) -> int``, the offline stage behind
+            ``mke-plugins train NAME`` (the host parses the common flags; see ``mke_hooks.TrainArgs``).
+        offline_flags: optional ``add_arguments(group)`` adding the stage's own flags to
+            ``mke-plugins train NAME`` (``group`` is an argparse argument group); their values
+            reach the stage in ``TrainArgs.options``.
         hparams_dir: package-relative or absolute folder with ``<model>.yaml`` files.
         paper: citation of the method's paper.
         summary: one line for listings.
@@ -64,6 +68,7 @@ class MethodSpec:
     restore: str = "snapshot"
     trainer: Ref = None
     offline: Ref = None
+    offline_flags: Ref = None
     hparams_dir: str | None = None
     paper: str = ""
     summary: str = ""

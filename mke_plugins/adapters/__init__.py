@@ -13,12 +13,12 @@ from typing import Any
 from torch import nn
 
 from mke_plugins.adapters.base import Batch, HookPoint, LayerInfo, Query, VLMAdapter, model_device, model_dtype, \
-    unwrap_model
+    resolve_layers, unwrap_model
 from mke_plugins.adapters.hf import LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from mke_plugins.adapters.lavis import Blip2Adapter, MiniGPT4Adapter
 
 __all__ = ["ADAPTERS", "Batch", "HookPoint", "LayerInfo", "Query", "VLMAdapter", "detect", "get_adapter",
-           "model_device", "model_dtype", "supported_families", "unwrap_model"]
+           "model_device", "model_dtype", "resolve_layers", "supported_families", "unwrap_model"]
 
 #: detection order matters only for names: the LAVIS names are exact, the others substrings
 ADAPTERS: tuple[type[VLMAdapter], ...] = (Blip2Adapter, MiniGPT4Adapter, Qwen3VLAdapter, Qwen2VLAdapter,

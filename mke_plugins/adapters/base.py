@@ -26,11 +26,13 @@ Conventions shared by every adapter (methods rely on them):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mke_hooks import HparamsError
 
 
 def unwrap_model(model: Any) -> nn.Module:
@@ -53,6 +55,26 @@ def model_dtype(model: Any) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def resolve_layers(layers: Iterable[int], n_layers: int, *, key: str = "layers") -> list[int]:
+    """Sorted absolute indices of the decoder ``layers`` an hparams field names (negative ones count from the top).
+
+    ``key`` is the hparams field, named in the ``HparamsError`` an index out of range or a layer
+    listed twice raises.
+    """
+    layers = list(layers)
+    out = []
+    for value in layers:
+        i = int(value) + n_layers if int(value) < 0 else int(value)
+        if not 0 <= i < n_layers:
+            raise HparamsError(f"entry {value} is out of range for a language model with {n_layers} decoder layers.",
+                               key=key, fix=f"use indices in [-{n_layers}, {n_layers - 1}] (e.g. [-1] for the last "
+                                            f"layer).")
+        out.append(i)
+    if len(set(out)) != len(out):
+        raise HparamsError(f"{layers} names the same layer twice.", key=key, fix="list each layer once.")
+    return sorted(out)
 
 
 @dataclass(frozen=True)

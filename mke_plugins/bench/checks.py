@@ -3,21 +3,18 @@
 :func:`check_config` checks the numbers and the device of a :class:`~mke_plugins.bench.runner.BenchConfig`,
 :func:`check_output` a ``--json`` / ``--plot`` path (a missing parent folder is fine: it is
 created when the file is written), :func:`check_model_dir` a ``--model`` folder before
-transformers reads it. Every failure is an :class:`~mke_hooks.MKEError` that says what to fix.
-Importing this module does not import torch.
+transformers reads it (re-exported from :mod:`mke_plugins.adapters.loading`: the check
+``load_vlm`` does). Every failure is an :class:`~mke_hooks.MKEError` that says what to fix.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from mke_hooks import MKEError
-
-#: file names that hold a saved model's weights (transformers' single-file and sharded layouts)
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+from mke_plugins.adapters.loading import WEIGHT_PATTERNS, check_model_dir  # noqa: F401 - re-exported
 
 
 def check_config(cfg: Any) -> None:
@@ -94,29 +91,3 @@ def check_plot_format(path: str | os.PathLike[str]) -> None:
     if suffix not in known:
         raise MKEError(f"--plot {path}: matplotlib cannot write .{suffix} files; use one of "
                        f"{', '.join('.' + k for k in sorted(known))} (e.g. .png)")
-
-
-def check_model_dir(path: str | os.PathLike[str]) -> Path:
-    """A saved Hugging Face model folder: a readable ``config.json`` with a ``model_type``, and weights."""
-    p = Path(path)
-    config = p / "config.json"
-    if not config.is_file():
-        raise MKEError(f"--model {path}: no config.json there; pass a saved Hugging Face model directory "
-                       f"(blip2/minigpt4 need EasyEdit's LAVIS wrappers and cannot be loaded by path)")
-    text = config.read_text(errors="replace")
-    try:
-        data = json.loads(text) if text.strip() else None
-    except json.JSONDecodeError as exc:
-        raise MKEError(f"--model {path}: config.json is not valid JSON ({exc}); save the model again "
-                       f"with save_pretrained") from None
-    if not isinstance(data, dict) or not data:
-        raise MKEError(f"--model {path}: config.json is empty; save the model again with save_pretrained")
-    if "model_type" not in data:
-        raise MKEError(f"--model {path}: config.json has no 'model_type', so transformers cannot tell the "
-                       f"architecture; save the model again with save_pretrained")
-    if not any(next(p.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
-        found = sorted(x.name for x in p.iterdir())
-        raise MKEError(f"--model {path}: no weights there (model.safetensors, sharded model-*.safetensors "
-                       f"with their index, or pytorch_model.bin); the folder holds {', '.join(found)}. "
-                       f"Download the weights too, or save the model with save_pretrained")
-    return p

@@ -22,7 +22,6 @@ the method row.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +32,10 @@ import numpy as np
 import torch
 
 from mke_hooks import MKEError
+from mke_plugins.adapters.loading import load_vlm, seed_all
 
 from . import DEFAULT_CASES
-from .checks import check_config, check_model_dir
+from .checks import check_config
 from .cost import PeakMemory, fwd_bwd_seconds, sync
 from .data import check_text, load_requests, with_images
 from .methods import BoundMethod, MethodRequest, bind
@@ -76,33 +76,13 @@ class BenchConfig:
 SMALL_MODEL_PARAMS = 50_000_000
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def load_model(path: str | None, device: str, dtype: str) -> tuple[Any, Any, str]:
-    """``(model, processor, path)``: the bundled world model, or an HF VLM directory."""
-    from mke_plugins.hparams import to_dtype
+    """``(model, processor, path)``: the VLM saved in ``path`` (None: the bundled world model)."""
+    from mke_plugins import world
 
-    torch_dtype = to_dtype(dtype)
-    if path is None:
-        from mke_plugins import world
-
-        model, tok = world.load(device=device, dtype=torch_dtype)
-        return model, tok, str(world.model_path())
-    p = check_model_dir(path)
-    from transformers import AutoModelForImageTextToText
-
-    from mke_plugins.adapters.processors import load_processor
-
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise MKEError(f"--model {path}: transformers cannot load it: {str(exc).strip().splitlines()[0]}") from exc
-    model.to(device).eval()
-    return model, load_processor(p), str(p)
+    folder = str(world.model_path()) if path is None else path
+    model, tok = load_vlm(folder, device, dtype)
+    return model, tok, str(Path(folder))
 
 
 def method_extra(edited: Any, weights_copy: Any) -> dict[str, Any]:

@@ -87,6 +87,7 @@ def build_random_model(family: str, size: str, *, device: str, dtype: str, seed:
     """``(model, processor)``: a seeded random-init model of ``family``/``size`` on ``device``."""
     import torch
 
+    from mke_plugins.adapters.loading import seed_all
     from mke_plugins.adapters.processors import load_processor
     from mke_plugins.hparams import to_dtype
     from mke_plugins.testing.tiny import build_tiny
@@ -94,7 +95,7 @@ def build_random_model(family: str, size: str, *, device: str, dtype: str, seed:
     proc = load_processor(build_tiny(family, workdir))
     proc.image_processor.size = dict(_QWEN_PIXELS)
     cfg, cls = _config(family, size, proc.tokenizer)
-    torch.manual_seed(seed)
+    seed_all(seed)
     with torch.device(device):
         model = cls._from_config(cfg, dtype=to_dtype(dtype))
     return model.eval(), proc
@@ -149,12 +150,13 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
 
     from mke_plugins.adapters import get_adapter
     from mke_plugins.adapters.base import Query
+    from mke_plugins.adapters.loading import seed_all
     from mke_plugins.registry import get_registry
 
     from .cost import PeakMemory, sync
     from .methods import bind_ours, parse_methods
     from .restore import restore_like_easyedit
-    from .runner import hparams_json, method_extra, seed_all
+    from .runner import hparams_json, method_extra
 
     reqs = parse_methods(methods)
     for r in reqs:

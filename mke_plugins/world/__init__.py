@@ -37,20 +37,23 @@ def model_path() -> Path:
 
 
 def load(path: str | Path | None = None, device: Any = "cpu", dtype: Any = None):
-    """``(model, processor)`` of the bundled world model (or the one at ``path``), in eval mode."""
-    import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    """``(model, processor)`` of the bundled world model (or the one at ``path``), in eval mode.
 
-    from .modeling import load_processor
+    Loaded like any saved VLM (:func:`mke_plugins.adapters.loading.load_vlm`), after checking the
+    world processor's files are there.
+    """
+    from mke_plugins.adapters.loading import load_vlm
+
+    from .modeling import check_processor_files
 
     path = Path(path) if path is not None else model_path()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no world model at {path} (config.json missing); train one with "
                                 "`mke-plugins world train --out DIR`")
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        str(path), local_files_only=True, dtype=dtype or torch.float32)
-    model.to(device).eval()
-    return model, load_processor(path)
+    check_processor_files(path)
+    model, processor = load_vlm(path, device, dtype or "float32", what=f"world model {path}")
+    processor.tokenizer.padding_side = "left"
+    return model, processor
 
 
 def _cache_root() -> Path:

@@ -140,15 +140,20 @@ def save_processor(processor, out: Path) -> None:
     tc_path.write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
 
 
-def load_processor(path: str | Path):
-    """Load the world processor from ``path`` without network and without torchvision."""
-    from mke_plugins.adapters.processors import load_processor as adapters_load
-
+def check_processor_files(path: str | Path) -> None:
+    """The world processor's files are in ``path`` (else the error says how to rebuild them)."""
     path = Path(path)
     for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.jinja"):
         if not (path / name).exists():
             raise FileNotFoundError(f"world processor file {path / name} is missing; rebuild the "
                                     "model with `mke-plugins world train`")
+
+
+def load_processor(path: str | Path):
+    """Load the world processor from ``path`` without network and without torchvision."""
+    from mke_plugins.adapters.processors import load_processor as adapters_load
+
+    check_processor_files(path)
     proc = adapters_load(str(path))
     proc.tokenizer.padding_side = "left"
     return proc

@@ -46,9 +46,10 @@ def test_front_end_trains_through_easyedits_multimodal_trainer(ldke_installed: A
     from easyeditor.util.alg_train_dict import ALG_TRAIN_DICT
 
     from mke_plugins import world
+    from mke_plugins.methods.ldke.ldke_train import train_archive
     from mke_plugins.methods.ldke.router import load_archive
-    from mke_plugins.methods.ldke.train import train_archive
     from mke_plugins.methods.ldke.trainable import LDKERouterTrainable
+    from mke_plugins.train import make_trainer
 
     assert ALG_TRAIN_DICT["LDKE"] is LDKERouterTrainable
     assert issubclass(LDKERouterTrainable, __import__("easyeditor.trainer.algs.editable_model",
@@ -65,7 +66,9 @@ def test_front_end_trains_through_easyedits_multimodal_trainer(ldke_installed: A
 
     MultimodalTrainer.run = run
     try:
-        archive = train_archive(hp, out=out, trainer="easyedit", records=records, progress=False)
+        model, tok = world.load()
+        archive = train_archive(hp, out=out, trainer="easyedit", records=records, model=model, tok=tok,
+                                make_trainer=make_trainer, progress=False)
     finally:
         MultimodalTrainer.run = original_run
     assert len(seen) == 2 and isinstance(seen[0].model, LDKERouterTrainable), "EasyEdit's trainer did not run"

@@ -24,7 +24,8 @@ def mke_register_methods(register) -> None:
         hparams_cls="mke_plugins.methods.asam.asam_hparams:ASAMHyperParams",
         apply_multimodal="mke_plugins.methods.asam.asam_main:apply_asam_to_multimodal_model",
         restore="snapshot",
-        offline="mke_plugins.methods.asam.tune:run",
+        offline="mke_plugins.methods.asam.asam_train:run",
+        offline_flags="mke_plugins.methods.asam.asam_train:add_arguments",
         hparams_dir="mke_plugins.methods.asam:hparams",
         paper=PAPER,
         summary="Neuron-patch editor trained on latent adversarial variants of the edit with rank-constrained "

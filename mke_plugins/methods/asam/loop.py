@@ -25,7 +25,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import nn
 
-from mke_plugins.adapters import HookPoint, Query, VLMAdapter
+from mke_plugins.adapters import HookPoint, Query, VLMAdapter, resolve_layers
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import capture
 from mke_plugins.core.modes import frozen
@@ -35,7 +35,7 @@ from . import lar as lar_mod
 from .asam_hparams import ASAMHyperParams
 from .memory import bank_dtype, ffn_states, get_bank
 from .patch import (GATE, ASAMState, activation_loss, init_keys_anchor, init_keys_unit, memory_loss, new_blocks,
-                    resolve_layers, state_for, undo_edit)
+                    state_for, undo_edit)
 from .rcsl import rcsl_loss
 
 
@@ -226,7 +226,7 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
 def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hparams: ASAMHyperParams,
              adapter: VLMAdapter) -> ASAMResult:
     """Edit ``requests`` in turn on ``model`` (the bare base model); patches accumulate."""
-    layers = resolve_layers(hparams.edit_layers, len(adapter.layers(model)))
+    layers = resolve_layers(hparams.edit_layers, len(adapter.layers(model)), key="edit_layers")
     tags: list[Hashable] = []
     all_stats: list[EditStats] = []
     with frozen(model):

@@ -82,24 +82,6 @@ def undo_edit(model: nn.Module, tag: Hashable) -> None:
         _STATES.pop(base, None)
 
 
-def resolve_layers(edit_layers: Sequence[int], n_layers: int) -> list[int]:
-    """Absolute layer indices (negative ones count from the top); out of range is an error naming the field."""
-    from mke_hooks import HparamsError
-
-    out = []
-    for l in edit_layers:
-        i = int(l) + n_layers if int(l) < 0 else int(l)
-        if not 0 <= i < n_layers:
-            raise HparamsError(f"edit_layers entry {l} is out of range for a language model with {n_layers} "
-                               f"decoder layers.", key="edit_layers",
-                               fix=f"use indices in [-{n_layers}, {n_layers - 1}] (e.g. [-1] for the last layer).")
-        out.append(i)
-    if len(set(out)) != len(out):
-        raise HparamsError(f"edit_layers {list(edit_layers)} name the same layer twice.", key="edit_layers",
-                           fix="list each layer once.")
-    return sorted(out)
-
-
 def new_blocks(state: ASAMState, layers: Sequence[int], n: int, tag: Hashable) -> dict[int, NeuronBlock]:
     """Zero-initialised trainable blocks (V = 0: the model is unchanged until training moves V)."""
     return {l: state.patches.add_block(l, n, tag=tag) for l in layers}

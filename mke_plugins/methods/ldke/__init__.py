@@ -36,7 +36,8 @@ def mke_register_methods(register) -> None:
         apply_multimodal="mke_plugins.methods.ldke.ldke_main:apply_ldke_to_multimodal_model",
         restore="snapshot",
         trainer="mke_plugins.methods.ldke.trainable:LDKERouterTrainable",
-        offline="mke_plugins.methods.ldke.train:run",
+        offline="mke_plugins.methods.ldke.ldke_train:run",
+        offline_flags="mke_plugins.methods.ldke.ldke_train:add_arguments",
         hparams_dir="mke_plugins.methods.ldke:hparams",
         paper=PAPER,
         summary="Gradient-localized low-rank side weights, routed per input by a trained classifier, so edits "

@@ -1,24 +1,19 @@
 """Fast Localization against the causal traces on the same edits (spec §5 A4/A5 report).
 
-For the first ``--edits`` edit requests (3 warm-up edits dropped), time the localization alone
-with ``grad``, ``trace`` and ``full_trace`` on the same model and device, and report the median
+For the given edit requests (the first ``warmup`` dropped), time the localization alone with
+``grad``, ``trace`` and ``full_trace`` on the same model and device, and report the median
 seconds per edit, the ratios to ``grad``, forward-pass-equivalent counts, and how often each
 trace picks the same top layer (and the same top-k set) as ``grad``; for context also Fast
-Localization without the baseline mu (``layer_prior: none``)::
+Localization without the baseline mu (``layer_prior: none``). The command that runs it on the
+bundled world lives with the bench, since a method does not import the world::
 
-    python -m mke_plugins.methods.ldke.compare --edits 50 --json ldke-localization.json
-
-Defaults: the bundled world model, its edit split and LDKE's ``world`` hyperparameters.
+    python -m mke_plugins.bench.localization --edits 50 --json ldke-localization.json
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 METHODS = ("grad", "trace", "full_trace")
@@ -76,34 +71,3 @@ def _hist(values: Any) -> dict[str, int]:
     for v in values:
         h[str(v)] = h.get(str(v), 0) + 1
     return dict(sorted(h.items()))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mke_plugins.methods.ldke.compare", description=__doc__.splitlines()[0])
-    p.add_argument("--edits", type=int, default=50, help="edit requests timed (first N; default 50)")
-    p.add_argument("--warmup", type=int, default=3, help="first edits dropped from the medians (default 3)")
-    p.add_argument("--hparams", default="world", help="LDKE hparams key or YAML path (default world)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--json", default=None, help="write the report here")
-    args = p.parse_args(argv)
-    import torch
-
-    from mke_plugins import world
-    from mke_plugins.hparams import load_hparams
-
-    if args.device == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    hp = load_hparams("LDKE", args.hparams, device=args.device)
-    model, tok = world.load(device=args.device)
-    requests = world.records("edit")[: args.edits + args.warmup]
-    report = compare_localization(model, tok, requests, hp, warmup=args.warmup)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -214,7 +214,7 @@ def _missing(field: str, detail: str) -> ArchiveError:
 def rebuild_command(path: str | Path) -> str:
     """The sentence saying how to rebuild the archive at ``path`` (world model, or any model)."""
     out = shlex.quote(str(path))
-    return (f"Rebuild it with `mke-plugins train LDKE --model world --out {out}` (the bundled world model) or "
+    return (f"Rebuild it with `mke-plugins train LDKE --hparams world --out {out}` (the bundled world model) or "
             f"`mke-plugins train LDKE --hparams <training yaml> --out {out}` (another model).")
 
 

@@ -38,7 +38,7 @@ def mke_register_methods(register) -> None:
         apply_multimodal="mke_plugins.methods.unike.unike_main:apply_unike_to_multimodal_model",
         restore="callable",
         trainer="mke_plugins.methods.unike.trainable:UniKETrainable",
-        offline="mke_plugins.methods.unike.train_cli:run",
+        offline="mke_plugins.methods.unike.unike_train:run",
         hparams_dir="mke_plugins.methods.unike:hparams",
         paper=PAPER,
         summary="Intrinsic key-value neurons and an external latent memory as one key-value memory, "

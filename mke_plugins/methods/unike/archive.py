@@ -25,7 +25,7 @@ from mke_hooks import ArchiveError
 from mke_plugins.adapters.base import LayerInfo, VLMAdapter, unwrap_model
 
 FORMAT = "mke-unike/1"
-BUILD_HINT = ("build it with `mke-plugins train UniKE --model world` (or `--hparams <training yaml>` for your "
+BUILD_HINT = ("build it with `mke-plugins train UniKE --hparams world` (or `--hparams <training yaml>` for your "
               "model), or with EasyEdit's MultimodalTrainer and a training YAML with `alg: UniKE` "
               "(its save under results_dir/models/UniKE/ is a valid archive)")
 PAYLOAD_KEYS = ("meta", "mu", "bank.h_sem", "bank.h_pos", "bank.h_neg", "bank.ids", "fit.r_pos", "fit.r_neg",
@@ -39,20 +39,6 @@ class UniKEArchiveError(ArchiveError):
 def _reason(exc: BaseException) -> str:
     """The first sentence of ``exc`` (torch's unreadable-file errors go on for a paragraph)."""
     return str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
-
-
-def resolve_layers(layers: Iterable[int], n_layers: int, *, what: str = "layers") -> list[int]:
-    """Negative indices counted from the top → sorted absolute indices; out-of-range fails."""
-    out = []
-    for v in layers:
-        i = v + n_layers if v < 0 else v
-        if not 0 <= i < n_layers:
-            raise ValueError(f"{what}: layer {v} does not exist in a model with {n_layers} decoder layers; use "
-                             f"indices in [-{n_layers}, {n_layers - 1}]")
-        out.append(i)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{what}: {list(layers)} names the same layer twice")
-    return sorted(out)
 
 
 def fingerprint(infos: Mapping[int, LayerInfo] | Iterable[LayerInfo]) -> str:
@@ -97,7 +83,7 @@ def save_archive(payload: dict[str, Any], path: str | Path, extra: Mapping[str, 
 def rebuild_hint(path: str | Path) -> str:
     """The sentence saying how to rebuild the archive at ``path`` (world model, or any model)."""
     out = shlex.quote(str(path))
-    return (f"Rebuild it with `mke-plugins train UniKE --model world --out {out}` (the bundled world model) or "
+    return (f"Rebuild it with `mke-plugins train UniKE --hparams world --out {out}` (the bundled world model) or "
             f"`mke-plugins train UniKE --hparams <training yaml> --out {out}` (another model; a save of EasyEdit's "
             f"MultimodalTrainer with `alg: UniKE` is a valid archive too)")
 

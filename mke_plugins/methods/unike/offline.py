@@ -1,6 +1,6 @@
 """UniKE's offline stage (spec §2): one implementation behind both drivers.
 
-:class:`UniKEOffline` holds the whole stage; the CLI (``train_cli.py``) and EasyEdit's
+:class:`UniKEOffline` holds the whole stage; the CLI (``unike_train.py``) and EasyEdit's
 ``MultimodalTrainer`` (``trainable.py``) call only its public functions:
 
 * :meth:`~UniKEOffline.observe` — steps 1–2 on any teacher-forced :class:`Batch`: one forward
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters import get_adapter
-from mke_plugins.adapters.base import Batch, HookPoint, VLMAdapter, model_device, model_dtype, unwrap_model
+from mke_plugins.adapters.base import (Batch, HookPoint, VLMAdapter, model_device, model_dtype, resolve_layers,
+                                      unwrap_model)
 from mke_plugins.core.hooks import capture
 
-from .archive import FORMAT, UniKEArchiveError, fingerprint, read_payload, resolve_layers, save_archive
+from .archive import FORMAT, UniKEArchiveError, fingerprint, read_payload, save_archive
 from .encoders import build_encoders, encoder_state, load_encoder_state
 from .unike_hparams import UniKETrainingHparams
 

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from mke_plugins.adapters import get_adapter
-from mke_plugins.adapters.base import unwrap_model
+from mke_plugins.adapters.base import resolve_layers, unwrap_model
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.requests import normalize_requests
 from mke_plugins.core.snapshot import RestoreHandle
 from mke_plugins.core.wrap import GatedModel, gated
 
-from .archive import load_archive, record_hash, resolve_layers
+from .archive import load_archive, record_hash
 from .edit import edit_one
 from .runtime import GATE, runtime_for
 from .unike_hparams import UniKEHyperParams
@@ -48,10 +48,7 @@ def apply_unike_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, h
     adapter = get_adapter(base, hparams)
     requests = normalize_requests(requests, adapter)
     n_layers = len(adapter.layers(base))
-    try:
-        layers = resolve_layers(hparams.layers, n_layers)
-    except ValueError as exc:
-        raise ValueError(f"hparams `layers`: {exc}") from None
+    layers = resolve_layers(hparams.layers, n_layers)
     archive = load_archive(hparams.archive, base, adapter, layers)
     for i, r in enumerate(requests):
         if archive.record_hashes and record_hash(r["prompt"], r["target"]) in archive.record_hashes:

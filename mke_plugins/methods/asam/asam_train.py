@@ -1,4 +1,4 @@
-"""ASAM's offline helper (``mke-plugins train ASAM``): ρ tuning (spec §2.2 step 10) and the memory bank.
+"""``mke-plugins train ASAM``: ASAM's offline helper, ρ tuning (spec §2.2 step 10) and the memory bank.
 
 ``lar_eps`` is chosen once per model as the largest value of {0.02, 0.05, 0.1, 0.2} whose mean
 coherence on training-split edits is at least 0.9: coherence is the share of LAR variants on
@@ -7,20 +7,22 @@ variants scored here are the *first* variant set of each edit (PGD against the n
 step 1, where the patch has V = 0, i.e. the unedited model), the one set that exists before any
 training. Training-split edits are the ``memory_data`` records read as edits (``src`` +
 ``image`` -> ``alt``). The command also builds the memory bank and, with ``--cache DIR`` (or a
-``memory_cache`` in the YAML), stores it on disk so edits later load it.
+``memory_cache`` in the YAML), stores it on disk so edits later load it. ``--hparams`` names
+ASAM's editing YAML (ASAM ships no training YAMLs); ``--model DIR`` another model folder.
 
-Nothing here writes the YAML: the chosen ρ is printed (and written to ``--json``); put it in
+Nothing here writes the YAML: the chosen ρ is printed (and written to ``--out``); put it in
 your hparams file.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from mke_hooks import TrainArgs
 
 from .asam_hparams import EPS_GRID, ASAMHyperParams
 
@@ -87,39 +89,26 @@ def choose_eps(table: dict[float, float], floor: float = 0.9) -> float | None:
     return max(ok) if ok else None
 
 
-def _load(hparams: ASAMHyperParams, model_dir: str | None, device: str) -> tuple[Any, Any]:
-    path = Path(model_dir or str(hparams.model_name))
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"--model {path}: no config.json; pass a Hugging Face model directory (the LAVIS "
-                         f"families are built by EasyEdit and cannot be loaded by path)")
-    from transformers import AutoModelForImageTextToText
-
-    from mke_plugins.adapters.processors import load_processor
-
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=hparams.dtype, local_files_only=True)
-    return model.to(device).eval(), load_processor(path)
+def add_arguments(group: Any) -> None:
+    """ASAM's own flags of ``mke-plugins train ASAM`` (``MethodSpec.offline_flags``)."""
+    group.add_argument("--n", type=int, default=32, help="training-split edits to score (default 32)")
+    group.add_argument("--cache", default=None, help="store the memory bank on disk in this folder")
+    group.add_argument("--json", default=None, metavar="PATH", help="old spelling of --out")
 
 
-def run(argv: list[str]) -> int:
-    """``mke-plugins train ASAM [--hparams world] [--model DIR] [--n 32] [--cache DIR] [--json PATH]``."""
-    parser = argparse.ArgumentParser(prog="mke-plugins train ASAM", description=__doc__.splitlines()[0])
-    parser.add_argument("--hparams", default="world", help="bundled YAML key (world, qwen2vl-7b, ...) or a YAML path")
-    parser.add_argument("--model", default=None, help="model directory (default: the YAML's model_name)")
-    parser.add_argument("--n", type=int, default=32, help="training-split edits to score (default 32)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--cache", default=None, help="store the memory bank on disk in this folder")
-    parser.add_argument("--json", default=None, help="write the coherence table and the choice here")
-    args = parser.parse_args(argv)
+def run(args: TrainArgs) -> int:
+    """``mke-plugins train ASAM`` (``MethodSpec.offline``): score the rho grid, build the memory bank.
 
-    from mke_plugins.adapters import get_adapter
-    from mke_plugins.hparams import load_hparams
+    Defaults: --hparams world (ASAM's editing YAML); --out none (the table is printed; with --out it
+    is written there as JSON with the choice and the memory bank's fingerprint).
+    """
+    from mke_plugins.adapters import get_adapter, resolve_layers
 
-    hparams = load_hparams("ASAM", args.hparams)
-    if args.cache:
-        hparams.memory_cache = args.cache
-    model, tok = _load(hparams, args.model, args.device)
+    cache = args.options.get("cache")
+    hparams = args.load_hparams(ASAMHyperParams, **({"memory_cache": cache} if cache else {}))
+    model, tok = args.load_model(hparams)
     adapter = get_adapter(model, hparams)
-    edits = training_edits(hparams, adapter, args.n)
+    edits = training_edits(hparams, adapter, int(args.options.get("n", 32)))
     table = coherence_table(model, tok, adapter, hparams, edits)
     best = choose_eps(table)
     for rho, c in table.items():
@@ -129,14 +118,14 @@ def run(argv: list[str]) -> int:
     out: dict[str, Any] = {"table": table, "chosen": best, "n_edits": len(edits)}
     if float(hparams.lambda_mem) > 0:
         from .memory import get_bank
-        from .patch import resolve_layers
 
-        layers = resolve_layers(hparams.edit_layers, len(adapter.layers(model)))
+        layers = resolve_layers(hparams.edit_layers, len(adapter.layers(model)), key="edit_layers")
         bank, fp, source = get_bank(model, tok, adapter, hparams, layers)
         print(f"memory bank {fp}: {source}, {[int(v.shape[0]) for v in bank.values()]} states per layer"
               + (f", cached in {hparams.memory_cache}" if hparams.memory_cache else ""))
         out["memory_bank"] = {"fingerprint": fp, "states": {str(k): int(v.shape[0]) for k, v in bank.items()}}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-        print(f"wrote {args.json}")
+    path = args.out or args.options.get("json")
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1))
+        print(f"wrote {path}")
     return 0

@@ -1,20 +1,20 @@
-"""``mke-plugins train UniKE``: the offline stage without EasyEdit (spec §2, CLI driver).
+"""``mke-plugins train UniKE``: build UniKE's offline archive (knowledge bank, encoders, zeta) without EasyEdit.
 
-One extraction pass over the train split (``UniKEOffline.observe`` on teacher-forced batches of
-each record and, with ``include_variants``, its rephrased question and rephrased image), then
-encoder epochs over the cached bank (``loss``), epoch selection by the held-out score
-(sep_acc + sem_r1)/2 with ``patience``, then ``payload`` → one archive file.
+The CLI driver of spec §2: one extraction pass over the training records the host provides
+(``UniKEOffline.observe`` on teacher-forced batches of each record and, with
+``include_variants``, its rephrased question and rephrased image), then encoder epochs over the
+cached bank (``loss``), epoch selection by the held-out score (sep_acc + sem_r1)/2 with
+``patience``, then ``payload`` → one archive file.
 
-    mke-plugins train UniKE --model world                      # hparams/training/world.yaml
-    mke-plugins train UniKE --hparams my-training.yaml --data mmedit_train.json --image-root imgs/
+    mke-plugins train UniKE                                     # hparams/training/world.yaml
+    mke-plugins train UniKE --hparams my-training.yaml --model DIR --data mmedit_train.json --image-root imgs/
 
 The bundled world archive is rebuilt, bit-identically, by
-``mke-plugins train UniKE --model world --out mke_plugins/methods/unike/archives/world.pt``.
+``mke-plugins train UniKE --hparams world --out mke_plugins/methods/unike/archives/world.pt``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -23,39 +23,13 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from mke_hooks import MKEError
+from mke_hooks import MKEError, TrainArgs
 
 log = logging.getLogger(__name__)
 
-HPARAMS_DIR = Path(__file__).resolve().parent / "hparams" / "training"
 EXTRACT_BATCH = 16
-
-
-def training_yaml(model_key: str) -> Path:
-    """The bundled training YAML for ``model_key`` (``hparams/training/<key>.yaml``)."""
-    path = HPARAMS_DIR / f"{model_key}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml"))
-        raise MKEError(f"UniKE has no training hparams for model {model_key!r}; bundled: {', '.join(known)}. Pass "
-                       f"--hparams FILE with your own training YAML.")
-    return path
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mke-plugins train UniKE",
-                                description="Build UniKE's offline archive (knowledge bank, encoders, zeta).")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="bundled training hparams key (default: world)")
-    src.add_argument("--hparams", default=None, help="a training YAML (UniKETrainingHparams)")
-    p.add_argument("--data", default=None, help="'@world-train' or an MMEdit-format JSON (default: the YAML's data)")
-    p.add_argument("--image-root", default=None, help="image folder of --data (default: the JSON's folder)")
-    p.add_argument("--out", default=None, help="archive path (default: the YAML's out, else ./unike-<model>.pt)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: the YAML's device)")
-    p.add_argument("--seed", type=int, default=None, help="override the YAML's seed")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -72,44 +46,6 @@ def _image_bytes(image: Any) -> bytes:
     if torch.is_tensor(image):
         return image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return str(image).encode()
-
-
-def _mmedit_records(path: Path, image_root: Path, adapter: Any) -> list[dict[str, Any]]:
-    from mke_plugins.adapters.images import image_for_family
-
-    raw = json.loads(path.read_text())
-    if not isinstance(raw, list):
-        raise MKEError(f"--data {path}: expected a JSON list of MMEdit records (src, alt, image, rephrase, "
-                       f"image_rephrase)")
-    out = []
-    for i, r in enumerate(raw):
-        if not r.get("src") or not r.get("alt") or not r.get("image"):
-            continue  # EasyEdit's VQADataset drops such records too
-        def img(rel: str | None) -> Any:
-            if not rel:
-                return None
-            f = image_root / rel
-            if not f.is_file():
-                raise MKEError(f"--data {path}: record {i}: image {f} not found; check --image-root")
-            return image_for_family(adapter, f)
-        out.append({"prompt": r["src"], "target": r["alt"], "image": img(r["image"]),
-                    "rephrase_prompt": r.get("rephrase") or "", "image_rephrase": img(r.get("image_rephrase"))})
-    return out
-
-
-def load_records(data: str, image_root: str | None, adapter: Any) -> tuple[list[dict[str, Any]], str]:
-    """``(records, dataset label)``; ``@world-train`` is the world's train split."""
-    if data in ("@world-train", "@world"):
-        from mke_plugins import world
-
-        return world.records("train"), f"world:seed{world.DEFAULT_SEED}"
-    path = Path(data)
-    if path.is_dir() and (path / "train.json").is_file():
-        path = path / "train.json"
-    if not path.is_file():
-        raise MKEError(f"--data {data}: no such file; pass '@world-train' or an MMEdit-format train JSON")
-    root = Path(image_root) if image_root else path.parent
-    return _mmedit_records(path, root, adapter), str(path)
 
 
 def triplet_queries(records: list[dict[str, Any]], include_variants: bool, seed: int, cap: int
@@ -142,29 +78,6 @@ def triplet_queries(records: list[dict[str, Any]], include_variants: bool, seed:
         if len(out) >= 4 * cap:  # enough candidates even if many are skipped
             break
     return out
-
-
-# -- model -------------------------------------------------------------------------------------
-def load_model(model_name: Any, device: str, dtype: Any) -> tuple[Any, Any]:
-    """``(model, processor)`` for the training YAML's ``model_name`` (the world model or an HF directory)."""
-    from mke_plugins import world
-
-    name = str(model_name)
-    if name.strip().lower() in ("blip2", "minigpt4"):
-        raise MKEError(f"model_name {name!r}: the CLI cannot build EasyEdit's LAVIS wrappers; build the archive "
-                       f"with EasyEdit's MultimodalTrainer (training YAML with `alg: UniKE`) instead")
-    path = Path(name)
-    if path.resolve() == world.model_path().resolve():
-        return world.load(path, device=device, dtype=dtype)
-    if not (path / "config.json").is_file():
-        raise MKEError(f"model_name {name!r}: no config.json there; set model_name to a saved Hugging Face model "
-                       f"directory (or '@world')")
-    from transformers import AutoModelForImageTextToText
-
-    from mke_plugins.adapters.processors import load_processor
-
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    return model.to(device).eval(), load_processor(path)
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -256,31 +169,23 @@ def evaluate_holdout(off: Any, hold: Any, train: Any, bs: int) -> dict[str, floa
     return {"sep_acc": sep / len(hold), "sem_r1": r1 / len(hold)}
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """``mke-plugins train UniKE ...`` (the ``MethodSpec.offline`` entry)."""
-    args = _parser().parse_args(list(argv) if argv is not None else None)
-    from mke_plugins.hparams import resolve_special
+def run(args: TrainArgs) -> int:
+    """``mke-plugins train UniKE`` (``MethodSpec.offline``): extract the bank, train the encoders, write the archive.
+
+    Defaults: --data the YAML's `data` ('@world-train': the bundled world's train split) with its
+    `image_root`; --out the YAML's `out`, else ./unike-<model folder name>.pt.
+    """
+    from mke_plugins.adapters import get_adapter
 
     from .unike_hparams import UniKETrainingHparams
 
-    path = Path(args.hparams) if args.hparams else training_yaml(args.model or "world")
-    hparams = UniKETrainingHparams.from_hparams(str(path))
-    if args.seed is not None:
-        hparams.seed = int(args.seed)
-    if args.data:
-        hparams.data = args.data
-    if args.image_root:
-        hparams.image_root = args.image_root
-    device = str(args.device or hparams.device)
-    if device.isdigit():
-        device = f"cuda:{device}"
-    model, tok = load_model(resolve_special(hparams.model_name), device, hparams.dtype)
-    from mke_plugins.adapters import get_adapter
-
-    records, dataset = load_records(str(hparams.data), hparams.image_root or None, get_adapter(model, hparams))
+    hparams = args.load_hparams(UniKETrainingHparams)
+    model, tok = args.load_model(hparams)
+    records, dataset = args.load_records(args.data or str(hparams.data), adapter=get_adapter(model, hparams),
+                                         image_root=args.image_root or hparams.image_root or None)
     base = Path(str(hparams.model_name)).name or "model"
     out = args.out or hparams.out or f"unike-{base}.pt"
-    summary = build_archive(hparams, model, tok, records, dataset, out, progress=not args.quiet)
+    summary = build_archive(hparams, model, tok, records, dataset, out, progress=args.progress)
     print(json.dumps(summary))
     sys.stdout.flush()
     return 0
