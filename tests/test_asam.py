@@ -288,7 +288,7 @@ def test_world_edit_succeeds_on_its_unit_and_restores(world_model):
     before, hooks = state_of(model), hook_counts(model)
     edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, [ProbeTrap(req)], world_hparams(),
                                                           return_orig_weights=True)
-    st = wc.stats
+    st = wc.stats.flat()
     assert isinstance(edited, GatedModel) and st["stopped"] and st["rows_correct"] == 1.0
     assert st["variants"] == 8 and 0.0 <= st["coherence_first"] <= 1.0 and st["image_as_text"] is False
     assert st["rcsl"] is not None and st["memory_states"] > 1000
@@ -305,8 +305,8 @@ def test_world_edit_succeeds_on_its_unit_and_restores(world_model):
 def test_base_editor_is_the_lar_rcsl_off_ablation(world_model):
     model, tok, reqs = world_model
     hp = world_hparams(lar=False, rcsl=False)
-    edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, reqs[1], hp)
-    st = wc.stats
+    edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, reqs[1], hp, return_orig_weights=True)
+    st = wc.stats.flat()
     assert st["variants"] == 0 and st["coherence_first"] is None and st["rcsl"] is None and st["adv"] is None
     assert st["stopped"] and st["mem"] is not None
     wc()
@@ -317,12 +317,12 @@ def test_sequential_edits_accumulate_and_feed_the_memory(world_model):
     adapter = get_adapter(model, world_hparams())
     hp = world_hparams(lar_variants=2, lar_masks=["joint", "image"], lar_steps=2)
     before = state_of(model)
-    e1, wc1 = asam_main.apply_asam_to_multimodal_model(model, tok, [reqs[2]], hp)
-    e2, wc2 = asam_main.apply_asam_to_multimodal_model(e1, tok, reqs[3], hp)
+    e1, wc1 = asam_main.apply_asam_to_multimodal_model(model, tok, [reqs[2]], hp, return_orig_weights=True)
+    e2, wc2 = asam_main.apply_asam_to_multimodal_model(e1, tok, reqs[3], hp, return_orig_weights=True)
     assert isinstance(e2, GatedModel) and not isinstance(e2.model, GatedModel) and e2.gates == (patch.GATE,)
     st = patch.existing_state(model)
     assert len(st.patches.blocks()) == 2 and len(st.extra_rows) == 2
-    assert wc2.stats["memory_states"] > wc1.stats["memory_states"]  # edit 1's anchor states joined M
+    assert wc2.stats.flat()["memory_states"] > wc1.stats.flat()["memory_states"]  # edit 1's anchor states joined M
     for r in (reqs[2], reqs[3]):
         b = adapter.batch(model, tok, [Query(r["image"], r["prompt"], r["target"])])
         with torch.no_grad():
@@ -345,12 +345,13 @@ def test_one_edit_on_every_family(family, family_setup):
     before, hooks = state_of(model), hook_counts(model)
     with torch.no_grad():
         loss0 = adapter.loss(model, batch)
-    edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, req, hp)
+    edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, req, hp, return_orig_weights=True)
     with torch.no_grad():
         assert adapter.loss(edited, batch) < loss0
         assert adapter.loss(model, batch) == loss0
-    text, wc_text = asam_main.apply_asam_to_multimodal_model(model, tok, [dict(req, image=None)], hp)
-    assert wc_text.stats["image_as_text"] is True
+    text, wc_text = asam_main.apply_asam_to_multimodal_model(model, tok, [dict(req, image=None)], hp,
+                                                             return_orig_weights=True)
+    assert wc_text.stats.flat()["image_as_text"] is True
     wc_text()
     wc()
     assert_same_state(before, model)
@@ -363,8 +364,9 @@ def test_key_init_unit_and_ablation_switches_run(family_setup):
     req = {"prompt": "What is in the picture?", "target": "red", "image": native_image("qwen2-vl")}
     for kw in (dict(key_init="unit"), dict(lar_mode="random"), dict(lar_objective="targeted"), dict(asym=False),
                dict(rcsl_form="nuclear"), dict(stop_on="anchor"), dict(lar_regen_every=2), dict(rcsl=False)):
-        _, wc = asam_main.apply_asam_to_multimodal_model(model, tok, req, tiny_hparams(name, **kw))
-        assert wc.stats["steps"] >= 1, kw
+        _, wc = asam_main.apply_asam_to_multimodal_model(model, tok, req, tiny_hparams(name, **kw),
+                                                       return_orig_weights=True)
+        assert wc.stats.flat()["steps"] >= 1, kw
         wc()
 
 
@@ -462,7 +464,7 @@ def test_cuda_edit_and_restore(world_model):
 
     m = copy.deepcopy(model).cuda()
     before = state_of(m)
-    edited, wc = asam_main.apply_asam_to_multimodal_model(m, tok, reqs[0], world_hparams())
-    assert wc.stats["stopped"]
+    edited, wc = asam_main.apply_asam_to_multimodal_model(m, tok, reqs[0], world_hparams(), return_orig_weights=True)
+    assert wc.stats.flat()["stopped"]
     wc()
     assert_same_state(before, m)

@@ -26,7 +26,8 @@ Accuracies are in [0, 1]; a metric the data cannot provide is ``null``. Extras p
 ``multimodal_locality_top10`` (EasyEdit main's M-Loc), ``fine_locality_same_image`` /
 ``_same_entity`` / ``_by_form``, ``unit_consistency``, ``rewrite_exact_match`` (greedy
 generation), ``decoupling_n`` / ``decoupling_n_paired_success``, ``fwdbwd_seconds_median``,
-``peak_memory_delta_mb``, ``n_cases``, ``extra`` (stats the method attached), ``hparams``,
+``peak_memory_delta_mb``, ``n_cases``, ``extra`` (the method template's per-edit stats: ``steps``,
+``seconds``, ``converged``, ``added_bytes`` and the method's own keys), ``hparams``,
 ``source``, ``restore``, and with ``--per-case`` a ``cases`` list. Top level also holds
 ``sequential_n``, ``seed``, ``device``, ``threads``, ``hparams`` and ``notes``.
 

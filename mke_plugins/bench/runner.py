@@ -13,10 +13,10 @@ chunk on the unedited model, then the edits accumulate (EasyEdit's way: each app
 model, the last returned model is evaluated), then every case is evaluated after the last edit,
 then the edits are undone in reverse order and the model is checked.
 
-Methods may attach JSON-serialisable stats to what they return: a ``stats`` dict on
-``weights_copy`` (``RestoreHandle`` is a dict subclass; set ``handle.stats = {...}``) or an
-``mke_stats`` dict on the edited model. They appear per case under ``extra`` and, aggregated, in
-the method row.
+Per-edit stats come in one shape: the :class:`~mke_plugins.core.template.ApplyStats` the method
+template puts on ``weights_copy.stats`` (one ``EditStats`` per request: steps, seconds, converged,
+added_bytes and the method's own values). They appear per case under ``extra`` and, aggregated,
+in the method row; a method that does not use the template reports none.
 """
 
 from __future__ import annotations
@@ -85,15 +85,12 @@ def load_model(path: str | None, device: str, dtype: str) -> tuple[Any, Any, str
     return model, tok, str(Path(folder))
 
 
-def method_extra(edited: Any, weights_copy: Any) -> dict[str, Any]:
-    """Stats a method attached to its outputs (``weights_copy.stats`` or ``edited.mke_stats``)."""
-    for obj, attr in ((weights_copy, "stats"), (edited, "mke_stats")):
-        stats = getattr(obj, attr, None)
-        if isinstance(stats, dict):
-            return _jsonable(stats)
-        if isinstance(stats, list) and len(stats) == 1 and isinstance(stats[0], dict):
-            return _jsonable(stats[0])
-    return {}
+def method_extra(weights_copy: Any) -> dict[str, Any]:
+    """The per-edit stats of one apply (``weights_copy.stats``, an ``ApplyStats``), flat; ``{}`` when absent."""
+    from mke_plugins.core.template import ApplyStats
+
+    stats = getattr(weights_copy, "stats", None)
+    return _jsonable(stats.flat()) if isinstance(stats, ApplyStats) else {}
 
 
 def hparams_json(hparams: Any) -> dict[str, Any]:
@@ -245,7 +242,7 @@ class Bench:
                 edited, wc, seconds, mem = self._apply(m, request, base_seed + i)
                 post = run_probes(self.adapter, edited, pb)
                 generated = self._generate(m, edited, request, n_target)
-                extra = method_extra(edited, wc)
+                extra = method_extra(wc)
                 self.model = restore_like_easyedit(m.restore, self.model, edited, wc)
                 del edited, wc
                 if check is not None:
@@ -279,7 +276,7 @@ class Bench:
                     for i, _, _, fwdbwd in prepared:
                         edited, wc, seconds, mem = self._apply(m, self.requests[i], base_seed + i)
                         done.append((edited, wc))
-                        costs.append((seconds, fwdbwd, mem, method_extra(edited, wc)))
+                        costs.append((seconds, fwdbwd, mem, method_extra(wc)))
                     for (i, pb, pre, _), cost in zip(prepared, costs):
                         post = run_probes(self.adapter, edited, pb)
                         generated = self._generate(m, edited, self.requests[i], int(pre[0].top1.shape[0]))

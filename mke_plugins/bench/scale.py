@@ -203,7 +203,7 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
                                      keep_original_weight=False)
                 sync(dev)
                 seconds = time.perf_counter() - t2
-            stats = method_extra(edited, wc)
+            stats = method_extra(wc)
             model = restore_like_easyedit(m.restore, model, edited, wc)
             del edited, wc
             exact = None if before is None else param_digests(model) == before

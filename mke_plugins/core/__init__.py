@@ -1,5 +1,7 @@
 """Family-agnostic editing machinery shared by every method.
 
+* ``template``: the method template every apply runs through (hparams, adapter, requests, the
+  ``copy`` / ``return_orig_weights`` / ``keep_original_weight`` flags, undo on failure, stats).
 * ``requests``: normalise EasyEdit requests (dict or list), check fields, read optional ones.
 * ``hooks``: capture / intervene on activations at adapter hook points; persistent hook sets.
 * ``snapshot``: exact weight snapshots, the ``RestoreHandle`` EasyEdit calls, state comparison.

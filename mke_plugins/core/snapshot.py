@@ -105,6 +105,7 @@ class RestoreHandle(dict):
         self._snapshots = list(snapshots)
         self._undo = list(undo)
         self._done = False
+        self.stats: Any = None  # the method template's ApplyStats (what each edit did)
 
     def add_snapshot(self, snapshot: WeightSnapshot) -> "RestoreHandle":
         self._snapshots.append(snapshot)

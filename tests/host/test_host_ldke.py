@@ -99,7 +99,7 @@ def test_multimodal_trainer_with_vqadataset_writes_an_archive_ldke_edits_with(ld
     edit_hp = load_hparams(METHOD, "world", classifier_archive=str(checkpoint))
     rec = world.records("edit")[0]
     edited, handle = apply_ldke_to_multimodal_model(model, tok, rec, edit_hp, return_orig_weights=True)
-    assert handle.stats["fit_success"], handle.stats
+    assert handle.stats.flat()["fit_success"], handle.stats.flat()
     handle()
 
 

@@ -17,10 +17,11 @@ to stay silent on it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -224,8 +225,12 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
 
 
 def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hparams: ASAMHyperParams,
-             adapter: VLMAdapter) -> ASAMResult:
-    """Edit ``requests`` in turn on ``model`` (the bare base model); patches accumulate."""
+             adapter: VLMAdapter, undo: Callable[[Callable[[], Any]], Any]) -> ASAMResult:
+    """Edit ``requests`` in turn on ``model`` (the bare base model); patches accumulate.
+
+    Before each edit starts, ``undo`` receives the callable that removes it (its blocks and bank
+    rows, a half-made edit's too): the caller runs them, latest first, to restore or when this raises.
+    """
     layers = resolve_layers(hparams.edit_layers, len(adapter.layers(model)), key="edit_layers")
     tags: list[Hashable] = []
     all_stats: list[EditStats] = []
@@ -240,16 +245,11 @@ def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hpa
             memory = {l: _cat_rows(bank.get(l), state.extra(l)) for l in layers} if bank else {}
             n_bank = int(next(iter(memory.values())).shape[0]) if memory else 0
             tag = state.new_tag()
-            try:
-                stats = edit_one(model, tok, adapter, query, hparams, state, layers, memory, tag)
-                rows = ffn_states(model, tok, adapter, [query], layers, positions=hparams.memory_positions,
-                                  seed=int(hparams.seed), dtype=bank_dtype(model))
-                state.extra_rows.append((tag, rows))
-            except BaseException:
-                undo_edit(model, tag)
-                for t in reversed(tags):
-                    undo_edit(model, t)
-                raise
+            undo(functools.partial(undo_edit, model, tag))
+            stats = edit_one(model, tok, adapter, query, hparams, state, layers, memory, tag)
+            rows = ffn_states(model, tok, adapter, [query], layers, positions=hparams.memory_positions,
+                              seed=int(hparams.seed), dtype=bank_dtype(model))
+            state.extra_rows.append((tag, rows))
             stats.memory_states, stats.memory_source = n_bank, source
             tags.append(tag)
             all_stats.append(stats)

@@ -51,6 +51,7 @@ class EditReport:
     final_loss: float | None = None
     retrieved: int = 0
     seconds: float = 0.0
+    converged: bool | None = None  # the stop rule was met (None: no neurons were trained)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -187,7 +188,8 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
             margins = _margin_loss(blocks, hparams, negatives, past_inputs)
             satisfied = margins is None or float(margins.detach()) < MARGIN_TOL
             check_finite("UniKE", step + 1, nll=loss, margin=margins, fix=FIX)
-            if (value < float(hparams.stop_loss) and satisfied) or step == int(hparams.max_edit_steps):
+            rep.converged = value < float(hparams.stop_loss) and satisfied
+            if rep.converged or step == int(hparams.max_edit_steps):
                 break
             total = loss
             if penalty_states is not None:

@@ -1,24 +1,21 @@
 """EasyEdit's apply function for the FT baseline: glue around :func:`..train.fit`.
 
-Per request, in order: build the paired query's teacher-forced batch through the family adapter,
-snapshot the layer's value matrix (once per apply, before the first change), run Adam on it
-until every target token is the argmax (or ``max_steps``). ``weights_copy`` is the core
-``RestoreHandle``: iterating it (EasyEdit's default restore path) or calling it copies the
-original matrix back bit for bit. ``weights_copy.stats`` carries the steps taken and the losses.
+Per request, in order: build the paired query's teacher-forced batch through the family adapter
+and run Adam on one layer's value matrix until every target token is the argmax (or
+``max_steps``). The matrix is snapshotted once, before the first change, so ``weights_copy``
+copies it back bit for bit. Hparams, requests, flags, undo on failure and stats are the method
+template's (:mod:`mke_plugins.core.template`).
 """
 
 from __future__ import annotations
 
-import copy as copy_module
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
 from mke_hooks import HparamsError
-from mke_plugins.adapters import get_adapter
-from mke_plugins.adapters.base import Query
-from mke_plugins.core.requests import normalize_requests
-from mke_plugins.core.snapshot import RestoreHandle, WeightSnapshot
+from mke_plugins.core.requests import query_of
+from mke_plugins.core.template import EditContext, EditStats, edit_method
 
 from ..train import fit
 from .ft_hparams import FTHyperParams
@@ -33,34 +30,23 @@ def resolve_layer(adapter: Any, model: nn.Module, index: int, key: str = "layer"
     return layers[index]
 
 
-def apply_ft_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hparams: FTHyperParams,
-                                 copy: bool = False, return_orig_weights: bool = False,
-                                 keep_original_weight: bool = False, **kwargs: Any) -> tuple[nn.Module, RestoreHandle]:
+@edit_method(FTHyperParams)
+def apply_ft_to_multimodal_model(ctx: EditContext, requests: list[dict[str, Any]]) -> Iterator[EditStats]:
     """Fine-tune one value matrix on each request's paired query; ``train_ds`` and other kwargs are ignored."""
-    FTHyperParams.check_given(hparams)
-    adapter = get_adapter(model, hparams)
-    requests = normalize_requests(requests, adapter)
-    if copy:
-        model = copy_module.deepcopy(model)
-    info = resolve_layer(adapter, model, hparams.layer)
+    hp, adapter, model = ctx.hparams, ctx.adapter, ctx.model
+    info = resolve_layer(adapter, model, hp.layer)
     weight = info.value.weight
-    snapshot = WeightSnapshot(model).add(weight)
-    original = weight.detach().float().clone() if hparams.norm_constraint > 0 else None
+    ctx.snapshot().add(weight)
+    original = weight.detach().float().clone() if hp.norm_constraint > 0 else None
 
     def project(masters):
-        eps = hparams.norm_constraint
+        eps = hp.norm_constraint
         masters[0].copy_(masters[0].clamp(original - eps, original + eps))
 
-    steps, losses, ok = [], [], []
     for req in requests:
-        batch = adapter.batch(model, tok, [Query(req["image"], req["prompt"], req["target"])],
-                              append_eos=hparams.append_eos)
-        res = fit(adapter, model, batch, [weight], lr=hparams.lr, max_steps=hparams.max_steps,
-                  weight_decay=hparams.weight_decay, project=project if original is not None else None)
-        steps.append(res.steps)
-        losses.append((res.first_loss, res.loss))
-        ok.append(res.success)
-    handle = RestoreHandle([snapshot]) if return_orig_weights else RestoreHandle()
-    handle.stats = {"steps": sum(steps), "converged": sum(ok) / len(ok), "loss_before": losses[0][0],
-                    "loss_after": losses[-1][1], "layer": info.index, "param": f"{info.value_name}.weight"}
-    return model, handle
+        batch = adapter.batch(model, ctx.tok, [query_of(req)], append_eos=hp.append_eos)
+        res = fit(adapter, model, batch, [weight], lr=hp.lr, max_steps=hp.max_steps,
+                  weight_decay=hp.weight_decay, project=project if original is not None else None)
+        yield EditStats(steps=res.steps, converged=res.success,
+                        extra={"loss_before": res.first_loss, "loss_after": res.loss, "layer": info.index,
+                               "param": f"{info.value_name}.weight"})

@@ -15,17 +15,15 @@ and the first edit's restore removes the adapters.
 
 from __future__ import annotations
 
-import copy as copy_module
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from mke_hooks import HparamsError
-from mke_plugins.adapters import get_adapter
-from mke_plugins.adapters.base import Query, unwrap_model
-from mke_plugins.core.requests import normalize_requests
-from mke_plugins.core.snapshot import RestoreHandle, WeightSnapshot
+from mke_plugins.adapters.base import unwrap_model
+from mke_plugins.core.requests import query_of
+from mke_plugins.core.template import EditContext, EditStats, edit_method, tensor_bytes
 
 from ..ft.ft_main import resolve_layer
 from ..train import fit
@@ -80,18 +78,17 @@ def _adapter_params(module: nn.Module) -> list[torch.Tensor]:
     return [module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight]
 
 
-def attach(model: nn.Module, adapter: Any, hparams: LoRAHyperParams) -> tuple[list[torch.Tensor], RestoreHandle, int]:
+def attach(ctx: EditContext) -> tuple[list[torch.Tensor], int, int]:
     """Add adapters where missing (undo: put the originals back), snapshot existing ones.
 
-    Returns the adapter weights to train, the restore handle and how many adapters are new.
+    Returns the adapter weights to train, how many adapters are new and the bytes they add.
     """
     from peft.tuners.lora.layer import LoraLayer
 
-    handle = RestoreHandle()
     params: list[torch.Tensor] = []
-    snapshot = WeightSnapshot(unwrap_model(model))
-    new = 0
-    for k, (parent, attr, full, module) in enumerate(find_targets(adapter, model, hparams)):
+    snapshot = ctx.snapshot()
+    new, added = 0, 0
+    for k, (parent, attr, full, module) in enumerate(find_targets(ctx.adapter, ctx.model, ctx.hparams)):
         if isinstance(module, LoraLayer):
             if ADAPTER_NAME not in module.lora_A:
                 raise HparamsError(f"{full} already carries a LoRA adapter that is not this baseline's.",
@@ -103,41 +100,28 @@ def attach(model: nn.Module, adapter: Any, hparams: LoRAHyperParams) -> tuple[li
         if type(module) is not nn.Linear:
             raise HparamsError(f"{full} is a {type(module).__name__}, not an nn.Linear.", key="target_modules",
                                fix="target linear projections such as q_proj, v_proj or down_proj.")
-        wrapped = _wrap(module, hparams, hparams.seed + k)
+        ctx.undo(lambda parent=parent, attr=attr, module=module: setattr(parent, attr, module))
+        wrapped = _wrap(module, ctx.hparams, ctx.hparams.seed + k)
         setattr(parent, attr, wrapped)
-        handle.add_undo(lambda parent=parent, attr=attr, module=module: setattr(parent, attr, module))
         params += _adapter_params(wrapped)
+        added += tensor_bytes(_adapter_params(wrapped))
         new += 1
-    if len(snapshot):
-        handle.add_snapshot(snapshot)
-    return params, handle, new
+    return params, new, added
 
 
-def apply_lora_to_multimodal_model(model: nn.Module, tok: Any, requests: Any, hparams: LoRAHyperParams,
-                                   copy: bool = False, return_orig_weights: bool = False,
-                                   keep_original_weight: bool = False, **kwargs: Any
-                                   ) -> tuple[nn.Module, RestoreHandle]:
-    """Train LoRA adapters on each request's paired query; ``train_ds`` and other kwargs are ignored."""
-    LoRAHyperParams.check_given(hparams)
-    adapter = get_adapter(model, hparams)
-    requests = normalize_requests(requests, adapter)
-    if copy:
-        model = copy_module.deepcopy(model)
-    params, handle, new = attach(model, adapter, hparams)
-    steps, ok, losses = [], [], []
-    try:
-        for req in requests:
-            batch = adapter.batch(model, tok, [Query(req["image"], req["prompt"], req["target"])],
-                                  append_eos=hparams.append_eos)
-            res = fit(adapter, model, batch, params, lr=hparams.lr, max_steps=hparams.max_steps,
-                      weight_decay=hparams.weight_decay, method="LoRA")
-            steps.append(res.steps)
-            ok.append(res.success)
-            losses.append((res.first_loss, res.loss))
-    except BaseException:
-        handle.restore()  # never leave half-trained adapters behind
-        raise
-    out = handle if return_orig_weights else RestoreHandle()
-    out.stats = {"steps": sum(steps), "converged": sum(ok) / len(ok), "loss_before": losses[0][0],
-                 "loss_after": losses[-1][1], "adapters": len(params) // 2, "new_adapters": new}
-    return model, out
+@edit_method(LoRAHyperParams)
+def apply_lora_to_multimodal_model(ctx: EditContext, requests: list[dict[str, Any]]) -> Iterator[EditStats]:
+    """Train LoRA adapters on each request's paired query; ``train_ds`` and other kwargs are ignored.
+
+    The adapters' bytes count toward the first request's ``added_bytes``.
+    """
+    hp, adapter, model = ctx.hparams, ctx.adapter, ctx.model
+    params, new, added = attach(ctx)
+    for req in requests:
+        batch = adapter.batch(model, ctx.tok, [query_of(req)], append_eos=hp.append_eos)
+        res = fit(adapter, model, batch, params, lr=hp.lr, max_steps=hp.max_steps,
+                  weight_decay=hp.weight_decay, method="LoRA")
+        yield EditStats(steps=res.steps, converged=res.success, added_bytes=added,
+                        extra={"loss_before": res.first_loss, "loss_after": res.loss,
+                               "adapters": len(params) // 2, "new_adapters": new})
+        added = 0
