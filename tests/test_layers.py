@@ -22,6 +22,7 @@ LAYERS: tuple[str, ...] = ("contract", "host", "bridge", "adapters", "core", "me
 MODULE_LAYERS: dict[str, str] = {
     "mke_plugins.plugins": "host", "mke_plugins.registry": "host", "mke_plugins.hparams": "host",
     "mke_plugins.trainer_hparams": "host", "mke_plugins.bundled": "host",
+    "mke_plugins.author": "methods",  # re-exports host, adapters and core for plugin authors
     "mke_plugins.easyedit": "bridge", "mke_plugins.autoinstall": "bridge",
     "mke_plugins": "cli", "mke_plugins.__main__": "cli", "mke_plugins.cli": "cli", "mke_plugins.train": "cli",
 }
@@ -124,3 +125,27 @@ def test_the_walker_sees_relative_and_function_level_imports(tmp_path):
     known = {"mke_plugins.methods.world", "mke_plugins.testing.tiny"}
     got = imported_modules("mke_plugins.methods.x", src, known)
     assert got == [("mke_plugins.methods.world", 1), ("mke_plugins.testing.tiny", 4), ("mke_hooks", 5)]
+
+
+def test_the_example_plugin_builds_only_on_the_author_surface():
+    """examples/mke-hello imports mke-plugins only through ``mke_plugins.author`` (its package
+    ``__init__`` only the contract ``mke_hooks``; its tests the conformance kit)."""
+    root = ROOT / "examples" / "mke-hello"
+    allowed = {"mke_hello": ("mke_hooks",), "tests": ("mke_plugins.testing",)}
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] not in allowed:
+            continue
+        ok = ("mke_hooks",) if path.name == "__init__.py" else ("mke_plugins.author",) + allowed[rel.parts[0]]
+        for target, line in imported_modules("mke_hello.x", path, set()):
+            if not any(target == p or target.startswith(p + ".") for p in ok):
+                bad.append(f"{rel}:{line}: imports {target} (allowed: {', '.join(ok)})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_author_surface_exports_what_it_lists():
+    import mke_plugins.author as author
+
+    missing = [name for name in author.__all__ if not hasattr(author, name)]
+    assert not missing and len(author.__all__) == len(set(author.__all__))

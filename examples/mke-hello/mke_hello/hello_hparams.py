@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mke_plugins.hparams import MultimodalHyperParams, hp
+from mke_plugins.author import MultimodalHyperParams, hp
 
 
 @dataclass

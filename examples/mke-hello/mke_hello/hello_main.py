@@ -12,9 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from mke_plugins.core.modes import frozen
-from mke_plugins.core.requests import query_of
-from mke_plugins.core.template import EditContext, EditStats, edit_method
+from mke_plugins.author import EditContext, EditStats, edit_method, frozen, query_of
 
 from .hello_hparams import HelloFTHyperParams
 
