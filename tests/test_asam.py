@@ -262,7 +262,7 @@ def test_anchor_keys_fire_at_one_and_the_memory_loss_gradient_is_exact():
 # -- edits on the world model -----------------------------------------------------------------------
 
 class ProbeTrap(Mapping):
-    """A request whose evaluation-only fields raise when read (spec §1: never read at edit time)."""
+    """A request whose evaluation-only fields raise when read (the method never reads them)."""
 
     def __init__(self, req: dict[str, Any]) -> None:
         self._req = req
@@ -390,7 +390,7 @@ def test_real_family_yaml_matches_same_family_tiny_model(yaml_name, family_setup
     assert pattern in path.read_text(), f"{path}: its header comment should name the decoder layers {pattern}"
     model, tok, tiny_adapter, _ = family_setup(family)
     assert get_adapter(None, hp).family == tiny_adapter.family
-    assert resolve_layers(hp.edit_layers, n_real) == [n_real - 2, n_real - 1]  # the last two (spec §3)
+    assert resolve_layers(hp.edit_layers, n_real) == [n_real - 2, n_real - 1]  # the last two (README)
     assert (hp.n_neurons, hp.lar_variants, hp.lar_masks, hp.lar_eps, hp.lar_steps) == \
         (5, 4, ["joint", "joint", "image", "text"], 0.05, 3)
     names = {id(m): n for n, m in model.named_modules()}

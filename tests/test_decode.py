@@ -248,7 +248,7 @@ def test_analysed_layers():
         localize.analysed_layers(4, hp)
 
 
-# -- requests (spec §3) -------------------------------------------------------------------------
+# -- requests (the stage table of the DECODE README) ----------------------------------------
 
 def test_stage_queries_follow_the_optional_fields():
     img = object()

@@ -1,4 +1,4 @@
-"""UniKE (spec unike.md): hparams, offline archive, edit, restore, sequential edits, ablations, trainer glue.
+"""UniKE (see its README): hparams, offline archive, edit, restore, sequential edits, ablations, trainer glue.
 
 Every archive here is built by the real offline code on tiny models in seconds; nothing is
 mocked. The world-model checks (conformance, acceptance numbers) live in the conformance kit and
@@ -277,7 +277,7 @@ def test_threshold_key_init_is_negative_below_theta() -> None:
 
     g = torch.Generator().manual_seed(0)
     x, mu = torch.randn(1, 16, generator=g) * 3, torch.randn(16, generator=g)
-    k, b, k_up = _init_keys(x, mu, 2, 0.0, g)  # the spec's centred init: 1 at the edit state, 0 at mu
+    k, b, k_up = _init_keys(x, mu, 2, 0.0, g)  # the plain centred init: 1 at the edit state, 0 at mu
     assert torch.allclose(x @ k.t() + b, torch.ones(1, 2), atol=1e-5)
     assert torch.allclose(mu @ k.t() + b, torch.zeros(2), atol=1e-5) and torch.equal(k, k_up)
     k, b, k_up = _init_keys(x, mu, 2, 0.0, g, scale=20.0, threshold=0.8)

@@ -99,10 +99,10 @@ class LayerInfo:
     """One decoder layer of the language model, with the parts methods edit.
 
     ``value`` is the FFN's second projection (``down_proj`` / ``fc2``): ``value.weight`` is
-    ``(d, d_ff)`` and column ``i`` is neuron ``i``'s value vector. ``keys`` are the first
-    projections (``[gate_proj, up_proj]`` for gated FFNs, ``[fc1]`` otherwise). ``ffn_in`` is
-    the FFN input (the post-attention-norm output), ``ffn_out`` the FFN output (before the
-    residual add), ``value_in`` the value matrix's input (the activation ``a`` of the spec).
+    ``(d, d_ff)`` and column ``i`` is neuron ``i``'s value vector. ``keys`` are the first projections
+    (``[gate_proj, up_proj]`` for gated FFNs, ``[fc1]`` otherwise). ``ffn_in`` is the FFN input
+    (the post-attention-norm output), ``ffn_out`` the FFN output (before the residual add),
+    ``value_in`` the value matrix's input (the activation ``a`` of the methods' neuron formulas).
     """
 
     index: int

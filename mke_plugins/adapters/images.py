@@ -1,11 +1,12 @@
 """Turn a picture on disk (or a PIL image) into the image object a family's requests carry.
 
-EasyEdit's datasets hand every family its own image type (EASYEDIT.md §2): a list of one PIL
-RGB image resized by ``qwen_vl_utils.fetch_image`` for the Qwen-VL families, the PIL image
-straight from ``Image.open`` for LLaVA-OneVision, and a ``(3, 364, 364)`` float tensor from
-LAVIS's ``BlipImageEvalProcessor`` for BLIP-2 / MiniGPT-4. Loaders outside EasyEdit (the bench's
-``--data`` folders) must build the same objects, without ``qwen_vl_utils`` or torchvision, so
-this module reproduces those three recipes with PIL and numpy.
+EasyEdit's datasets hand every family its own image type (``docs/EASYEDIT-NOTES.md``, "The family
+and its image type"): a list of one PIL RGB image resized by ``qwen_vl_utils.fetch_image`` for the
+Qwen-VL families, the PIL image straight from ``Image.open`` for LLaVA-OneVision, and a
+``(3, 364, 364)`` float tensor from LAVIS's ``BlipImageEvalProcessor`` for BLIP-2 / MiniGPT-4.
+Loaders outside EasyEdit (the bench's ``--data`` folders) must build the same objects, without
+``qwen_vl_utils`` or torchvision, so this module reproduces those three recipes with PIL and
+numpy.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Edit cases for the bench: MMEdit E-VQA records (plus the world's extensions) as request dicts.
 
 The bench runs on the bundled world by default, or on any folder/file in MMEdit's format
-(``--data``). Both go through one loader so every dataset is read the same way: the record
-fields of EASYEDIT.md §8 become EasyEdit's request keys (``src`` → ``prompt``, ``alt`` →
-``target``, ``loc`` → ``locality_prompt``, ...), the optional extensions (``text_only_prompt``,
-``image_only_prompt``, ``portability``, ``fine_locality``) are kept when present, and every
-image becomes the family-native object the method and the scorer expect
-(:func:`mke_plugins.adapters.images.image_for_family`). Image paths are relative to the image
-root (EasyEdit's ``coco_image``), by default the JSON file's folder. Empty strings count as
-absent, as in EasyEdit's loaders.
+(``--data``). Both go through one loader so every dataset is read the same way: the record fields
+of ``docs/EASYEDIT-NOTES.md`` ("MMEdit datasets") become EasyEdit's request keys (``src`` →
+``prompt``, ``alt`` → ``target``, ``loc`` → ``locality_prompt``, ...), the optional extensions
+(``text_only_prompt``, ``image_only_prompt``, ``portability``, ``fine_locality``) are kept when
+present, and every image becomes the family-native object the method and the scorer expect
+(:func:`mke_plugins.adapters.images.image_for_family`). Image paths are relative to the image root
+(EasyEdit's ``coco_image``), by default the JSON file's folder. Empty strings count as absent, as
+in EasyEdit's loaders.
 
 Every record, picture and text field is checked before the first edit (:func:`load_requests`,
 :func:`with_images`, :func:`check_text`): a bad record stops the run at once, naming the record

@@ -1,7 +1,8 @@
 """``python -m mke_plugins.bench.localization``: LDKE's localization cost report on the bundled world.
 
 LDKE's Fast Localization is compared with the causal traces on the same edits by
-:func:`mke_plugins.methods.ldke.compare.compare_localization` (spec §5 A4/A5). The method does
+:func:`mke_plugins.methods.ldke.compare.compare_localization` (see the LDKE README,
+"Localization cost"). The method does
 not import the world, so this driver, beside the bench that owns the world's edit cases, loads
 the model and the edits and hands them over::
 

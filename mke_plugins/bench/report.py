@@ -1,6 +1,6 @@
 """Show bench results: a text table, the JSON file tools read, and a PNG of metrics per method.
 
-The JSON keeps the schema of issue 4 (``model``, ``data``, ``mode``, ``cases`` and per method the
+The JSON keeps the bench's result schema (``model``, ``data``, ``mode``, ``cases`` and per method the
 keys in :data:`mke_plugins.bench.score.SCHEMA_KEYS`, accuracies in [0, 1], ``null`` where the
 data has no probe for a metric) plus extra keys. JSON has no ``inf`` / ``nan``: :func:`finite_json`
 writes them as ``null`` (the table prints them as ``inf`` / ``nan``), so a run whose numbers blew

@@ -1,7 +1,7 @@
 """Per-case metrics from the pre- and post-edit probe outputs, and their per-method aggregate.
 
 Every number comes from :mod:`mke_plugins.core.scoring`; this module only decides which probe
-feeds which metric (see the table in WORLD.md and the method specs):
+feeds which metric (see the world README, "Record fields and what they measure"):
 
 * ``rewrite`` / ``rephrase`` / ``image_rephrase`` / ``text_only`` / ``image_only`` /
   ``portability``: post-edit token accuracy against the probe's target (``*_acc``) and success
@@ -26,7 +26,7 @@ from .probes import Probe, ProbeOutput
 
 ACCURACY_KINDS = ("rewrite", "rephrase", "image_rephrase", "text_only", "image_only")
 
-#: the result-schema keys every method row carries (WORLD.md, issue 4 part 5)
+#: the result-schema keys every method row carries (the JSON schema in ``mke_plugins/bench/__init__.py``)
 SCHEMA_KEYS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc",
                "text_only_acc", "image_only_acc", "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
                "joint_consistency", "edit_seconds_median", "edit_seconds_p90", "edit_to_fwdbwd_ratio",

@@ -1,4 +1,4 @@
-"""The synthetic multimodal world and its bundled tiny Qwen2-VL model (see WORLD.md).
+"""The synthetic multimodal world and its bundled tiny Qwen2-VL model (see ``README.md`` here).
 
 Public API:
 

@@ -9,7 +9,7 @@ Sets (drawn deterministically from the world's seed):
 - ``composition/<form>``: the derived question for entities whose derived fact was never trained
   (reported, not part of the floor: it measures whether the tiny model composes).
 
-The floor (WORLD.md): every ``trained`` form >= 0.95, every held-out set >= 0.8.
+The floor (README, "Quality floor"): every ``trained`` form >= 0.95, every held-out set >= 0.8.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
 
 IMAGE_PIXELS = 56 * 56  # min = max: every picture becomes 56x56 = 4 merged tokens
 
-#: the tiny architecture (WORLD.md prototype)
+#: the tiny architecture (README, "What the world shows": larger ones learn the pictures worse)
 TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,

@@ -1,9 +1,9 @@
 """Train the world model from scratch on CPU, deterministically for a seed.
 
-Recipe (WORLD.md prototype): tiny Qwen2-VL (4 layers x 128, 2-block vision tower of width 64),
-queries mixed paired : text : image-only : identification = 1 : 1 : 2 : 2 over training
-templates and 512 training renderings per entity, loss on the one answer token only, AdamW
-lr 2e-3, warm-up then cosine decay, batch 64, gradient clip 1.0. The derived ``country``
+Recipe (README, "How the model is trained"): tiny Qwen2-VL (4 layers x 128, 2-block vision tower
+of width 64), queries mixed paired : text : image-only : identification = 1 : 1 : 2 : 2 over
+training templates and 512 training renderings per entity, loss on the one answer token only,
+AdamW lr 2e-3, warm-up then cosine decay, batch 64, gradient clip 1.0. The derived ``country``
 question is trained only for entities whose ``lives_in`` fact is not in the edit split.
 
 Determinism: ``torch.manual_seed``, a per-step numpy generator for the data, deterministic

@@ -7,7 +7,8 @@ DECODE runs with its own ``hparams/world.yaml`` and EasyEdit's ``VQADataset`` ov
 real-family YAML (``qwen3vl-4b``, ``llavaov-7b``), loaded through EasyEdit's own hparams path, with
 only the sizes a 4-layer, d_ff-64 random model needs overridden (:data:`TINY_OVERRIDES`).
 
-Assertions follow EASYEDIT.md §9: post ``rewrite_acc`` rises (``edit_dataset`` measures pre
+Assertions follow ``docs/EASYEDIT-NOTES.md`` ("What the host tests assert"): post
+``rewrite_acc`` rises (``edit_dataset`` measures pre
 before each edit; ``sequential_edit`` caches pre before any edit), one metrics entry per request
 in sequential mode, and a single ``edit()`` leaves the model bit-identical (DECODE folds in
 place; EasyEdit's restore path copies the saved columns back). Pre versus post of a single
@@ -34,7 +35,8 @@ WORLD_CASES = 3
 TINY_FAMILIES: dict[str, str] = {"qwen3-vl": "qwen3vl-4b", "llava-onevision": "llavaov-7b"}
 
 #: what a 4-layer random model with d_ff 64 needs instead of the 7B values: the 7B YAMLs exclude
-#: the last 3 of 32 layers and take 40 neurons per token (spec §4 "world" column reasoning), and
+#: the last 3 of 32 layers and take 40 neurons per token (the DECODE README's "Defaults" says
+#: why the world YAML differs), and
 #: 200 steps at lr 2e-3 are made for a trained model; a random one needs a larger step to move
 #: its multi-token targets within a few dozen steps
 TINY_OVERRIDES: dict[str, object] = {"num_last_layers_excluded": 1, "topk_per_token": 8,

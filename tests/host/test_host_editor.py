@@ -3,8 +3,9 @@
 The example plugin's ``HelloFT`` (examples/mke-hello: a real fine-tune of one MLP ``down_proj``)
 is selected by ``alg_name`` after ``mke_plugins.install()``, and EasyEdit's editor, evaluator and
 ``VQADataset`` do everything else: loading the model by path, building requests, scoring,
-restoring. Assertions follow EASYEDIT.md §9 "Meaningful assertions"; pre versus post of a single
-``edit()`` is deliberately not checked (EasyEdit measures both on the edited model).
+restoring. Assertions follow ``docs/EASYEDIT-NOTES.md``, "What the host tests assert"; pre versus
+post of a single ``edit()`` is deliberately not checked (EasyEdit measures both on the edited
+model).
 """
 
 from __future__ import annotations

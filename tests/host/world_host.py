@@ -1,11 +1,11 @@
 """The steps every per-method host test takes on the bundled world, written once.
 
-Each ``test_host_<method>.py`` checks the same EasyEdit contract (EASYEDIT.md §6, §9) for its own
-method: the method is injected into EasyEdit main, EasyEdit's ``MultimodalEditor`` is built from
-the method's world YAML and loads the world model by path, post ``rewrite_acc`` rises, a single
-``edit()`` leaves the model bit-identical, and (for methods with an offline stage)
-EasyEdit's ``MultimodalTrainer`` runs on the world's train split. The method files keep only what
-is specific to their method.
+Each ``test_host_<method>.py`` checks the same EasyEdit contract (``docs/EASYEDIT-NOTES.md``,
+"MultimodalTrainer and EditableModel" and "Host check") for its own method: the method is injected
+into EasyEdit main, EasyEdit's ``MultimodalEditor`` is built from the method's world YAML and
+loads the world model by path, post ``rewrite_acc`` rises, a single ``edit()`` leaves the model
+bit-identical, and (for methods with an offline stage) EasyEdit's ``MultimodalTrainer`` runs on
+the world's train split. The method files keep only what is specific to their method.
 """
 
 from __future__ import annotations

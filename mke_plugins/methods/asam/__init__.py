@@ -3,7 +3,7 @@
 ASAM (Wang et al., arXiv 2605.23780) trains a T-Patcher-style key-value neuron patch per edit on
 the edit input *and* latent adversarial variants of it (LAR), with a rank-constrained alignment
 loss on the variants' edit-layer states (RCSL), so the edit carries over to reworded questions
-and other pictures of the same thing. See ``README.md`` and the project spec ``specs/asam.md``.
+and other pictures of the same thing. See ``README.md``.
 
 Importing this module imports no torch: every code reference is a ``"module:attr"`` string that
 the registry resolves on first use.

@@ -1,4 +1,4 @@
-"""ASAM's hyperparameters (spec §3), with the value checks of spec §4 "Errors".
+"""ASAM's hyperparameters (README, "Hyperparameters"), with their value checks.
 
 Every field has a ``help`` text and declares its constraints (``hp(..., ge=...)``, ``Literal``
 choices), which the base checks; ``validate`` refuses combinations of fields that cannot work
@@ -26,7 +26,7 @@ class ASAMHyperParams(MultimodalHyperParams):
 
     ALG_NAME: ClassVar[str] = "ASAM"
 
-    # -- base editor (spec §2.1) ----------------------------------------------------------
+    # -- base editor (README, "Algorithm" 1) ----------------------------------------------
     edit_layers: list[int] = hp([-1], "Decoder layers E that get a neuron patch per edit (negative indices count "
                                       "from the top; 7B: the last two).", nonempty=True, distinct=True)
     n_neurons: int = hp(2, "Neurons per edit per edited layer (n).", ge=1)
@@ -37,7 +37,7 @@ class ASAMHyperParams(MultimodalHyperParams):
     max_steps: int = hp(100, "Maximum outer optimisation steps per edit.", ge=1)
     grad_clip: float = hp(1.0, "Gradient-norm clip on the patch parameters (0 disables).", ge=0)
 
-    # -- LAR (spec §2.2) ----------------------------------------------------------------
+    # -- LAR (README, "Algorithm" 2) ----------------------------------------------------
     lar: bool = hp(True, "Enable LAR (latent variants of the anchor). lar: false with rcsl: false is the base editor.")
     lar_mode: Literal["adversarial", "random"] = hp(
         "adversarial", "'adversarial' (PGD) or 'random' (random points in the same ball; ablation).")
@@ -57,14 +57,14 @@ class ASAMHyperParams(MultimodalHyperParams):
         "untargeted", "'untargeted' (maximise NLL of the new answer) or 'targeted' (minimise NLL of the pre-edit "
                       "answer).")
 
-    # -- RCSL (spec §2.3) ---------------------------------------------------------------
+    # -- RCSL (README, "Algorithm" 3) ---------------------------------------------------
     rcsl: bool = hp(True, "Enable RCSL (needs lar: true).")
     rcsl_rank: int = hp(1, "r: singular values kept; the loss is the energy beyond the first r.", ge=1)
     rcsl_form: Literal["tail", "nuclear"] = hp(
         "tail", "'tail' (tail energy share) or 'nuclear' (|H|_* / sqrt(K+1) - 1; ablation).")
     asym: bool = hp(True, "Stop-gradient on the anchor row of H (asymmetric gradient flow).")
 
-    # -- loss weights and margins (spec §2.4) -------------------------------------------------
+    # -- loss weights and margins (README, "Algorithm" 4) -------------------------------------
     lambda_adv: float = hp(1.0, "Weight of the mean variant NLL.", ge=0)
     lambda_rcsl: float = hp(0.1, "Weight of the RCSL loss.", ge=0)
     lambda_act: float = hp(1.0, "Weight of the activation loss (the patch must fire on the unit).", ge=0)
@@ -76,7 +76,7 @@ class ASAMHyperParams(MultimodalHyperParams):
     stop_on: Literal["unit", "anchor"] = hp(
         "unit", "'unit' (anchor and every current variant correct) or 'anchor' (binary scope; ablation).")
 
-    # -- memory bank (spec §2.1 step 3) ---------------------------------------------------
+    # -- memory bank (README, "Algorithm" 5, "The memory bank") ----------------------------
     memory_data: str | None = hp(None, "Training-split records for the memory bank: an MMEdit-style JSON file "
                                        "(images relative to coco_image, else the file's folder) or a folder holding "
                                        "train.json ('@world-data' = the bundled world). Needed when lambda_mem > 0.")
@@ -96,7 +96,7 @@ class ASAMHyperParams(MultimodalHyperParams):
     memory_batch: int = hp(32, "Prompts per forward pass when building the bank.", ge=1)
 
     def step_size(self) -> float:
-        """alpha, with the spec's default 2.5 * rho / S."""
+        """alpha, by default 2.5 * rho / S (``lar_step_size: null``)."""
         if self.lar_step_size is not None:
             return float(self.lar_step_size)
         return 2.5 * float(self.lar_eps) / max(1, int(self.lar_steps))

@@ -1,4 +1,4 @@
-"""``mke-plugins train ASAM``: ASAM's offline helper, ρ tuning (spec §2.2 step 10) and the memory bank.
+"""``mke-plugins train ASAM``: ASAM's offline helper, ρ tuning (README, "ρ tuning") and the memory bank.
 
 ``lar_eps`` is chosen once per model as the largest value of {0.02, 0.05, 0.1, 0.2} whose mean
 coherence on training-split edits is at least 0.9: coherence is the share of LAR variants on

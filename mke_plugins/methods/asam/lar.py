@@ -1,4 +1,4 @@
-"""LAR: Latent Adversarial Robustification (spec §2.2).
+"""LAR: Latent Adversarial Robustification (README, "Algorithm" 2).
 
 A variant of the anchor is a point z + δ in the joint text+image latent space: δ is added by a
 forward hook at ``adapter.embed_output(model)`` (the sequence entering decoder layer 0), so it

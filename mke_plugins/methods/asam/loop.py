@@ -1,4 +1,4 @@
-"""ASAM's optimisation (spec §2.4): the full loss, the outer loop and the stop rule, per edit.
+"""ASAM's optimisation (README, "Algorithm" 4): the full loss, the outer loop and the stop rule, per edit.
 
     L = NLL(y_e | x_e) + λ_adv·mean_k NLL(y_e | z+δ*_k) + λ_rcsl·L_RCSL + λ_act·L_act + λ_mem·L_mem
 

@@ -1,4 +1,4 @@
-"""ASAM's memory bank M (spec §2.1 step 3): FFN-input states of unrelated training-split prompts.
+"""ASAM's memory bank M (README, "The memory bank"): FFN-input states of unrelated training-split prompts.
 
 The memory loss keeps each new patch silent on M. M holds, for every edited layer, the FFN-input
 states of the *unedited* model at the prompt positions of up to ``memory_size`` prompts read from
@@ -211,7 +211,7 @@ def ffn_states(model: nn.Module, tok: Any, adapter: VLMAdapter, queries: Sequenc
 
 
 def bank_dtype(model: nn.Module) -> torch.dtype:
-    """fp32 for fp32 models; fp16 for half-precision (bf16/fp16) models (spec §4)."""
+    """fp32 for fp32 models; fp16 for half-precision (bf16/fp16) models (README, "Device and dtype")."""
     for p in unwrap_model(model).parameters():
         if p.is_floating_point():
             return torch.float32 if p.dtype == torch.float32 else torch.float16

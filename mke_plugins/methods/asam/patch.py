@@ -1,4 +1,4 @@
-"""ASAM's base intrinsic editor (spec §2.1): one T-Patcher-style neuron block per edit per layer.
+"""ASAM's base intrinsic editor (README, "Algorithm" 1): one T-Patcher-style neuron block per edit per layer.
 
 The blocks come from the core neuron machinery (``mke_plugins.core.neurons``, gate
 ``"asam"``): they live outside the module tree, act only while the gate is open (inside the

@@ -1,4 +1,4 @@
-"""RCSL: Rank-Constrained Subspace Learning (spec §2.3).
+"""RCSL: Rank-Constrained Subspace Learning (README, "Algorithm" 3).
 
 The anchor's and the K variants' edit-layer output states at the last prompt position are
 normalised to unit rows and stacked into H ((K+1) x d). The loss is the share of H's energy

@@ -1,4 +1,4 @@
-"""DECODE's hyperparameters (spec §4): a typed dataclass loaded from YAML.
+"""DECODE's hyperparameters (README, "Hyperparameters"): a typed dataclass loaded from YAML.
 
 The defaults are the reference (7B-class) values; ``hparams/world.yaml`` holds the values for
 the bundled tiny world model. Every field carries a ``help`` text and its constraints

@@ -1,6 +1,6 @@
-"""DECODE steps 1–6 (spec §2): stage queries, batches, reference pass, neuron scores, groups.
+"""DECODE steps 1–6 (README, "Algorithm"): stage queries, batches, reference pass, neuron scores, groups.
 
-For one request this module builds the unimodal trigger queries (spec §3), runs one no-grad
+For one request this module builds the unimodal trigger queries (README, stage table), runs one no-grad
 forward per stage batch on the model as it is, captures the value-matrix inputs ``a^ℓ`` at the
 answer positions only, keeps the prompt-position log-probabilities as each stage's KL reference,
 and scores every analysed neuron against the *new* target tokens:
@@ -35,11 +35,11 @@ Neuron = tuple[int, int]  # (layer index, neuron index)
 
 #: columns of W_val projected at once (bounds the fp32 temporary to d × chunk)
 PROJ_CHUNK = 4096
-#: KL references above this many bytes in fp32 are kept in the model dtype (spec §5 Memory)
+#: KL references above this many bytes in fp32 are kept in the model dtype (README, "Cost")
 KL_REF_FP32_LIMIT = 2 * 1024 ** 3
 
 
-# -- step 0: stage queries (spec §3) ---------------------------------------------------------
+# -- step 0: stage queries (README, stage table) ---------------------------------------------
 
 @dataclass(frozen=True)
 class StageQueries:
@@ -51,7 +51,7 @@ class StageQueries:
 
 
 def stage_queries(request: dict[str, Any]) -> StageQueries:
-    """Spec §3: use ``text_only_prompt`` / ``image_only_prompt`` when present, else ``prompt``."""
+    """Stage table: use ``text_only_prompt`` / ``image_only_prompt`` when present, else ``prompt``."""
     prompt, target, image = request["prompt"], request["target"], request.get("image")
     text_prompt = text_only_prompt(request) or prompt
     image_prompt = image_only_prompt(request) or prompt

@@ -1,4 +1,4 @@
-"""DECODE step 7 (spec §2): learned offsets on the selected value columns, then folded in.
+"""DECODE step 7 (README, "Algorithm"): learned offsets on the selected value columns, then folded in.
 
 Each stage trains one fp32 offset row ``z_i`` per neuron of its group, applied by a forward hook
 on the value module (``core.deltas.ColumnDelta``: ``out += a[..., idx] @ Z``, i.e. ``v_i ← v_i + z_i``
@@ -49,7 +49,7 @@ class StageReport:
 
 @dataclass
 class EditReport:
-    """What one request's edit did (spec §2 step 8)."""
+    """What one request's edit did (README, "Algorithm", step 8)."""
 
     n_text: list[Neuron]
     n_image: list[Neuron]
@@ -141,7 +141,7 @@ FIX = "lower `lr` or `kl_weight`, or load the model in float32."
 def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group: Sequence[Neuron],
                 infos: Sequence[LayerInfo], threshold: float, hparams: DECODEHyperParams,
                 snapshot: WeightSnapshot, name: str) -> StageReport:
-    """Optimise the group's offsets on the stage batch, then fold them (spec §2 step 7)."""
+    """Optimise the group's offsets on the stage batch, then fold them (README, "Algorithm", step 7)."""
     report = StageReport(name, len(group))
     if not group:
         report.skipped = True

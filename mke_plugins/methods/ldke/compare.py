@@ -1,4 +1,4 @@
-"""Fast Localization against the causal traces on the same edits (spec §5 A4/A5 report).
+"""Fast Localization against the causal traces on the same edits (README, "Localization cost").
 
 For the given edit requests (the first ``warmup`` dropped), time the localization alone with
 ``grad``, ``trace`` and ``full_trace`` on the same model and device, and report the median

@@ -1,4 +1,4 @@
-"""Training data of the Disentanglement Classifier (spec §2.3 table, §4 "world dataset").
+"""Training data of the Disentanglement Classifier (README, "The archive and its training").
 
 :class:`RoutingRecord` holds, for one training-split record, the key (its edit input) and its
 positives, hard negatives and easy negatives as adapter ``Query`` objects (each with the answer

@@ -1,4 +1,4 @@
-"""One LDKE edit, end to end (spec §2.1-§2.2 and §4 "Re-editing"): localize, key, fit, store.
+"""One LDKE edit, end to end (README, "Algorithm", steps 1–8): localize, key, fit, store.
 
 For each request: Fast Localization picks S_e on the paired edit query; the key phi(e) and the
 exact-match fingerprint are read with every delta off; a new memory entry gets rank-r factors

@@ -1,4 +1,4 @@
-"""LDKE's hyperparameters (spec §3): the editing class and the classifier-training class.
+"""LDKE's hyperparameters (README, "Hyperparameters"): the editing class and the classifier-training class.
 
 ``LDKEHyperParams`` is what EasyEdit's ``MultimodalEditor`` (and the bench) pass to ``apply``;
 ``LDKETrainingHyperParams`` is what ``MultimodalTrainer`` and ``mke-plugins train LDKE`` read: EasyEdit's
@@ -112,7 +112,10 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
 
 @dataclass
 class LDKETrainingHyperParams(_RouterFields, EasyEditTrainerFields, MultimodalHyperParams):
-    """Training the Disentanglement Classifier: EasyEdit trainer fields plus the router's (spec §4)."""
+    """Training the Disentanglement Classifier: EasyEdit trainer fields plus the router's.
+
+    See the README, "The archive and its training".
+    """
 
     ALG_NAME: ClassVar[str] = "LDKE"
     ALG_REFUSED: ClassVar[dict[str, str]] = REFUSED

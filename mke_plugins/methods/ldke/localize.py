@@ -1,4 +1,4 @@
-"""Fast Localization and its reference scorers (spec §2.1): which layers hold this fact.
+"""Fast Localization and its reference scorers: which layers hold this fact (README, "Algorithm", 1–4).
 
 * ``grad`` (Fast Localization): one forward and one backward pass; per layer
   s_l = ||grad_{W_l} NLL||_F = ||G_l^T A_l||_F computed from the T x T Gram matrices

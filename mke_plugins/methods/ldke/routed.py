@@ -1,4 +1,4 @@
-"""The routed model (spec §2.3 steps 9-12, §4 "Apply"): one private state per base model and the
+"""The routed model (README, "Algorithm", steps 9–12): one private state per base model and the
 thin wrapper ``apply`` returns as ``edited_model``.
 
 :class:`LDKEState` lives in the base model's ``__dict__`` (not a submodule, parameter or buffer,

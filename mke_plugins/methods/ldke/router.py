@@ -1,4 +1,4 @@
-"""The Disentanglement Classifier (spec §2.3): features, head, calibration and the LDKE archive.
+"""The Disentanglement Classifier: features, head, calibration, the archive (README, "Algorithm", 9–12).
 
 * **Features** (``features: hidden``): one forward pass with every LDKE delta off, read at the
   residual output of decoder layer ``f``; phi(x) = [LN(mean over image positions); LN(mean over

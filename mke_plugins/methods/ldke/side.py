@@ -1,4 +1,4 @@
-"""Low-rank side deltas and the edit memory (spec §2.2, §4 "Sequential edits").
+"""Low-rank side deltas and the edit memory (README, "Algorithm", steps 5–8, and "Restore").
 
 An edit is a memory entry: its routing key phi(e), its layers S_e, one rank-r side delta
 Delta W_l = B_l A_l per layer (float32; A ~ N(0, 1/d_ff), B = 0), the target text and the

@@ -1,5 +1,5 @@
 """``LDKERouterTrainable``: the one training implementation of the Disentanglement Classifier
-(spec §4 "Training"), an EasyEdit ``EditableModel``.
+(README, "The archive and its training"), an EasyEdit ``EditableModel``.
 
 EasyEdit's ``MultimodalTrainer`` (registered as trainable algorithm ``LDKE``) and
 ``mke-plugins train LDKE`` (through the testing kit's stand-in trainer when EasyEdit is absent)
@@ -24,7 +24,8 @@ drive this same class:
   validation set and set tau.
 
 EasyEdit's ``EditableModel`` is subclassed when ``easyeditor`` is already imported; otherwise a
-standalone base implements the same interface (EASYEDIT.md §6), so CI needs no EasyEdit.
+standalone base implements the same interface (``docs/EASYEDIT-NOTES.md``, "MultimodalTrainer and
+EditableModel"), so CI needs no EasyEdit.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def masked_log_probs(pred: torch.Tensor, targ: torch.Tensor, shift: bool) -> dic
 
 
 class StandaloneEditableModel(nn.Module):
-    """EasyEdit's ``EditableModel`` interface (EASYEDIT.md §6) for use without EasyEdit."""
+    """EasyEdit's ``EditableModel`` interface (``docs/EASYEDIT-NOTES.md``) for use without EasyEdit."""
 
     def __init__(self, model: nn.Module, config: Any, model_constructor: Any) -> None:
         super().__init__()

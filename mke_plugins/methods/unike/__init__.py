@@ -4,7 +4,7 @@ UniKE (Pan et al., NeurIPS 2024) edits a multimodal LLM by treating intrinsic kn
 FFN key-value neurons) and external knowledge (a latent memory of hidden states mixed into the
 FFN inputs) as one key-value memory, and makes them collaborate through a semantic space (the
 mixing weight α) and a truthfulness space (the direction ζ added to new values). See
-``README.md`` and the project spec ``unike.md``.
+``README.md``.
 
 Importing this module imports no torch: every code reference is a ``"module:attr"`` string that
 the registry resolves on first use. :func:`set_active` and :func:`restore_all` import lazily.

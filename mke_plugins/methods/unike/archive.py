@@ -1,4 +1,4 @@
-"""UniKE's offline archive (spec §2 step 7, §5 "Archive errors"): format, fingerprint, checks, cache.
+"""UniKE's offline archive (README, "Offline stage" and "Run it"): format, fingerprint, checks, cache.
 
 One file written with ``torch.save``: a dict whose ``"model"`` entry is the payload (other
 top-level keys, such as EasyEdit's trainer ``opt`` and ``val_stats``, are ignored). The payload
@@ -267,7 +267,7 @@ def load_archive(path: str | None, model: nn.Module, adapter: VLMAdapter, layers
 
 
 def check_no_leak(archive_path: str, records: Iterable[Mapping[str, Any]], split: str) -> None:
-    """The bench's leak guard (spec §5): refuse an archive built from the evaluated split or records.
+    """The bench's leak guard: refuse an archive built from the evaluated split or records.
 
     ``records`` are EasyEdit-style request dicts (``prompt``, ``target``); ``split`` names the
     evaluated split (``"edit"`` for the world's edit split).

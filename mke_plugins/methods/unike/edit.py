@@ -1,4 +1,4 @@
-"""UniKE's edit procedure (spec §3, steps 2–7) for one request on a model with a loaded archive.
+"""UniKE's edit procedure (README steps 2–7) for one request on a model with a loaded archive.
 
 2. vectorise the edit on the pristine model (h_sem^e, h_pos^e at each edited layer's FFN input);
 3. retrieve the top K−1 bank entries by the mean over layers of cos_μ(h_sem^e, bank h_sem);
@@ -102,7 +102,7 @@ def _init_keys(x: torch.Tensor, mu: torch.Tensor, n: int, noise: float, gen: tor
 
 def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: UniKEHyperParams,
              adapter: VLMAdapter, archive: Archive, rt: UniKERuntime, layers: list[int]) -> EditReport:
-    """Apply one UniKE edit (spec §3 steps 2–7); returns its report. The edit is ``rt.edits[report.edit_id]``."""
+    """Apply one UniKE edit (README steps 2–7); returns its report. The edit is ``rt.edits[report.edit_id]``."""
     t0 = time.time()
     infos = adapter.layers(model)
     batch = adapter.batch(model, tok, [query_of(request)])

@@ -1,4 +1,4 @@
-"""UniKE's two encoders (spec §2 step 3) and their archive (de)serialisation.
+"""UniKE's two encoders (README, "Offline stage") and their archive (de)serialisation.
 
 * ``SemEncoder`` (EncSem_l): d → d, ``h + Linear(GELU(Linear(h)))`` with the second Linear
   zero-initialised, so it starts as the identity and stays in the raw hidden space (its output

@@ -1,4 +1,4 @@
-"""UniKE's offline stage (spec §2): one implementation behind both drivers.
+"""UniKE's offline stage (README, "Offline stage"): one implementation behind both drivers.
 
 :class:`UniKEOffline` holds the whole stage; the CLI (``unike_train.py``) and EasyEdit's
 ``MultimodalTrainer`` (``trainable.py``) call only its public functions:
@@ -135,7 +135,7 @@ def semantic_loss(h_sem: torch.Tensor, e: torch.Tensor, mu: torch.Tensor, tau: f
 
 
 class UniKEOffline(nn.Module):
-    """The offline stage on one frozen model: bank, μ, encoders, ζ and W_ζ (spec §2)."""
+    """The offline stage on one frozen model: bank, μ, encoders, ζ and W_ζ (README, "Offline stage")."""
 
     def __init__(self, model: nn.Module, tok: Any, hparams: UniKETrainingHparams,
                  adapter: VLMAdapter | None = None, *, dataset: str = "", split: str = "train") -> None:
@@ -437,7 +437,7 @@ class UniKEOffline(nn.Module):
         }
 
     def payload(self) -> dict[str, Any]:
-        """The archive payload (spec §2 step 7): only tensors and plain values."""
+        """The archive payload (README, "Offline stage", archive format): only tensors and plain values."""
         zeta, w = self.zeta_and_decoder()
         out: dict[str, Any] = {
             "meta": self.meta(),

@@ -1,4 +1,4 @@
-"""UniKE's per-model runtime (spec §3 "Inference", §5): latent memories, feature-shift hooks, neurons.
+"""UniKE's per-model runtime (README, "Inference"): latent memories, feature-shift hooks, neurons.
 
 Everything lives outside the model's module tree, in a side registry keyed weakly by the base
 model, so ``named_parameters()`` and ``state_dict()`` never see it:
@@ -121,7 +121,7 @@ class UniKERuntime:
             if always:
                 set_always_on(self.model, GATE, True)
 
-    # -- the feature shift (spec §3 Inference, steps 1-3) -------------------------------------
+    # -- the feature shift (README, "Inference") ----------------------------------------------
     def _shift(self, mem: _LayerMemory, x: torch.Tensor, force: bool = False) -> torch.Tensor | None:
         if not (force or self.active()) or len(mem) == 0:
             return None

@@ -1,4 +1,4 @@
-"""UniKE's offline stage inside EasyEdit's ``MultimodalTrainer`` (spec §2, second entry point).
+"""UniKE's offline stage inside EasyEdit's ``MultimodalTrainer`` (README, "Offline stage": the second driver).
 
 ``UniKETrainable`` is registered as ``ALG_TRAIN_DICT["UNIKE"]`` (the training YAML has
 ``alg: UniKE``). It drives the same :class:`~.offline.UniKEOffline` the CLI uses:

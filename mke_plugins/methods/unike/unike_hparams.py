@@ -1,11 +1,11 @@
-"""UniKE's hyperparameters (spec §4): editing (``UniKEHyperParams``) and offline (``UniKETrainingHparams``).
+"""UniKE's hyperparameters: editing (``UniKEHyperParams``) and offline (``UniKETrainingHparams``).
 
 Two classes because two different programs read them: EasyEdit's ``MultimodalEditor`` (and our
 bench) edit with ``UniKEHyperParams``, whose only link to the offline stage is ``archive``; the
 offline stage (``mke-plugins train UniKE`` or EasyEdit's ``MultimodalTrainer``) builds that
 archive from ``UniKETrainingHparams``, which also carries every field EasyEdit's trainer reads.
 
-The defaults are the 7B values of the spec; ``hparams/world.yaml`` and
+The defaults are the 7B values (README, "Hyperparameters"); ``hparams/world.yaml`` and
 ``hparams/training/world.yaml`` hold the values for the bundled world model. Each field declares
 its constraints (``hp(..., ge=...)``, ``Literal`` choices); ``validate`` holds the rules across
 fields. ``archive`` may be ``"@unike/<file>"``: a file shipped inside this package
@@ -78,7 +78,7 @@ class UniKEHyperParams(MultimodalHyperParams):
                                           "edits; project choice).")
     key_scale: float = hp(1.0, "s: the gate key and bias are multiplied by s at init, so the pre-activation is "
                                "s*(p - key_threshold) where p is the input's projection on the centred key (1 at "
-                               "the edit state). 1 with key_threshold 0 = the spec's init (project choice).", gt=0)
+                               "the edit state). 1 with key_threshold 0 = the plain centred init (project choice).", gt=0)
     key_threshold: float = hp(0.0, "theta: projection below which a new neuron's gate starts negative (see "
                                    "key_scale); e.g. 0.8 keeps relation-mates (projection ~0.6) silent while "
                                    "rephrasings (~0.95) still fire (project choice).")
@@ -98,7 +98,7 @@ class UniKEHyperParams(MultimodalHyperParams):
 
 @dataclass
 class UniKETrainingHparams(EasyEditTrainerFields, MultimodalHyperParams):
-    """Offline-stage hyperparameters (spec §2, §4), plus the fields EasyEdit's MultimodalTrainer reads.
+    """Offline-stage hyperparameters (README, "Offline stage"), plus the fields EasyEdit's trainer reads.
 
     The same file drives ``mke-plugins train UniKE --hparams FILE`` and
     ``MultimodalTrainer(config=UniKETrainingHparams.from_hparams(FILE), ...)``. For the trainer,
@@ -138,7 +138,7 @@ class UniKETrainingHparams(EasyEditTrainerFields, MultimodalHyperParams):
                                          "null = all.", ge=1)
     ridge: float = hp(1e-3, "Ridge lambda of the W_zeta decoder fit.", gt=0)
     seed: int = hp(42, "Seed of shuffling, holdout split, replay and encoder initialisation.", ge=0)
-    # -- EasyEdit MultimodalTrainer fields (EASYEDIT.md §6): the rest come from EasyEditTrainerFields ------
+    # -- EasyEdit MultimodalTrainer fields (docs/EASYEDIT-NOTES.md): the rest come from EasyEditTrainerFields -
     inner_params: list[str] = hp([], "EasyEdit trainer: parameter names checked against the model (unused by "
                                       "UniKE; may stay empty).")
     lr: float | None = hp(None, "EasyEdit trainer: optimiser learning rate of the encoders; null = enc_lr.",

@@ -1,10 +1,10 @@
 """``mke-plugins train UniKE``: build UniKE's offline archive (knowledge bank, encoders, zeta) without EasyEdit.
 
-The CLI driver of spec §2: one extraction pass over the training records the host provides
-(``UniKEOffline.observe`` on teacher-forced batches of each record and, with
-``include_variants``, its rephrased question and rephrased image), then encoder epochs over the
-cached bank (``loss``), epoch selection by the held-out score (sep_acc + sem_r1)/2 with
-``patience``, then ``payload`` → one archive file.
+The CLI driver of the offline stage (README, "Offline stage"): one extraction pass over the
+training records the host provides (``UniKEOffline.observe`` on teacher-forced batches of each
+record and, with ``include_variants``, its rephrased question and rephrased image), then encoder
+epochs over the cached bank (``loss``), epoch selection by the held-out score (sep_acc + sem_r1)/2
+with ``patience``, then ``payload`` → one archive file.
 
     mke-plugins train UniKE                                     # hparams/training/world.yaml
     mke-plugins train UniKE --hparams my-training.yaml --model DIR --data mmedit_train.json --image-root imgs/
