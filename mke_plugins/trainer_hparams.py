@@ -2,7 +2,7 @@
 
 A method with an offline stage (LDKE's classifier, UniKE's encoders) trains through EasyEdit's own
 trainer, so its training hparams class must carry every field ``BaseTrainer`` and
-``MultimodalTrainer`` read (``docs/EASYEDIT-NOTES.md``, "MultimodalTrainer and EditableModel"),
+``MultimodalTrainer`` read (``hooks/EASYEDIT-NOTES.md``, "MultimodalTrainer and EditableModel"),
 most of which the method itself never uses. They are declared here, with EasyEdit's usual values
 and their constraints, so each method class lists only what it means differently (its ``alg``, its
 losses' weights, its schedule) and the contract stays in one place. ``alg`` must name the method

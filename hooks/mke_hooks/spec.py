@@ -14,7 +14,7 @@ from .errors import PluginError
 
 Ref = Union[str, Callable[..., Any], type, None]
 
-#: How EasyEdit undoes an edit (see ``docs/EASYEDIT-NOTES.md``, "Restore"):
+#: How EasyEdit undoes an edit (see ``hooks/EASYEDIT-NOTES.md``, "Restore"):
 #: ``"snapshot"`` — ``weights_copy`` is the self-restoring dict (works with no restore-set entry);
 #: ``"callable"`` — ``weights_copy`` is a bare callable (needs ``CALLABLE_RESTORE_ALGS``);
 #: ``"peft"`` — the edited model is a PEFT model, restored by ``unload()`` (``PEFT_RESTORE_ALGS``);

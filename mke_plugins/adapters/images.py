@@ -1,6 +1,6 @@
 """Turn a picture on disk (or a PIL image) into the image object a family's requests carry.
 
-EasyEdit's datasets hand every family its own image type (``docs/EASYEDIT-NOTES.md``, "The family
+EasyEdit's datasets hand every family its own image type (``hooks/EASYEDIT-NOTES.md``, "The family
 and its image type"): a list of one PIL RGB image resized by ``qwen_vl_utils.fetch_image`` for the
 Qwen-VL families, the PIL image straight from ``Image.open`` for LLaVA-OneVision, and a
 ``(3, 364, 364)`` float tensor from LAVIS's ``BlipImageEvalProcessor`` for BLIP-2 / MiniGPT-4.

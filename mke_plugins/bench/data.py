@@ -2,7 +2,7 @@
 
 The bench runs on the bundled world by default, or on any folder/file in MMEdit's format
 (``--data``). Both go through one loader so every dataset is read the same way: the record fields
-of ``docs/EASYEDIT-NOTES.md`` ("MMEdit datasets") become EasyEdit's request keys (``src`` →
+of ``hooks/EASYEDIT-NOTES.md`` ("MMEdit datasets") become EasyEdit's request keys (``src`` →
 ``prompt``, ``alt`` → ``target``, ``loc`` → ``locality_prompt``, ...), the optional extensions
 (``text_only_prompt``, ``image_only_prompt``, ``portability``, ``fine_locality``) are kept when
 present, and every image becomes the family-native object the method and the scorer expect

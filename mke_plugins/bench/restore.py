@@ -1,6 +1,6 @@
 """Undo an edit the way EasyEdit main does, then prove the model is bit-identical again.
 
-EasyEdit's ``restore_after_edit`` (``docs/EASYEDIT-NOTES.md``, "Restore") decides by the method's
+EasyEdit's ``restore_after_edit`` (``hooks/EASYEDIT-NOTES.md``, "Restore") decides by the method's
 name: call ``weights_copy`` (``CALLABLE_RESTORE_ALGS``), ``edited_model.unload()``
 (``PEFT_RESTORE_ALGS``), keep the edited model (``KEEP_EDITED_MODEL_ALGS``), or, by default, copy
 every ``weights_copy.items()`` tensor back into the parameter of that name. Our methods declare
@@ -102,6 +102,6 @@ class StateCheck:
         if diffs:
             raise RestoreError(
                 f"method {method!r}: restore {when} is not bit-exact: " + "; ".join(diffs)
-                + ". The method's weights_copy must undo every change (see docs/EASYEDIT-NOTES.md, "
+                + ". The method's weights_copy must undo every change (see hooks/EASYEDIT-NOTES.md, "
                   "'Restore'); run with "
                   "--no-verify-restore only to look at its metrics anyway.")

@@ -1,7 +1,7 @@
 """A STAND-IN for EasyEdit's ``MultimodalTrainer`` loop, for CI without EasyEdit.
 
 This is not EasyEdit. It reproduces, from EasyEdit main (commit 14cea82,
-``easyeditor/trainer/MultimodalTrainer.py`` on ``BaseTrainer.py``; see ``docs/EASYEDIT-NOTES.md``,
+``easyeditor/trainer/MultimodalTrainer.py`` on ``BaseTrainer.py``; see ``hooks/EASYEDIT-NOTES.md``,
 "MultimodalTrainer and EditableModel"), only what a
 trainable ``EditableModel`` sees, so a method's trainer class can be driven the same way in CI:
 

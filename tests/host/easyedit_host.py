@@ -4,7 +4,7 @@ The host check runs EasyEdit main's own ``MultimodalEditor`` on tiny local model
 an EasyEdit checkout (``EASYEDIT_SRC``) and an interpreter in which ``import easyeditor`` works
 (``tests/host/setup_host_env.sh`` builds one). This module says whether that is the case, and
 makes the data EasyEdit reads: 56x56 PIL-drawn JPEGs and MMEdit VQA records
-(``docs/EASYEDIT-NOTES.md``, "MMEdit datasets" and "Host check").
+(``hooks/EASYEDIT-NOTES.md``, "MMEdit datasets" and "Host check").
 It imports no torch, transformers or easyeditor at import time, so CI without EasyEdit can
 collect the host tests cheaply and skip them.
 """
@@ -81,7 +81,7 @@ def write_images(folder: Path, count: int = 6) -> list[str]:
 def mmedit_records(count: int = 3) -> list[dict[str, str]]:
     """MMEdit E-VQA records over the images of :func:`write_images`.
 
-    Fields as in ``docs/EASYEDIT-NOTES.md``, "MMEdit datasets".
+    Fields as in ``hooks/EASYEDIT-NOTES.md``, "MMEdit datasets".
     """
     subjects = [("a red circle", "a blue moon"), ("a green square", "a yellow star"),
                 ("a cat", "a small dog"), ("a tree", "a tall tower")]

@@ -7,7 +7,7 @@
 #                 git -C <EasyEdit clone> archive HEAD | tar -x -C /some/dir
 #   VENV          venv to create or update (default: .venv-host in the repository root; ignored by git).
 #
-# Steps (docs/EASYEDIT-NOTES.md, "Host check"):
+# Steps (hooks/EASYEDIT-NOTES.md, "Host check"):
 #   1. torch first (a CPU wheel; pip's configured find-links/indexes are used, never a CUDA index);
 #   2. EasyEdit's requirements.txt minus its torch pin, with a constraint pinning torch to the installed
 #      version, so pip cannot swap in a CUDA torch. Requirements that cannot be installed here are

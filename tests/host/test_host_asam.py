@@ -3,7 +3,7 @@
 After ``mke_plugins.install()``, EasyEdit loads the world model by path (its directory carries the
 ``qwen2-vl`` marker), its ``VQADataset`` reads the world's ``edit.json``, and its editor,
 evaluator and restore path do the rest, with ASAM's own world YAML. Assertions follow
-``docs/EASYEDIT-NOTES.md`` ("What the host tests assert"): post ``rewrite_acc`` rises
+``hooks/EASYEDIT-NOTES.md`` ("What the host tests assert"): post ``rewrite_acc`` rises
 (``edit_dataset``: pre measured before each edit;
 ``sequential_edit``: pre cached before any edit), one metrics entry per request in sequential
 mode (the bare dict went through our normalisation), and a single ``edit()`` leaves the model

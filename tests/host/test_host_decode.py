@@ -7,7 +7,7 @@ DECODE runs with its own ``hparams/world.yaml`` and EasyEdit's ``VQADataset`` ov
 real-family YAML (``qwen3vl-4b``, ``llavaov-7b``), loaded through EasyEdit's own hparams path, with
 only the sizes a 4-layer, d_ff-64 random model needs overridden (:data:`TINY_OVERRIDES`).
 
-Assertions follow ``docs/EASYEDIT-NOTES.md`` ("What the host tests assert"): post
+Assertions follow ``hooks/EASYEDIT-NOTES.md`` ("What the host tests assert"): post
 ``rewrite_acc`` rises (``edit_dataset`` measures pre
 before each edit; ``sequential_edit`` caches pre before any edit), one metrics entry per request
 in sequential mode, and a single ``edit()`` leaves the model bit-identical (DECODE folds in

@@ -3,7 +3,7 @@
 The example plugin's ``HelloFT`` (examples/mke-hello: a real fine-tune of one MLP ``down_proj``)
 is selected by ``alg_name`` after ``mke_plugins.install()``, and EasyEdit's editor, evaluator and
 ``VQADataset`` do everything else: loading the model by path, building requests, scoring,
-restoring. Assertions follow ``docs/EASYEDIT-NOTES.md``, "What the host tests assert"; pre versus
+restoring. Assertions follow ``hooks/EASYEDIT-NOTES.md``, "What the host tests assert"; pre versus
 post of a single ``edit()`` is deliberately not checked (EasyEdit measures both on the edited
 model).
 """

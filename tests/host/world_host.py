@@ -1,6 +1,6 @@
 """The steps every per-method host test takes on the bundled world, written once.
 
-Each ``test_host_<method>.py`` checks the same EasyEdit contract (``docs/EASYEDIT-NOTES.md``,
+Each ``test_host_<method>.py`` checks the same EasyEdit contract (``hooks/EASYEDIT-NOTES.md``,
 "MultimodalTrainer and EditableModel" and "Host check") for its own method: the method is injected
 into EasyEdit main, EasyEdit's ``MultimodalEditor`` is built from the method's world YAML and
 loads the world model by path, post ``rewrite_acc`` rises, a single ``edit()`` leaves the model

@@ -1,6 +1,6 @@
-"""EasyEdit's apply function for ASAM: glue only (spec §4 "Apply").
+"""EasyEdit's apply function for ASAM: glue only.
 
-Reads only ``prompt``, ``target``, ``image`` and ``file_type`` of each request (spec §1: the
+Reads only ``prompt``, ``target``, ``image`` and ``file_type`` of each request (README, "When to use it": the
 probe fields are evaluation-only and never touched), runs
 :func:`~mke_plugins.methods.asam.loop.run_asam` on the bare base model and returns a
 ``GatedModel``: the patches are hooks gated by ``"asam"``, active inside the returned wrapper's

@@ -1,4 +1,4 @@
-"""EasyEdit's apply function for DECODE: glue only (spec §5).
+"""EasyEdit's apply function for DECODE: glue only.
 
 Runs :func:`~mke_plugins.methods.decode.offsets.run_decode` over the requests, with the template's
 snapshot receiving the original bits of every value column it changes, so ``weights_copy`` copies

@@ -1,4 +1,4 @@
-"""EasyEdit's apply function for LDKE: glue only (spec §4 "Apply").
+"""EasyEdit's apply function for LDKE: glue only.
 
 Finds or creates the model's LDKE state (archive loaded once and cached), runs
 :func:`~mke_plugins.methods.ldke.edit.edit_one` per request and returns a :class:`RoutedModel`.

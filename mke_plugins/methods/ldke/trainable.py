@@ -24,7 +24,7 @@ drive this same class:
   validation set and set tau.
 
 EasyEdit's ``EditableModel`` is subclassed when ``easyeditor`` is already imported; otherwise a
-standalone base implements the same interface (``docs/EASYEDIT-NOTES.md``, "MultimodalTrainer and
+standalone base implements the same interface (``hooks/EASYEDIT-NOTES.md``, "MultimodalTrainer and
 EditableModel"), so CI needs no EasyEdit.
 """
 
@@ -70,7 +70,7 @@ def masked_log_probs(pred: torch.Tensor, targ: torch.Tensor, shift: bool) -> dic
 
 
 class StandaloneEditableModel(nn.Module):
-    """EasyEdit's ``EditableModel`` interface (``docs/EASYEDIT-NOTES.md``) for use without EasyEdit."""
+    """EasyEdit's ``EditableModel`` interface (``hooks/EASYEDIT-NOTES.md``) for use without EasyEdit."""
 
     def __init__(self, model: nn.Module, config: Any, model_constructor: Any) -> None:
         super().__init__()

@@ -138,7 +138,7 @@ class UniKETrainingHparams(EasyEditTrainerFields, MultimodalHyperParams):
                                          "null = all.", ge=1)
     ridge: float = hp(1e-3, "Ridge lambda of the W_zeta decoder fit.", gt=0)
     seed: int = hp(42, "Seed of shuffling, holdout split, replay and encoder initialisation.", ge=0)
-    # -- EasyEdit MultimodalTrainer fields (docs/EASYEDIT-NOTES.md): the rest come from EasyEditTrainerFields -
+    # -- EasyEdit MultimodalTrainer fields (hooks/EASYEDIT-NOTES.md): the rest come from EasyEditTrainerFields -
     inner_params: list[str] = hp([], "EasyEdit trainer: parameter names checked against the model (unused by "
                                       "UniKE; may stay empty).")
     lr: float | None = hp(None, "EasyEdit trainer: optimiser learning rate of the encoders; null = enc_lr.",

@@ -1,4 +1,4 @@
-"""EasyEdit's apply function for UniKE: glue only (spec §3 step 1 and 8, §5).
+"""EasyEdit's apply function for UniKE: glue only (README, "Edit, per request", steps 1 and 7).
 
 Loads and checks the offline archive (cached per path and model), runs :func:`~.edit.edit_one`
 once per request in order, and returns a ``GatedModel`` over the base model: calling it switches
