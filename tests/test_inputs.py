@@ -232,3 +232,14 @@ def test_easyedit_apply_checks_before_the_method_runs(world_model):
     with pytest.raises(RequestError, match="request #0, field 'prompt': is 601 tokens"):
         apply(model, processor, [_req("paper", prompt=" ".join(["what"] * 600))], hparams=None)
     check_tokens([_req("paper")], processor, model)
+
+
+def test_a_bad_override_is_reported_before_the_model_loads(capsys, monkeypatch):
+    import mke_plugins.bench.runner as runner
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the methods' hparams were checked")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    assert main(["bench", "--methods", "DECODE[max_stepz=3]", "--cases", "1"]) == 2
+    assert "override max_stepz=3 in DECODE[max_stepz=3]" in capsys.readouterr().err

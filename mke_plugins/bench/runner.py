@@ -132,6 +132,12 @@ class Bench:
 
             data = str(world.data_dir())
         self.data_path, raw = load_requests(data, cases=cfg.cases, image_root=cfg.image_root)
+        self.model_path = None if cfg.model is None else str(Path(cfg.model))
+        # hparams and overrides are checked before the model loads (minutes at 7B)
+        self.methods = [self._bind(r) for r in (cfg.methods or self.default_methods(cfg.hparams))]
+        if not self.methods:
+            raise MKEError("no methods to run: nothing is registered with hyperparameters for "
+                           f"{cfg.hparams!r}; see `mke-plugins methods`")
         self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype)
         self.threads = cfg.threads
         if self.threads is None and cfg.device == "cpu" and \
@@ -140,10 +146,6 @@ class Bench:
         self.adapter = get_adapter(self.model, SimpleNamespace(model_name=self.model_path))
         self.requests = with_images(raw, self.adapter)  # every record and picture, before the first edit
         check_text(self.requests, self.tok, self.model, self.data_path)
-        self.methods = [self._bind(r) for r in (cfg.methods or self.default_methods(cfg.hparams))]
-        if not self.methods:
-            raise MKEError("no methods to run: nothing is registered with hyperparameters for "
-                           f"{cfg.hparams!r}; see `mke-plugins methods`")
         self._pre: dict[int, list[ProbeOutput]] = {}
         self._check: StateCheck | None = None
         self.notes: list[str] = []
