@@ -80,9 +80,10 @@ def test_ft_norm_constraint_bounds_the_change(world_case):
 
 
 def test_lora_adds_adapters_and_unloads_them_on_restore(world_case):
+    from peft.tuners.lora.layer import LoraLayer
+
     from mke_plugins.hparams import load_hparams
     from mke_plugins.methods.baselines.lora.lora_main import apply_lora_to_multimodal_model
-    from peft.tuners.lora.layer import LoraLayer
 
     model, tok, reqs = world_case
     model = copy.deepcopy(model)

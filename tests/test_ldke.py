@@ -7,9 +7,8 @@ and the classifier's training need it, with few epochs and a subset of the train
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path

@@ -18,8 +18,16 @@ from PIL import Image
 from torch import nn
 
 from mke_hooks.errors import RequestError
-from mke_plugins.adapters.base import Batch, HookPoint, LayerInfo, Query, VLMAdapter, model_device, model_dtype, \
-    unwrap_model
+from mke_plugins.adapters.base import (
+    Batch,
+    HookPoint,
+    LayerInfo,
+    Query,
+    VLMAdapter,
+    model_device,
+    model_dtype,
+    unwrap_model,
+)
 
 #: keys whose tensors are ``(1, T)`` per row and get left-padded (value used for padding)
 _SEQ_PAD = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}

@@ -49,7 +49,6 @@ class Setup:
 @lru_cache(maxsize=1)
 def _world() -> tuple[Any, Any, list[dict]]:
     from mke_plugins import world
-
     from mke_plugins.adapters import Query, get_adapter
 
     model, tok = world.load()

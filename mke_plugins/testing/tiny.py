@@ -142,8 +142,12 @@ def qwen2_vl_config(tok, text: dict[str, Any], vision: dict[str, Any], *, qwen25
     Qwen2.5-VL's SiLU vision MLP are filled in here. Used by the tiny models and by
     ``mke-plugins scale`` for the published sizes.
     """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
-        Qwen2VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     text = dict(text, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
     vision = dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
@@ -200,8 +204,9 @@ def _build_llava(tok):
 
 def _image_processor(family: str):
     if family == "llava-onevision":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
-            LlavaOnevisionImageProcessorPil
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
 
         return LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
                                                image_grid_pinpoints=[[28, 28]], do_pad=True)

@@ -238,11 +238,11 @@ def record_easyedit_inputs(family: str, model_dir: Path, work: Path, commit: str
     import tokenizers
     import torch
     import transformers
-    from transformers import AutoProcessor
-
     from easyeditor.dataset.processor.llavaov_processors import LLaVAOneVisionProcessor
     from easyeditor.dataset.processor.qwen2vl_processors import Qwen2VLProcessor
     from easyeditor.evaluate.multimodal_evaluate import prepare_multimodal_hf_edit
+    from transformers import AutoProcessor
+
     from mke_plugins.testing.images import make_image
 
     work.mkdir(parents=True, exist_ok=True)

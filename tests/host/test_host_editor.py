@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from easyedit_host import (FAMILIES, HELLO_METHOD, HELLO_TINY_OVERRIDES, METRIC_KEYS, editor_inputs, mmedit_records,
-                           pick_hparams_model, snapshot_differences, state_snapshot, write_images,
-                           write_vqa_file)
+from easyedit_host import (
+    FAMILIES,
+    HELLO_METHOD,
+    HELLO_TINY_OVERRIDES,
+    METRIC_KEYS,
+    editor_inputs,
+    mmedit_records,
+    pick_hparams_model,
+    snapshot_differences,
+    state_snapshot,
+    write_images,
+    write_vqa_file,
+)
 
 pytestmark = pytest.mark.host
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from easyedit_host import FAMILIES, FIXED_REQUESTS, fixture_path, record_easyedit_inputs, write_images
 
 pytestmark = pytest.mark.host
@@ -30,9 +29,9 @@ def _vis_tok(family: str) -> Any:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_batch_equals_easyedit_prepare(easyedit: Any, tiny_dir: Any, scratch: Path, family: str) -> None:
     import torch
+    from easyeditor.evaluate.multimodal_evaluate import prepare_multimodal_hf_edit
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from easyeditor.evaluate.multimodal_evaluate import prepare_multimodal_hf_edit
     from mke_plugins.adapters import Query, get_adapter
 
     model_dir = tiny_dir(family)

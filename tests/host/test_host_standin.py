@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from easyedit_host import write_images
 
 pytestmark = pytest.mark.host

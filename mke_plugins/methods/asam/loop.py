@@ -35,8 +35,17 @@ from mke_plugins.core.wrap import gate_open
 from . import lar as lar_mod
 from .asam_hparams import ASAMHyperParams
 from .memory import bank_dtype, ffn_states, get_bank
-from .patch import (GATE, ASAMState, activation_loss, init_keys_anchor, init_keys_unit, memory_loss, new_blocks,
-                    state_for, undo_edit)
+from .patch import (
+    GATE,
+    ASAMState,
+    activation_loss,
+    init_keys_anchor,
+    init_keys_unit,
+    memory_loss,
+    new_blocks,
+    state_for,
+    undo_edit,
+)
 from .rcsl import rcsl_loss
 
 

@@ -16,7 +16,6 @@ import torch
 
 from mke_plugins.core.finite import check_finite
 
-
 FIX = "lower `lr`, or load the model in float32."
 
 

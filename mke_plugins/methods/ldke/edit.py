@@ -31,9 +31,8 @@ from mke_plugins.core.requests import query_of
 from mke_plugins.core.wrap import gate_open
 
 from .localize import Localization, check_layers, localize
-from .router import archive_mu, check_fingerprint, feature_layer_index, fingerprint, head_from_archive, \
-    load_archive
 from .routed import GATE, LDKEState, RouteSettings
+from .router import archive_mu, check_fingerprint, feature_layer_index, fingerprint, head_from_archive, load_archive
 from .side import EditEntry, new_factors
 
 

@@ -44,8 +44,15 @@ from mke_plugins.adapters.base import Query, unwrap_model
 
 from .inputs import InputsView, host_batch_call
 from .localize import gradient_scores, shares
-from .router import RouterHead, calibrate_threshold, feature_layer_index, fingerprint, hidden_features, \
-    make_archive, rates
+from .router import (
+    RouterHead,
+    calibrate_threshold,
+    feature_layer_index,
+    fingerprint,
+    hidden_features,
+    make_archive,
+    rates,
+)
 
 LAVIS_NAMES = ("blip2", "minigpt4")
 

@@ -29,8 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters import get_adapter
-from mke_plugins.adapters.base import (Batch, HookPoint, VLMAdapter, model_device, model_dtype, resolve_layers,
-                                      unwrap_model)
+from mke_plugins.adapters.base import (
+    Batch,
+    HookPoint,
+    VLMAdapter,
+    model_device,
+    model_dtype,
+    resolve_layers,
+    unwrap_model,
+)
 from mke_plugins.core.hooks import capture
 
 from .archive import FORMAT, UniKEArchiveError, fingerprint, read_payload, save_archive
@@ -229,7 +236,7 @@ class UniKEOffline(nn.Module):
             raise ValueError("UniKE offline: a batch without input_ids needs its queries to build A_neg")
         from mke_plugins.adapters.base import Query
 
-        lm_tok = getattr(self.adapter, "lm_tokenizer")(self.model, self.tok)
+        lm_tok = self.adapter.lm_tokenizer(self.model, self.tok)
         queries = [Query(q.image, q.prompt, lm_tok.decode(p).strip() or q.target) for q, p in zip(batch.queries, preds)]
         return self.adapter.batch(self.model, self.tok, queries)
 
