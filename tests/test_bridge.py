@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from test_registry import build
 
 from mke_plugins.easyedit import install, uninstall
 from mke_plugins.testing.standin import new_host
+
+from test_registry import build
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from world_host import check_metrics, edit_dataset, install, single_edit_restores, value, world_editor, world_inputs
 
 pytestmark = pytest.mark.host
@@ -51,8 +52,9 @@ def test_sequential_edit_on_the_world(easyedit: Any, asam_installed: Any, scratc
 
 def test_single_edit_restores_bit_identically(easyedit: Any, asam_installed: Any, scratch: Path) -> None:
     import torch
-    from easyedit_host import snapshot_differences, state_snapshot
     from easyeditor.editors.utils import restore_after_edit
+
+    from easyedit_host import snapshot_differences, state_snapshot
 
     editor = world_editor(METHOD, dtype="float32")
     inputs = world_inputs(_records(1))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from easyedit_host import (
     editor_inputs,
     mmedit_records,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from easyedit_host import (
     FAMILIES,
     HELLO_METHOD,

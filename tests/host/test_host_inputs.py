@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from easyedit_host import FAMILIES, FIXED_REQUESTS, fixture_path, record_easyedit_inputs, write_images
 
 pytestmark = pytest.mark.host

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from world_host import (
     assert_restored,
     check_metrics,

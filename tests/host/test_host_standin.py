@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from easyedit_host import write_images
 
 pytestmark = pytest.mark.host

@@ -124,10 +124,11 @@ def test_multimodal_editor_edit_dataset_rewrite_rises(unike_installed: Any, scra
 
 def test_multimodal_editor_restores_and_edits_sequentially(unike_installed: Any, scratch: Path) -> None:
     """A single edit() leaves the model bit-identical; sequential_edit=True gives one entry per request."""
-    from easyedit_host import snapshot_differences, state_snapshot
     from easyeditor.evaluate import compute_multimodal_hf_edit_results
 
     from mke_plugins import world
+
+    from easyedit_host import snapshot_differences, state_snapshot
 
     _, data = _world()
     editor = _editor(data)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
 from easyedit_host import snapshot_differences, state_snapshot
 
 LOCALITY_KEYS = ("rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc")
