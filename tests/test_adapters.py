@@ -208,7 +208,7 @@ def test_value_column_delta_restores_bit_exactly(family, setup):
             with torch.no_grad():
                 adapter.forward(model, batch)
             assert rec["emb"].shape[0] == 1
-            1 / 0
+            raise ZeroDivisionError("an exception inside capture/intervene")
     assert hook_counts(model) == counts
     with torch.no_grad():
         assert torch.equal(adapter.forward(model, batch), base)

@@ -38,7 +38,7 @@ def _injected(real: Any) -> set[str]:
     names: set[str] = set()
     for d in (real.alg_dict.ALG_MULTIMODAL_DICT, real.alg_dict.ALG_DICT, real.alg_train_dict.ALG_TRAIN_DICT):
         names |= {k for k, v in d.items() if getattr(v, "_mke_method", None)}
-    for k, v in real.alg_train_dict.ALG_TRAIN_DICT.items():
+    for v in real.alg_train_dict.ALG_TRAIN_DICT.values():
         if getattr(v, "_mke_method", None):
             names.add(v._mke_method)
     return names
