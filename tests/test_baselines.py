@@ -114,7 +114,8 @@ def test_lora_refuses_bad_targets(world_case):
 
     model, tok, reqs = world_case
     with pytest.raises(HparamsError, match="no module ending in 'nope_proj'.*q_proj"):
-        apply_lora_to_multimodal_model(model, tok, [reqs[0]], load_hparams("LoRA", "world", target_modules=["nope_proj"]))
+        apply_lora_to_multimodal_model(model, tok, [reqs[0]],
+                                       load_hparams("LoRA", "world", target_modules=["nope_proj"]))
     with pytest.raises(HparamsError, match="wildcards"):
         load_hparams("LoRA", "world", target_modules=["model.layers.*.self_attn.q_proj"])
     with pytest.raises(HparamsError, match="adalora"):

@@ -290,7 +290,8 @@ class Bench:
                         self.model = restore_like_easyedit(m.restore, self.model, edited_k, wc_k)
                     del done, edited
                 if check is not None:
-                    check.verify(self.model, m.label, f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
+                    check.verify(self.model, m.label,
+                                 f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
         return results
 
     def run(self) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def test_multimodal_trainer_builds_a_unike_archive(unike_installed: Any, scratch
     hp.enc_batch_size = 64
     raw = json.loads((data / "train.json").read_text())
     val_path = scratch / "val.json"  # held-out train records, absolute image paths
-    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]), image_rephrase=str(data / r["image_rephrase"]),
+    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]),
+                                         image_rephrase=str(data / r["image_rephrase"]),
                                          m_loc=str(data / r["m_loc"])) for r in raw[-6:]]))
     train_set = VQADataset(str(data / "train.json"), size=20, config=hp)
     val_set = VQADataset(str(val_path), config=hp)

@@ -142,7 +142,8 @@ def run_world_trainer(hp: Any, scratch: Path, *, train_size: int, val_records: i
     hp.results_dir = str(scratch / "results")
     raw = json.loads((data / "train.json").read_text())
     val_path = scratch / "val.json"
-    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]), image_rephrase=str(data / r["image_rephrase"]),
+    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]),
+                                         image_rephrase=str(data / r["image_rephrase"]),
                                          m_loc=str(data / r["m_loc"])) for r in raw[-val_records:]]))
     train_set = VQADataset(str(data / "train.json"), size=train_size, config=hp)
     val_set = VQADataset(str(val_path), config=hp)

@@ -10,8 +10,9 @@ are never summed for one row unless routing is switched off (ablation).
 
 :class:`SidePaths` owns the hooks (at most one per value matrix, removed when the memory is
 empty), the current per-row route and the gate (``core.wrap``): hooks act only while the routed
-model's gate is open, so the bare model's forward is the original one even mid-edit; :class:`EditMemory` owns the entries, the supersede links
-of re-edited facts and their removal by restore.
+model's gate is open, so the bare model's forward is the original one even mid-edit;
+:class:`EditMemory` owns the entries, the supersede links of re-edited facts and their removal
+by restore.
 """
 
 from __future__ import annotations
