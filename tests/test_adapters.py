@@ -143,7 +143,7 @@ def test_loss_accuracy_and_success(family, setup):
     # forcing the argmax to the labels gives accuracy 1 and success everywhere
     forced = torch.full_like(logits, -10.0)
     tgt = batch.labels[:, 1:]
-    for b, t in zip(*torch.nonzero(tgt != -100, as_tuple=True)):
+    for b, t in zip(*torch.nonzero(tgt != -100, as_tuple=True), strict=True):
         forced[b, t, tgt[b, t]] = 10.0
     assert adapter.token_accuracy(forced, batch).tolist() == [1.0, 1.0, 1.0]
     assert adapter.success(forced, batch).all()

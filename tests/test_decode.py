@@ -174,7 +174,7 @@ def test_scores_match_brute_force(family_setup):
     head = adapter.lm_head(model).weight.float()
     for info in infos:
         full = head @ info.value.weight.float()  # (V, d_ff): only here
-        for j, (p, y) in enumerate(zip(positions, stage.answer_ids)):
+        for j, (p, y) in enumerate(zip(positions, stage.answer_ids, strict=True)):
             want = acts_all[info.index][0, p].float() * full[y]
             torch.testing.assert_close(scores[info.index][j], want, rtol=1e-5, atol=1e-6)
     # the selection is the per-position top-k over all layers, union with max, capped by score

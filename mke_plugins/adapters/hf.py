@@ -169,7 +169,7 @@ class HFChatAdapter(VLMAdapter):
         for k in sorted(seq_keys):
             fill = pad_id if k == "input_ids" else _SEQ_PAD.get(k, 0)
             padded = []
-            for r, n in zip(rows, lengths):
+            for r, n in zip(rows, lengths, strict=True):
                 ref = rows[0]["input_ids"] if k not in r else r[k]
                 v = r.get(k, torch.zeros((1, n), dtype=ref.dtype))
                 pad = torch.full((1, T - n), fill, dtype=v.dtype)
@@ -185,7 +185,7 @@ class HFChatAdapter(VLMAdapter):
                          if p.shape[1] < width else p for p in parts]
             out[k] = torch.cat(parts, dim=0)
         lab = torch.cat([torch.cat([torch.full((1, T - n), -100, dtype=torch.long), l], dim=1)
-                         for l, n in zip(labels, lengths)], dim=0)
+                         for l, n in zip(labels, lengths, strict=False)], dim=0)
         return out, lab
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -265,7 +265,7 @@ def record_easyedit_inputs(family: str, model_dir: Path, work: Path, commit: str
                 raise AssertionError(f"{family}: EasyEdit's vis_tok gave {type(image).__name__}, "
                                      f"native_image_for_ci gives {type(rebuilt).__name__}")
             if len(got) != len(want) or any(not np.array_equal(np.asarray(g.convert('RGB')), np.asarray(w))
-                                            for g, w in zip(got, want)):
+                                            for g, w in zip(got, want, strict=True)):
                 raise AssertionError(f"{family}: EasyEdit's vis_tok changed the pixels of request image {seed}; "
                                      "native_image_for_ci cannot rebuild it")
         out = prepare_multimodal_hf_edit(hparams, proc, target, prompt, image, file_type)

@@ -139,7 +139,8 @@ def test_tiny_edit_dataset_rewrite_rises(decode_installed: Any, tiny_dir: Any, s
     metrics, _, _ = editor.edit_dataset(ds, keep_original_weight=True, verbose=False)
     assert len(metrics) == 2
     pre, post = check_metrics(metrics)
-    assert all(b > a for a, b in zip(pre, post)), f"each record's rewrite_acc should rise: pre {pre}, post {post}"
+    assert all(b > a for a, b in zip(pre, post, strict=True)), \
+        f"each record's rewrite_acc should rise: pre {pre}, post {post}"
     print(f"{family}: rewrite_acc pre {pre} post {post}")
 
 

@@ -173,4 +173,5 @@ def test_standin_calls_apply_like_easyedit(easyedit: Any, tiny_dir: Any, scratch
     fake_editor.edit(requests)
     fake_editor.edit(requests, sequential_edit=True)
     assert fake_log == real_log, "\n".join(["stand-in calls differ from EasyEdit's:"]
-                                           + [f"  easyedit {r}\n  stand-in {f}" for r, f in zip(real_log, fake_log)])
+                                           + [f"  easyedit {r}\n  stand-in {f}"
+                                              for r, f in zip(real_log, fake_log, strict=False)])

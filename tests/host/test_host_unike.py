@@ -116,7 +116,7 @@ def test_multimodal_editor_edit_dataset_rewrite_rises(unike_installed: Any, scra
     pre = [_value(m["pre"]["rewrite_acc"]) for m in metrics]
     post = [_value(m["post"]["rewrite_acc"]) for m in metrics]
     assert post[0] > pre[0], f"post rewrite_acc {post} did not rise above pre {pre}"
-    assert all(b >= a for a, b in zip(pre, post)), f"post {post} fell below pre {pre}"
+    assert all(b >= a for a, b in zip(pre, post, strict=True)), f"post {post} fell below pre {pre}"
     for m in metrics:
         for key in ("rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc"):
             v = _value(m["post"][key])

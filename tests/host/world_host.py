@@ -71,7 +71,8 @@ def check_metrics(metrics: list[dict[str, Any]]) -> tuple[list[float], list[floa
     pre = [value(m["pre"]["rewrite_acc"]) for m in metrics]
     post = [value(m["post"]["rewrite_acc"]) for m in metrics]
     assert post[0] > pre[0], f"first record: post rewrite_acc {post[0]} did not rise above pre {pre[0]}"
-    assert all(b >= a for a, b in zip(pre, post)), f"post rewrite_acc fell below pre: pre {pre}, post {post}"
+    assert all(b >= a for a, b in zip(pre, post, strict=True)), \
+        f"post rewrite_acc fell below pre: pre {pre}, post {post}"
     return pre, post
 
 

@@ -204,7 +204,7 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
             finally:
                 state.side.clear_route()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = torch.zeros_like(p) if g is None else g
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

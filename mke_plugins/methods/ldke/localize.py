@@ -123,7 +123,7 @@ def gradient_scores(adapter: VLMAdapter, model: nn.Module, run: RunFn, batch_siz
         keys = list(outs)
         grads = torch.autograd.grad(loss, [outs[k] for k in keys], allow_unused=True)
     scores = torch.zeros(batch_size, len(infos), dtype=torch.float32, device=logits.device)
-    for key, g in zip(keys, grads):
+    for key, g in zip(keys, grads, strict=True):
         if g is None:
             continue
         a = _rows(acts[key], batch_size)

@@ -158,7 +158,7 @@ def _rows(t: Any) -> int | None:
 
 
 def _fits(t: torch.Tensor, shape: tuple[int | None, ...]) -> bool:
-    return t.dim() == len(shape) and all(e is None or e == g for e, g in zip(shape, t.shape))
+    return t.dim() == len(shape) and all(e is None or e == g for e, g in zip(shape, t.shape, strict=True))
 
 
 def check_tensors(payload: Mapping[str, Any], where: str) -> None:

@@ -225,7 +225,7 @@ class UniKEOffline(nn.Module):
         if torch.is_tensor(ids) and tuple(ids.shape) == tuple(batch.labels.shape):
             new_ids = ids.clone()
             labels = batch.labels.clone()
-            for b, (pos, p) in enumerate(zip(batch.answer_positions(), preds)):
+            for b, (pos, p) in enumerate(zip(batch.answer_positions(), preds, strict=False)):
                 at = torch.tensor(pos, device=ids.device) + 1
                 new_ids[b, at] = torch.tensor(p, device=ids.device, dtype=ids.dtype)
                 labels[b, at] = torch.tensor(p, device=labels.device, dtype=labels.dtype)
@@ -237,7 +237,8 @@ class UniKEOffline(nn.Module):
         from mke_plugins.adapters.base import Query
 
         lm_tok = self.adapter.lm_tokenizer(self.model, self.tok)
-        queries = [Query(q.image, q.prompt, lm_tok.decode(p).strip() or q.target) for q, p in zip(batch.queries, preds)]
+        queries = [Query(q.image, q.prompt, lm_tok.decode(p).strip() or q.target)
+                   for q, p in zip(batch.queries, preds, strict=False)]
         return self.adapter.batch(self.model, self.tok, queries)
 
     @staticmethod
@@ -330,7 +331,7 @@ class UniKEOffline(nn.Module):
         hs, hp, hn = states.h_sem, states.h_pos, states.h_neg
         extra = self._replay(int(self.hparams.enc_batch_size) - len(states))
         if extra is not None:
-            hs, hp, hn = (torch.cat([a, b], 0) for a, b in zip((hs, hp, hn), extra))
+            hs, hp, hn = (torch.cat([a, b], 0) for a, b in zip((hs, hp, hn), extra, strict=True))
         return hs, hp, hn
 
     def loss(self, states: States) -> tuple[torch.Tensor, dict[str, float]]:

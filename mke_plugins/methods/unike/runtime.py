@@ -171,7 +171,7 @@ class UniKERuntime:
 
     def add_memory(self, eid: int, layer: int, keys: list[Hashable], values: torch.Tensor) -> None:
         mem = self.memories[layer]
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values, strict=False):
             mem.add(k, v)
         self.edits[eid].setdefault(layer, []).extend(keys)
 
