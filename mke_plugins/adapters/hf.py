@@ -184,8 +184,8 @@ class HFChatAdapter(VLMAdapter):
                 parts = [torch.cat([p, p.new_zeros((p.shape[0], width - p.shape[1], *p.shape[2:]))], dim=1)
                          if p.shape[1] < width else p for p in parts]
             out[k] = torch.cat(parts, dim=0)
-        lab = torch.cat([torch.cat([torch.full((1, T - n), -100, dtype=torch.long), l], dim=1)
-                         for l, n in zip(labels, lengths, strict=False)], dim=0)
+        lab = torch.cat([torch.cat([torch.full((1, T - n), -100, dtype=torch.long), label], dim=1)
+                         for label, n in zip(labels, lengths, strict=False)], dim=0)
         return out, lab
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -247,8 +247,8 @@ def edit_one(state: LDKEState, request: dict[str, Any], hparams: Any, index: int
     seconds["key"] = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(int(hparams.seed) + 7919 * len(state.memory))
     A, B = {}, {}
-    for l in loc.layers:
-        A[l], B[l] = new_factors(infos[l], hparams.delta_rank, gen)
+    for layer in loc.layers:
+        A[layer], B[layer] = new_factors(infos[layer], hparams.delta_rank, gen)
     phi = feats.phi[0].detach()
     entry = EditEntry(id=state.memory.new_id(), layers=list(loc.layers), A=A, B=B, key_phi=phi,
                       key_w=None, prompt_tokens=feats.prompt_tokens[0], image_mean=feats.image_mean[0].detach(),
