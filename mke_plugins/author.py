@@ -14,8 +14,7 @@ module imports torch: use it from the modules your ``MethodSpec`` names by ``"mo
 
 from __future__ import annotations
 
-from mke_hooks import (ArchiveError, HparamsError, MethodSpec, MKEError, NonFiniteLossError, RequestError,
-                       hookimpl)
+from mke_hooks import ArchiveError, HparamsError, MethodSpec, MKEError, NonFiniteLossError, RequestError, hookimpl
 
 from .adapters import Batch, LayerInfo, Query, VLMAdapter, get_adapter, model_device, resolve_layers, unwrap_model
 from .core.finite import check_finite

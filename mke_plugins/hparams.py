@@ -101,8 +101,10 @@ class MultimodalHyperParams:
     ALG_REFUSED: ClassVar[dict[str, str]] = {}
 
     alg_name: str = hp("", "Method name as EasyEdit's alg_name, exact case.")
-    model_name: Any = hp("", "Model path (also the family key for EasyEdit) or a (model, processor) tuple; '@world-model' is the bundled world model.")
-    device: Any = hp("cpu", "Device for EasyEdit's editor/evaluator ('cpu', 'cuda:0' or an int). Methods take the device from the model's parameters.")
+    model_name: Any = hp("", "Model path (also the family key for EasyEdit) or a (model, processor) tuple; "
+                             "'@world-model' is the bundled world model.")
+    device: Any = hp("cpu", "Device for EasyEdit's editor/evaluator ('cpu', 'cuda:0' or an int). "
+                            "Methods take the device from the model's parameters.")
     dtype: Any = hp("float32", "Model dtype: float32, bfloat16 or float16 (converted to torch.dtype).")
     name: str = hp("", "Processor/tokenizer path used by EasyEdit's datasets and trainer; defaults to model_name.")
     exact_match: bool = hp(False, "EasyEdit field (ICL evaluator, BLIP trainer loss).")

@@ -18,8 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
-from mke_hooks import (RESTORE_POLICIES, MethodSpec, PluginError, RegistrationError,
-                       UnknownMethodError)
+from mke_hooks import RESTORE_POLICIES, MethodSpec, PluginError, RegistrationError, UnknownMethodError
 
 from .plugins import LoadedPlugins, PluginFailure, PluginInfo, load_plugins
 

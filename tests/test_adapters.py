@@ -143,7 +143,7 @@ def test_loss_accuracy_and_success(family, setup):
     # forcing the argmax to the labels gives accuracy 1 and success everywhere
     forced = torch.full_like(logits, -10.0)
     tgt = batch.labels[:, 1:]
-    for b, t in zip(*torch.nonzero(tgt != -100, as_tuple=True)):
+    for b, t in zip(*torch.nonzero(tgt != -100, as_tuple=True), strict=True):
         forced[b, t, tgt[b, t]] = 10.0
     assert adapter.token_accuracy(forced, batch).tolist() == [1.0, 1.0, 1.0]
     assert adapter.success(forced, batch).all()
@@ -208,7 +208,7 @@ def test_value_column_delta_restores_bit_exactly(family, setup):
             with torch.no_grad():
                 adapter.forward(model, batch)
             assert rec["emb"].shape[0] == 1
-            1 / 0
+            raise ZeroDivisionError("an exception inside capture/intervene")
     assert hook_counts(model) == counts
     with torch.no_grad():
         assert torch.equal(adapter.forward(model, batch), base)

@@ -80,9 +80,10 @@ def test_ft_norm_constraint_bounds_the_change(world_case):
 
 
 def test_lora_adds_adapters_and_unloads_them_on_restore(world_case):
+    from peft.tuners.lora.layer import LoraLayer
+
     from mke_plugins.hparams import load_hparams
     from mke_plugins.methods.baselines.lora.lora_main import apply_lora_to_multimodal_model
-    from peft.tuners.lora.layer import LoraLayer
 
     model, tok, reqs = world_case
     model = copy.deepcopy(model)
@@ -113,7 +114,8 @@ def test_lora_refuses_bad_targets(world_case):
 
     model, tok, reqs = world_case
     with pytest.raises(HparamsError, match="no module ending in 'nope_proj'.*q_proj"):
-        apply_lora_to_multimodal_model(model, tok, [reqs[0]], load_hparams("LoRA", "world", target_modules=["nope_proj"]))
+        apply_lora_to_multimodal_model(model, tok, [reqs[0]],
+                                       load_hparams("LoRA", "world", target_modules=["nope_proj"]))
     with pytest.raises(HparamsError, match="wildcards"):
         load_hparams("LoRA", "world", target_modules=["model.layers.*.self_attn.q_proj"])
     with pytest.raises(HparamsError, match="adalora"):

@@ -10,6 +10,7 @@ import pytest
 
 from mke_plugins.easyedit import install, uninstall
 from mke_plugins.testing.standin import new_host
+
 from test_registry import build
 
 

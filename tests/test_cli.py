@@ -110,9 +110,9 @@ def test_train_overview_and_stage_help_show_the_common_and_the_stage_flags(monke
 def test_train_hands_the_stage_parsed_flags_and_seeded_hparams(monkeypatch, capsys, tmp_path):
     import random
 
-    import sample_plugins
-
     from mke_plugins.adapters.loading import seed_all
+
+    import sample_plugins
 
     _sample_registry(monkeypatch, ["trainy"])
     yaml = tmp_path / "trainy.yaml"

@@ -11,8 +11,14 @@ from mke_plugins.adapters.base import HookPoint
 from mke_plugins.core.deltas import ColumnDelta, DeltaSet
 from mke_plugins.core.hooks import HookSet, capture, hook_counts, intervene
 from mke_plugins.core.modes import frozen
-from mke_plugins.core.requests import fine_locality, get_field, normalize_requests, portability, query_of, \
-    text_only_prompt
+from mke_plugins.core.requests import (
+    fine_locality,
+    get_field,
+    normalize_requests,
+    portability,
+    query_of,
+    text_only_prompt,
+)
 from mke_plugins.core.snapshot import RestoreHandle, WeightSnapshot, assert_same_state, state_diff, state_of
 
 

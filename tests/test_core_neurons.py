@@ -9,8 +9,8 @@ import torch
 
 from mke_plugins.adapters import Query, get_adapter
 from mke_plugins.core.hooks import capture, hook_counts
-from mke_plugins.core.neurons import _REGISTRY, patches_for
 from mke_plugins.core.modes import frozen
+from mke_plugins.core.neurons import _REGISTRY, patches_for
 from mke_plugins.core.snapshot import RestoreHandle, assert_same_state, state_of
 from mke_plugins.core.wrap import GatedModel, gate_open, gated, is_gate_open, set_always_on
 from mke_plugins.testing.images import make_image, make_lavis_image

@@ -174,19 +174,19 @@ def test_scores_match_brute_force(family_setup):
     head = adapter.lm_head(model).weight.float()
     for info in infos:
         full = head @ info.value.weight.float()  # (V, d_ff): only here
-        for j, (p, y) in enumerate(zip(positions, stage.answer_ids)):
+        for j, (p, y) in enumerate(zip(positions, stage.answer_ids, strict=True)):
             want = acts_all[info.index][0, p].float() * full[y]
             torch.testing.assert_close(scores[info.index][j], want, rtol=1e-5, atol=1e-6)
     # the selection is the per-position top-k over all layers, union with max, capped by score
     k, cap = 3, 4
     chosen = localize.select_neurons(scores, k, cap, "score")
-    flat = [(float(scores[l][j, i]), l, i, j) for l in scores for j in range(scores[l].shape[0])
-            for i in range(scores[l].shape[1])]
+    flat = [(float(scores[layer][j, i]), layer, i, j) for layer in scores for j in range(scores[layer].shape[0])
+            for i in range(scores[layer].shape[1])]
     union: dict[tuple[int, int], float] = {}
     for j in range(len(positions)):
         top = sorted([f for f in flat if f[3] == j], key=lambda f: (-f[0], f[1], f[2]))[:k]
-        for s, l, i, _ in top:
-            union[(l, i)] = max(union.get((l, i), -1e30), s)
+        for s, layer, i, _ in top:
+            union[(layer, i)] = max(union.get((layer, i), -1e30), s)
     want = sorted(sorted(union.items(), key=lambda kv: (-kv[1], kv[0]))[:cap])
     assert list(chosen) == [n for n, _ in want]
     by_index = localize.select_neurons(scores, k, cap, "index")
@@ -271,7 +271,7 @@ def test_plain_easyedit_request_and_text_only_request(family_setup):
     rep = res.reports[0]
     assert [s.name for s in rep.stages] == ["text", "image"] and all(s.steps == 2 for s in rep.stages)
     assert 0 < rep.g_text_size <= 5 and 0 < rep.g_image_size <= 5
-    assert all(l < 3 for l, _ in rep.n_text + rep.n_image)  # last layer excluded
+    assert all(layer < 3 for layer, _ in rep.n_text + rep.n_image)  # last layer excluded
     res = offsets.run_decode(model, tok, [{**plain, "image": None}], hp, adapter=adapter)
     stages = res.reports[0].stages
     assert stages[0].name == "text" and stages[0].steps == 2 and stages[1].skipped

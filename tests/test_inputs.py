@@ -221,7 +221,6 @@ def test_prompt_over_the_context_names_count_and_limit(world_model):
 
 def test_easyedit_apply_checks_before_the_method_runs(world_model):
     from mke_plugins.core.requests import check_tokens
-
     from mke_plugins.easyedit import make_apply
     from mke_plugins.registry import get_registry
 

@@ -7,9 +7,8 @@ and the classifier's training need it, with few epochs and a subset of the train
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -302,12 +301,14 @@ def test_archive_errors_name_the_field_and_the_command(tmp_path, family_setup):
     arch["fingerprint"] = dict(arch["fingerprint"], num_layers=99)
     router.save_archive({k: v for k, v in arch.items() if k != "path"}, other)
     with pytest.raises(ArchiveError, match="num_layers"):
-        ldke_main.apply_ldke_to_multimodal_model(model, tok, [req], dataclasses.replace(hp, classifier_archive=str(other)))
+        ldke_main.apply_ldke_to_multimodal_model(model, tok, [req],
+                                                 dataclasses.replace(hp, classifier_archive=str(other)))
     arch["fingerprint"]["num_layers"] = len(get_adapter(model, hp).layers(model))
     arch["mu"], arch["mu_count"] = None, 0
     router.save_archive({k: v for k, v in arch.items() if k != "path"}, other)
     with pytest.raises(ArchiveError, match="layer_prior"):
-        ldke_main.apply_ldke_to_multimodal_model(model, tok, [req], dataclasses.replace(hp, classifier_archive=str(other)))
+        ldke_main.apply_ldke_to_multimodal_model(model, tok, [req],
+                                                 dataclasses.replace(hp, classifier_archive=str(other)))
     assert LDKEState.of(model) is None
 
 
@@ -457,7 +458,8 @@ def test_trainable_interface_and_relevance_loss(world_subset):
     other = LDKERouterTrainable(model, hp, None)
     other.load_state_dict(sd)
     assert torch.equal(other.mu(), trainable.mu())
-    assert all(torch.equal(a, b) for a, b in zip(other.head.state_dict().values(), trainable.head.state_dict().values()))
+    head_pairs = zip(other.head.state_dict().values(), trainable.head.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in head_pairs)
 
 
 def test_train_cli_help_and_hparams_errors(tmp_path):

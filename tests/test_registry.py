@@ -57,7 +57,8 @@ def test_broken_plugins_are_reported_and_do_not_stop_others(monkeypatch):
     reg = build(monkeypatch, ["good", "raises", "not_a_spec", "bad_restore", "misspelled", "missing"])
     text = failure_text(reg)
     assert "Good" in reg.names()
-    assert "plugin unknown ? (entry point raises = sample_plugins:raises): mke_register_methods raised RuntimeError: boom inside plugin" in text
+    assert ("plugin unknown ? (entry point raises = sample_plugins:raises): "
+            "mke_register_methods raised RuntimeError: boom inside plugin") in text
     assert "register() got dict, not a MethodSpec" in text
     assert "restore='undo' is not a restore policy" in text
     assert "implements unknown hook 'mke_register_method' (did you mean 'mke_register_methods'?)" in text

@@ -327,14 +327,14 @@ def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwe
     def inputs(rec: dict[str, Any]) -> dict[int, torch.Tensor]:
         b = ad.batch(model, tok, [Query(rec["image"], rec["prompt"], rec["target"])])
         with gate_open(model, GATE), torch.no_grad(), \
-                capture({l: infos[l].ffn_in for l in layers}, positions=b.answer_mask) as rec_:
+                capture({layer: infos[layer].ffn_in for layer in layers}, positions=b.answer_mask) as rec_:
             ad.forward(model, b)
-        return {l: rec_[l].float() for l in layers}
+        return {layer: rec_[layer].float() for layer in layers}
 
     own, earlier = inputs(recs[1]), inputs(recs[0])
     archive = load_archive(qwen["archive"], model, ad, layers)
     with rt.pristine():
-        h_sem = {l: v[0] for l, v in inputs(recs[1]).items()}  # pristine state at the first answer position
+        h_sem = {layer: v[0] for layer, v in inputs(recs[1]).items()}  # pristine state at the first answer position
     negs = _negatives(archive, layers, infos, rt, h_sem, 8)
     with torch.no_grad():
         assert max(float(blk.pre(own[blk.layer]).max()) for blk in second) > 0  # the edit's input opens a gate

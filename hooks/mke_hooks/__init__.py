@@ -4,8 +4,17 @@ This package depends on pluggy only. It imports no torch, transformers, easyedit
 mke_plugins, so a third-party plugin can declare its methods cheaply.
 """
 
-from .errors import (ArchiveError, HparamsError, MKEError, NonFiniteLossError, PluginError,
-                     RegistrationError, RequestError, UnknownMethodError, close_matches)
+from .errors import (
+    ArchiveError,
+    HparamsError,
+    MKEError,
+    NonFiniteLossError,
+    PluginError,
+    RegistrationError,
+    RequestError,
+    UnknownMethodError,
+    close_matches,
+)
 from .hookspecs import PROJECT, hookimpl, hookspec
 from .spec import RESTORE_POLICIES, MethodSpec, resolve
 from .train import TrainArgs

@@ -12,8 +12,17 @@ from typing import Any
 
 from torch import nn
 
-from mke_plugins.adapters.base import Batch, HookPoint, LayerInfo, Query, VLMAdapter, model_device, model_dtype, \
-    resolve_layers, unwrap_model
+from mke_plugins.adapters.base import (
+    Batch,
+    HookPoint,
+    LayerInfo,
+    Query,
+    VLMAdapter,
+    model_device,
+    model_dtype,
+    resolve_layers,
+    unwrap_model,
+)
 from mke_plugins.adapters.hf import LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from mke_plugins.adapters.lavis import Blip2Adapter, MiniGPT4Adapter
 

@@ -18,8 +18,16 @@ from PIL import Image
 from torch import nn
 
 from mke_hooks.errors import RequestError
-from mke_plugins.adapters.base import Batch, HookPoint, LayerInfo, Query, VLMAdapter, model_device, model_dtype, \
-    unwrap_model
+from mke_plugins.adapters.base import (
+    Batch,
+    HookPoint,
+    LayerInfo,
+    Query,
+    VLMAdapter,
+    model_device,
+    model_dtype,
+    unwrap_model,
+)
 
 #: keys whose tensors are ``(1, T)`` per row and get left-padded (value used for padding)
 _SEQ_PAD = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -161,7 +169,7 @@ class HFChatAdapter(VLMAdapter):
         for k in sorted(seq_keys):
             fill = pad_id if k == "input_ids" else _SEQ_PAD.get(k, 0)
             padded = []
-            for r, n in zip(rows, lengths):
+            for r, n in zip(rows, lengths, strict=True):
                 ref = rows[0]["input_ids"] if k not in r else r[k]
                 v = r.get(k, torch.zeros((1, n), dtype=ref.dtype))
                 pad = torch.full((1, T - n), fill, dtype=v.dtype)
@@ -176,8 +184,8 @@ class HFChatAdapter(VLMAdapter):
                 parts = [torch.cat([p, p.new_zeros((p.shape[0], width - p.shape[1], *p.shape[2:]))], dim=1)
                          if p.shape[1] < width else p for p in parts]
             out[k] = torch.cat(parts, dim=0)
-        lab = torch.cat([torch.cat([torch.full((1, T - n), -100, dtype=torch.long), l], dim=1)
-                         for l, n in zip(labels, lengths)], dim=0)
+        lab = torch.cat([torch.cat([torch.full((1, T - n), -100, dtype=torch.long), label], dim=1)
+                         for label, n in zip(labels, lengths, strict=False)], dim=0)
         return out, lab
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -110,6 +110,6 @@ def fwd_bwd_seconds(adapter: Any, model: Any, batch: Any) -> float:
         sync(device)
         return time.perf_counter() - t0
     finally:
-        for p, flag, grad in zip(params, flags, grads):
+        for p, flag, grad in zip(params, flags, grads, strict=True):
             p.grad = grad
             p.requires_grad_(flag)

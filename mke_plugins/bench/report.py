@@ -113,7 +113,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     def bars(ax, items, ylim=(0, 1.05)):
         n = max(len(names), 1)
         w = 0.8 / n
-        for j, (name, row) in enumerate(zip(names, rows)):
+        for j, (name, row) in enumerate(zip(names, rows, strict=True)):
             xs, ys, missing = [], [], []
             for i, (_, key) in enumerate(items):
                 x = i - 0.4 + w * (j + 0.5)
@@ -123,7 +123,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
                     xs.append(x)
                     ys.append(row[key])
             ax.bar(xs, ys, width=w, color=cmap(j % 10), label=name)
-            for x, y in zip(xs, ys):
+            for x, y in zip(xs, ys, strict=True):
                 if y == 0:  # a zero bar is invisible; say it is a zero, not a missing value
                     ax.text(x, 0.01, "0", ha="center", va="bottom", fontsize=7, color=cmap(j % 10))
             for x in missing:
@@ -142,7 +142,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     p90 = [r.get("edit_seconds_p90") or 0.0 for r in rows]
     ax = axes[2]
     ax.bar(range(len(names)), secs, color=[cmap(j % 10) for j in range(len(names))],
-           yerr=[[0] * len(names), [max(0.0, b - a) for a, b in zip(secs, p90)]], capsize=3)
+           yerr=[[0] * len(names), [max(0.0, b - a) for a, b in zip(secs, p90, strict=True)]], capsize=3)
     for j, r in enumerate(rows):
         ratio = r.get("edit_to_fwdbwd_ratio")
         if ratio is not None:

@@ -80,8 +80,8 @@ class StateCheck:
             elif p.requires_grad != flag:
                 diffs.append(f"{name}: requires_grad {flag} -> {p.requires_grad}")
             elif p.shape != saved.shape or not torch.equal(p.detach(), saved):
-                diffs.append(f"{name}: values differ (max abs diff "
-                             f"{(p.detach().float() - saved.float()).abs().max().item() if p.shape == saved.shape else 'shape'})")
+                gap = (p.detach().float() - saved.float()).abs().max().item() if p.shape == saved.shape else "shape"
+                diffs.append(f"{name}: values differ (max abs diff {gap})")
             if len(diffs) >= limit:
                 return diffs
         buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if b is not None}

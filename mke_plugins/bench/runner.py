@@ -279,7 +279,7 @@ class Bench:
                         edited, wc, seconds, mem = self._apply(m, self.requests[i], base_seed + i)
                         done.append((edited, wc))
                         costs.append((seconds, fwdbwd, mem, method_extra(wc)))
-                    for (i, pb, pre, _), cost in zip(prepared, costs):
+                    for (i, pb, pre, _), cost in zip(prepared, costs, strict=True):
                         post = run_probes(self.adapter, edited, pb)
                         generated = self._generate(m, edited, self.requests[i], int(pre[0].top1.shape[0]))
                         case = self._case(i, self.requests[i], pb, pre, post, generated)
@@ -292,7 +292,8 @@ class Bench:
                         self.model = restore_like_easyedit(m.restore, self.model, edited_k, wc_k)
                     del done, edited
                 if check is not None:
-                    check.verify(self.model, m.label, f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
+                    check.verify(self.model, m.label,
+                                 f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
         return results
 
     def run(self) -> dict[str, Any]:

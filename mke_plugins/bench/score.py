@@ -52,7 +52,7 @@ def score_case(probes: Sequence[Probe], pre: Sequence[ProbeOutput], post: Sequen
     if not len(probes) == len(pre) == len(post):
         raise ValueError(f"probes, pre and post differ in length: {len(probes)}, {len(pre)}, {len(post)}")
     rows: dict[str, list[tuple[Probe, ProbeOutput, ProbeOutput]]] = defaultdict(list)
-    for p, a, b in zip(probes, pre, post):
+    for p, a, b in zip(probes, pre, post, strict=True):
         rows[p.kind].append((p, a, b))
     out: dict[str, Any] = {}
     for kind in ACCURACY_KINDS:

@@ -36,7 +36,7 @@ def frozen(model: nn.Module, trainable: Iterable[torch.Tensor] = (), *,
             p.requires_grad_(id(p) in keep)
         yield
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         for p in no_grad:
             p.grad = None

@@ -187,7 +187,7 @@ def unknown_words(tok: Any, text: str) -> list[str]:
         return []
     if getattr(tokenizer, "is_fast", False):
         enc = _encode(tokenizer, text, offsets=True)
-        spans = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk_id]
+        spans = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=False) if i == unk_id]
     else:  # slow tokenizers have no offsets: look word by word
         spans = [w for w in text.split() if unk_id in _ids(tokenizer, w)]
     # the unk token's own text (e.g. OPT's "</s>") written in a prompt is not an unknown word

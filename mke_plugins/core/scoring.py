@@ -164,7 +164,7 @@ def decoupling(paired: Sequence[bool | None], text_only: Sequence[bool | None],
     """DFR_T, DFR_I and joint consistency from per-case success flags (``None`` = probe absent)."""
     if not len(paired) == len(text_only) == len(image_only):
         raise ValueError(f"per-case lists differ in length: {len(paired)}, {len(text_only)}, {len(image_only)}")
-    rows = [(bool(p), bool(t), bool(i)) for p, t, i in zip(paired, text_only, image_only)
+    rows = [(bool(p), bool(t), bool(i)) for p, t, i in zip(paired, text_only, image_only, strict=True)
             if p is not None and t is not None and i is not None]
     n = len(rows)
     hit = [r for r in rows if r[0]]

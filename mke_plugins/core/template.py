@@ -273,8 +273,9 @@ def run_apply(algorithm: Algorithm, hparams_cls: type, model: Any, tok: Any, req
     return edited, handle
 
 
-def edit_method(hparams_cls: type, *, fields: tuple[str, ...] | None = None,
-                edited_model: EditedModel | None = None) -> Callable[[Algorithm], Callable[..., tuple[Any, RestoreHandle]]]:
+def edit_method(
+    hparams_cls: type, *, fields: tuple[str, ...] | None = None, edited_model: EditedModel | None = None,
+) -> Callable[[Algorithm], Callable[..., tuple[Any, RestoreHandle]]]:
     """Decorator: turn ``algorithm(ctx, requests)`` into EasyEdit's apply function of the same name.
 
     ``hparams_cls``: the method's hyperparameter class (its ``check_given`` runs first).

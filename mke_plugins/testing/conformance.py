@@ -49,7 +49,6 @@ class Setup:
 @lru_cache(maxsize=1)
 def _world() -> tuple[Any, Any, list[dict]]:
     from mke_plugins import world
-
     from mke_plugins.adapters import Query, get_adapter
 
     model, tok = world.load()
@@ -84,7 +83,7 @@ def _same(before: Any, model: Any) -> None:
     assert_same_state(params, model)
     now = [(n, m.training) for n, m in model.named_modules()]
     assert [n for n, _ in now] == [n for n, _ in modules], "modules were added or removed"
-    changed = [n or "<model>" for (n, a), (_, b) in zip(modules, now) if a != b]
+    changed = [n or "<model>" for (n, a), (_, b) in zip(modules, now, strict=True) if a != b]
     assert not changed, f"train/eval mode changed on {changed[:5]}"
 
 

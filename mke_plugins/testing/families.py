@@ -33,5 +33,6 @@ REAL_YAMLS: dict[str, RealFamily] = {
     "llavaov-7b": RealFamily("llava-onevision", 28, "model.language_model.layers.{i}",
                              "model.language_model.layers.{i}.mlp.down_proj"),
     "blip2": RealFamily("blip2", 32, "opt_model.model.decoder.layers.{i}", "opt_model.model.decoder.layers.{i}.fc2"),
-    "minigpt4": RealFamily("minigpt4", 32, "llama_model.model.layers.{i}", "llama_model.model.layers.{i}.mlp.down_proj"),
+    "minigpt4": RealFamily("minigpt4", 32, "llama_model.model.layers.{i}",
+                           "llama_model.model.layers.{i}.mlp.down_proj"),
 }

@@ -117,7 +117,7 @@ class StandInMultimodalTrainer:
             params = list(self.model.outer_parameters())
             grads = torch.autograd.grad(l_total, params, allow_unused=True)
             if all(g is None or torch.isfinite(g).all() for g in grads):
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     if g is not None:
                         p.grad = g / c.accumulate_bs if p.grad is None else p.grad + g / c.accumulate_bs
         top1 = lambda x: x.argmax(-1)  # noqa: E731

@@ -53,7 +53,8 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
                  "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
-_SYSTEM = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+_SYSTEM = ("{% if messages[0]['role'] != 'system' %}"
+           "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}")
 QWEN_CHAT_TEMPLATE = (
     _SYSTEM
     + "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -70,7 +71,8 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'video' %}<video>{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ '\\n' + item['text'] }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ '\\n' + item['text'] }}{% endif %}"
+    "{% endfor %}"
     "{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -142,8 +144,12 @@ def qwen2_vl_config(tok, text: dict[str, Any], vision: dict[str, Any], *, qwen25
     Qwen2.5-VL's SiLU vision MLP are filled in here. Used by the tiny models and by
     ``mke-plugins scale`` for the published sizes.
     """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
-        Qwen2VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     text = dict(text, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
     vision = dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
@@ -200,8 +206,9 @@ def _build_llava(tok):
 
 def _image_processor(family: str):
     if family == "llava-onevision":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
-            LlavaOnevisionImageProcessorPil
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
 
         return LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
                                                image_grid_pinpoints=[[28, 28]], do_pad=True)

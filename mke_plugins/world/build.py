@@ -23,8 +23,18 @@ import numpy as np
 
 from .queries import Question, answer, prompt
 from .render import render
-from .spec import (CITY_COUNTRY, DEFAULT_EDITS, DEFAULT_ENTITIES, DEFAULT_SEED, DERIVED,
-                   HELDOUT_RENDERINGS, LINK_SOURCE, TRAIN_RENDERINGS, World, make_world)
+from .spec import (
+    CITY_COUNTRY,
+    DEFAULT_EDITS,
+    DEFAULT_ENTITIES,
+    DEFAULT_SEED,
+    DERIVED,
+    HELDOUT_RENDERINGS,
+    LINK_SOURCE,
+    TRAIN_RENDERINGS,
+    World,
+    make_world,
+)
 
 FORMAT_VERSION = 2  # bump whenever generated content changes (cache key)
 

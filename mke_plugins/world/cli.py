@@ -103,7 +103,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it; more threads are slower on a busy machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (results depend on it; more threads are slower on a busy machine)")
     p.add_argument("--forms", default=None, metavar="FORM=W,...",
                    help="reweight the query-form mix, e.g. paired=0.25 (forms: paired, text, image, ident; "
                         "default paired=1,text=1,image=2,ident=2): for world variants")

@@ -238,11 +238,11 @@ def record_easyedit_inputs(family: str, model_dir: Path, work: Path, commit: str
     import tokenizers
     import torch
     import transformers
-    from transformers import AutoProcessor
-
     from easyeditor.dataset.processor.llavaov_processors import LLaVAOneVisionProcessor
     from easyeditor.dataset.processor.qwen2vl_processors import Qwen2VLProcessor
     from easyeditor.evaluate.multimodal_evaluate import prepare_multimodal_hf_edit
+    from transformers import AutoProcessor
+
     from mke_plugins.testing.images import make_image
 
     work.mkdir(parents=True, exist_ok=True)
@@ -265,7 +265,7 @@ def record_easyedit_inputs(family: str, model_dir: Path, work: Path, commit: str
                 raise AssertionError(f"{family}: EasyEdit's vis_tok gave {type(image).__name__}, "
                                      f"native_image_for_ci gives {type(rebuilt).__name__}")
             if len(got) != len(want) or any(not np.array_equal(np.asarray(g.convert('RGB')), np.asarray(w))
-                                            for g, w in zip(got, want)):
+                                            for g, w in zip(got, want, strict=True)):
                 raise AssertionError(f"{family}: EasyEdit's vis_tok changed the pixels of request image {seed}; "
                                      "native_image_for_ci cannot rebuild it")
         out = prepare_multimodal_hf_edit(hparams, proc, target, prompt, image, file_type)

@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from easyedit_host import editor_inputs, mmedit_records, snapshot_differences, state_snapshot, write_images, write_vqa_file
+from easyedit_host import (
+    editor_inputs,
+    mmedit_records,
+    snapshot_differences,
+    state_snapshot,
+    write_images,
+    write_vqa_file,
+)
 from world_host import check_metrics, edit_dataset, install, value, warm_up, world_editor, world_inputs
 
 pytestmark = pytest.mark.host
@@ -103,8 +110,9 @@ def test_world_single_edit_restores_bit_identically(decode_installed: Any, scrat
 # -- tiny Qwen3-VL and LLaVA-OneVision, the bundled real-family YAMLs ---------------------------------
 
 def _tiny_editor(family: str, model_dir: Path, data_dir: Path) -> Any:
-    import mke_plugins
     from easyeditor import MultimodalEditor
+
+    import mke_plugins
 
     key = TINY_FAMILIES[family]
     assert key in mke_plugins.get_registry().get(METHOD).hparams_models(), f"DECODE bundles no {key}.yaml"
@@ -131,7 +139,8 @@ def test_tiny_edit_dataset_rewrite_rises(decode_installed: Any, tiny_dir: Any, s
     metrics, _, _ = editor.edit_dataset(ds, keep_original_weight=True, verbose=False)
     assert len(metrics) == 2
     pre, post = check_metrics(metrics)
-    assert all(b > a for a, b in zip(pre, post)), f"each record's rewrite_acc should rise: pre {pre}, post {post}"
+    assert all(b > a for a, b in zip(pre, post, strict=True)), \
+        f"each record's rewrite_acc should rise: pre {pre}, post {post}"
     print(f"{family}: rewrite_acc pre {pre} post {post}")
 
 

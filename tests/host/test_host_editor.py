@@ -16,9 +16,19 @@ from typing import Any
 
 import pytest
 
-from easyedit_host import (FAMILIES, HELLO_METHOD, HELLO_TINY_OVERRIDES, METRIC_KEYS, editor_inputs, mmedit_records,
-                           pick_hparams_model, snapshot_differences, state_snapshot, write_images,
-                           write_vqa_file)
+from easyedit_host import (
+    FAMILIES,
+    HELLO_METHOD,
+    HELLO_TINY_OVERRIDES,
+    METRIC_KEYS,
+    editor_inputs,
+    mmedit_records,
+    pick_hparams_model,
+    snapshot_differences,
+    state_snapshot,
+    write_images,
+    write_vqa_file,
+)
 
 pytestmark = pytest.mark.host
 
@@ -62,7 +72,7 @@ def _check_rewrite_rises(metrics: list[dict[str, Any]]) -> tuple[list[float], li
     pre = [_value(m["pre"]["rewrite_acc"]) for m in metrics]
     post = [_value(m["post"]["rewrite_acc"]) for m in metrics]
     assert post[0] > pre[0], f"first record: post rewrite_acc {post[0]} did not rise above pre {pre[0]}"
-    fell = [i for i, (a, b) in enumerate(zip(pre, post)) if b < a]
+    fell = [i for i, (a, b) in enumerate(zip(pre, post, strict=True)) if b < a]
     assert not fell, f"post rewrite_acc fell below pre on records {fell}: pre {pre}, post {post}"
     return pre, post
 

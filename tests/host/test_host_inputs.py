@@ -30,9 +30,9 @@ def _vis_tok(family: str) -> Any:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_batch_equals_easyedit_prepare(easyedit: Any, tiny_dir: Any, scratch: Path, family: str) -> None:
     import torch
+    from easyeditor.evaluate.multimodal_evaluate import prepare_multimodal_hf_edit
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from easyeditor.evaluate.multimodal_evaluate import prepare_multimodal_hf_edit
     from mke_plugins.adapters import Query, get_adapter
 
     model_dir = tiny_dir(family)

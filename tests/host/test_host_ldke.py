@@ -16,8 +16,18 @@ from typing import Any
 
 import pytest
 
-from world_host import (assert_restored, check_metrics, edit_dataset, install, run_world_trainer,
-                        single_edit_restores, value, world_dirs, world_editor, world_inputs)
+from world_host import (
+    assert_restored,
+    check_metrics,
+    edit_dataset,
+    install,
+    run_world_trainer,
+    single_edit_restores,
+    value,
+    world_dirs,
+    world_editor,
+    world_inputs,
+)
 
 pytestmark = pytest.mark.host
 

@@ -38,7 +38,7 @@ def _injected(real: Any) -> set[str]:
     names: set[str] = set()
     for d in (real.alg_dict.ALG_MULTIMODAL_DICT, real.alg_dict.ALG_DICT, real.alg_train_dict.ALG_TRAIN_DICT):
         names |= {k for k, v in d.items() if getattr(v, "_mke_method", None)}
-    for k, v in real.alg_train_dict.ALG_TRAIN_DICT.items():
+    for v in real.alg_train_dict.ALG_TRAIN_DICT.values():
         if getattr(v, "_mke_method", None):
             names.add(v._mke_method)
     return names
@@ -173,4 +173,5 @@ def test_standin_calls_apply_like_easyedit(easyedit: Any, tiny_dir: Any, scratch
     fake_editor.edit(requests)
     fake_editor.edit(requests, sequential_edit=True)
     assert fake_log == real_log, "\n".join(["stand-in calls differ from EasyEdit's:"]
-                                           + [f"  easyedit {r}\n  stand-in {f}" for r, f in zip(real_log, fake_log)])
+                                           + [f"  easyedit {r}\n  stand-in {f}"
+                                              for r, f in zip(real_log, fake_log, strict=False)])

@@ -64,7 +64,8 @@ def test_multimodal_trainer_builds_a_unike_archive(unike_installed: Any, scratch
     hp.enc_batch_size = 64
     raw = json.loads((data / "train.json").read_text())
     val_path = scratch / "val.json"  # held-out train records, absolute image paths
-    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]), image_rephrase=str(data / r["image_rephrase"]),
+    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]),
+                                         image_rephrase=str(data / r["image_rephrase"]),
                                          m_loc=str(data / r["m_loc"])) for r in raw[-6:]]))
     train_set = VQADataset(str(data / "train.json"), size=20, config=hp)
     val_set = VQADataset(str(val_path), config=hp)
@@ -115,7 +116,7 @@ def test_multimodal_editor_edit_dataset_rewrite_rises(unike_installed: Any, scra
     pre = [_value(m["pre"]["rewrite_acc"]) for m in metrics]
     post = [_value(m["post"]["rewrite_acc"]) for m in metrics]
     assert post[0] > pre[0], f"post rewrite_acc {post} did not rise above pre {pre}"
-    assert all(b >= a for a, b in zip(pre, post)), f"post {post} fell below pre {pre}"
+    assert all(b >= a for a, b in zip(pre, post, strict=True)), f"post {post} fell below pre {pre}"
     for m in metrics:
         for key in ("rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc"):
             v = _value(m["post"][key])
@@ -124,10 +125,11 @@ def test_multimodal_editor_edit_dataset_rewrite_rises(unike_installed: Any, scra
 
 def test_multimodal_editor_restores_and_edits_sequentially(unike_installed: Any, scratch: Path) -> None:
     """A single edit() leaves the model bit-identical; sequential_edit=True gives one entry per request."""
-    from easyedit_host import snapshot_differences, state_snapshot
     from easyeditor.evaluate import compute_multimodal_hf_edit_results
 
     from mke_plugins import world
+
+    from easyedit_host import snapshot_differences, state_snapshot
 
     _, data = _world()
     editor = _editor(data)

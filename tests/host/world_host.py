@@ -71,7 +71,8 @@ def check_metrics(metrics: list[dict[str, Any]]) -> tuple[list[float], list[floa
     pre = [value(m["pre"]["rewrite_acc"]) for m in metrics]
     post = [value(m["post"]["rewrite_acc"]) for m in metrics]
     assert post[0] > pre[0], f"first record: post rewrite_acc {post[0]} did not rise above pre {pre[0]}"
-    assert all(b >= a for a, b in zip(pre, post)), f"post rewrite_acc fell below pre: pre {pre}, post {post}"
+    assert all(b >= a for a, b in zip(pre, post, strict=True)), \
+        f"post rewrite_acc fell below pre: pre {pre}, post {post}"
     return pre, post
 
 
@@ -142,7 +143,8 @@ def run_world_trainer(hp: Any, scratch: Path, *, train_size: int, val_records: i
     hp.results_dir = str(scratch / "results")
     raw = json.loads((data / "train.json").read_text())
     val_path = scratch / "val.json"
-    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]), image_rephrase=str(data / r["image_rephrase"]),
+    val_path.write_text(json.dumps([dict(r, image=str(data / r["image"]),
+                                         image_rephrase=str(data / r["image_rephrase"]),
                                          m_loc=str(data / r["m_loc"])) for r in raw[-val_records:]]))
     train_set = VQADataset(str(data / "train.json"), size=train_size, config=hp)
     val_set = VQADataset(str(val_path), config=hp)

@@ -52,7 +52,7 @@ def apply_asam_to_multimodal_model(ctx: EditContext, requests: list[dict[str, An
     check_file_types(requests)
     result = run_asam(ctx.base, ctx.tok, requests, ctx.hparams, ctx.adapter, undo=ctx.undo)
     records = []
-    for i, (tag, st) in enumerate(zip(result.tags, result.stats)):
+    for i, (tag, st) in enumerate(zip(result.tags, result.stats, strict=True)):
         log.info("ASAM request %d: %s", i, describe(st))
         extra = {k: v for k, v in st.to_dict().items() if k not in ("steps", "seconds")}
         records.append(EditStats(steps=st.steps, seconds=st.seconds, converged=st.stopped,

@@ -53,9 +53,9 @@ def training_edits(hparams: ASAMHyperParams, adapter: Any, n: int) -> list[Any]:
 def coherence_table(model: Any, tok: Any, adapter: Any, hparams: ASAMHyperParams, edits: Sequence[Any],
                     grid: Sequence[float] = EPS_GRID) -> dict[float, float]:
     """Mean first-set coherence per ρ over ``edits`` (unedited model)."""
-    from . import lar as lar_mod
     from mke_plugins.core.modes import frozen
 
+    from . import lar as lar_mod
     from .loop import edit_generator
     from .patch import GATE
 

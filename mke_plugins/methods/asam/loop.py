@@ -35,8 +35,17 @@ from mke_plugins.core.wrap import gate_open
 from . import lar as lar_mod
 from .asam_hparams import ASAMHyperParams
 from .memory import bank_dtype, ffn_states, get_bank
-from .patch import (GATE, ASAMState, activation_loss, init_keys_anchor, init_keys_unit, memory_loss, new_blocks,
-                    state_for, undo_edit)
+from .patch import (
+    GATE,
+    ASAMState,
+    activation_loss,
+    init_keys_anchor,
+    init_keys_unit,
+    memory_loss,
+    new_blocks,
+    state_for,
+    undo_edit,
+)
 from .rcsl import rcsl_loss
 
 
@@ -105,17 +114,17 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
     p = lar_mod.first_answer_position(batch1)
     ans = torch.tensor(batch1.answer_positions()[0], device=batch1.labels.device)
     blocks = new_blocks(state, layers, int(hparams.n_neurons), tag)
-    ffn_points = {l: infos[l].ffn_in for l in layers}
-    out_points = {l: HookPoint(infos[l].layer, "output") for l in layers}
+    ffn_points = {layer: infos[layer].ffn_in for layer in layers}
+    out_points = {layer: HookPoint(infos[layer].layer, "output") for layer in layers}
     embed_point = adapter.embed_output(model)
 
     # anchor FFN inputs at the answer-predicting positions (new blocks have V = 0: the model is as before)
     with torch.no_grad(), gate_open(model, GATE), capture(ffn_points, positions=batch1.answer_mask) as rec:
         logits1 = adapter.forward(model, batch1)
-    anchor_q = {l: rec[l] for l in layers}
+    anchor_q = {layer: rec[layer] for layer in layers}
     if hparams.key_init == "anchor" or K == 0:
-        for l in layers:
-            (init_keys_anchor if hparams.key_init == "anchor" else init_keys_unit)(blocks[l], anchor_q[l], gen)
+        for layer in layers:
+            (init_keys_anchor if hparams.key_init == "anchor" else init_keys_unit)(blocks[layer], anchor_q[layer], gen)
 
     if K > 0:
         batch_k = adapter.batch(model, tok, [query] * K)
@@ -152,8 +161,8 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
                 with torch.no_grad(), gate_open(model, GATE), lar_mod.perturbed(embed_point, delta_full), \
                         capture(ffn_points, positions=batch_main.answer_mask) as rec_u:
                     adapter.forward(model, batch_main)
-                for l in layers:
-                    init_keys_unit(blocks[l], rec_u[l], gen)
+                for layer in layers:
+                    init_keys_unit(blocks[layer], rec_u[layer], gen)
 
         perturb = lar_mod.perturbed(embed_point, delta_full) if K > 0 else contextlib.nullcontext()
         with gate_open(model, GATE), perturb, \
@@ -171,18 +180,18 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
             total = total + float(hparams.lambda_adv) * adv
             stats.adv = float(adv.detach())
         act_terms, act_anchor_terms, rcsl_terms, mem_terms = [], [], [], []
-        for l in layers:
-            q = rq[l][:, ans]  # (K+1, |ans|, d)
-            act_terms.append(activation_loss(blocks[l], q, float(hparams.act_margin)))
-            act_anchor_terms.append(activation_loss(blocks[l], q[:1], float(hparams.act_margin)))
+        for layer in layers:
+            q = rq[layer][:, ans]  # (K+1, |ans|, d)
+            act_terms.append(activation_loss(blocks[layer], q, float(hparams.act_margin)))
+            act_anchor_terms.append(activation_loss(blocks[layer], q[:1], float(hparams.act_margin)))
             if K > 0 and hparams.rcsl:
-                r = ro[l][:, p]
+                r = ro[layer][:, p]
                 term, fell_back = rcsl_loss(r, rank=int(hparams.rcsl_rank), form=hparams.rcsl_form,
                                             asym=bool(hparams.asym))
                 stats.svd_fallbacks += int(fell_back)
                 rcsl_terms.append(term)
-            if float(hparams.lambda_mem) > 0 and memory.get(l) is not None:
-                mem_terms.append(memory_loss(blocks[l], memory[l], float(hparams.mem_margin),
+            if float(hparams.lambda_mem) > 0 and memory.get(layer) is not None:
+                mem_terms.append(memory_loss(blocks[layer], memory[layer], float(hparams.mem_margin),
                                              int(hparams.memory_top)))
         act = torch.stack(act_terms).mean()
         act_anchor = torch.stack(act_anchor_terms).mean()
@@ -242,7 +251,7 @@ def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hpa
         for req in requests:
             state = state_for(model, adapter)
             query = Query(req["image"], req["prompt"], req["target"])
-            memory = {l: _cat_rows(bank.get(l), state.extra(l)) for l in layers} if bank else {}
+            memory = {layer: _cat_rows(bank.get(layer), state.extra(layer)) for layer in layers} if bank else {}
             n_bank = int(next(iter(memory.values())).shape[0]) if memory else 0
             tag = state.new_tag()
             undo(functools.partial(undo_edit, model, tag))

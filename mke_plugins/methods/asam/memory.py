@@ -192,7 +192,7 @@ def ffn_states(model: nn.Module, tok: Any, adapter: VLMAdapter, queries: Sequenc
     """FFN-input states at the prompt positions of ``queries`` under the model as it is called (no gradient)."""
     infos = adapter.layers(model)
     gen = torch.Generator().manual_seed(int(seed))
-    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(queries), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -202,12 +202,12 @@ def ffn_states(model: nn.Module, tok: Any, adapter: VLMAdapter, queries: Sequenc
         for s in starts:
             batch = adapter.batch(model, tok, list(queries[s:s + batch_size]))
             mask = position_mask(batch.prompt_mask, positions, gen)
-            with capture({l: infos[l].ffn_in for l in layers}, positions=mask) as rec:
+            with capture({layer: infos[layer].ffn_in for layer in layers}, positions=mask) as rec:
                 adapter.forward(model, batch)
-            for l in layers:
-                v = rec[l]
-                out[l].append(v.to(dtype) if dtype is not None else v)
-    return {l: torch.cat(v, dim=0) for l, v in out.items()}
+            for layer in layers:
+                v = rec[layer]
+                out[layer].append(v.to(dtype) if dtype is not None else v)
+    return {layer: torch.cat(v, dim=0) for layer, v in out.items()}
 
 
 def bank_dtype(model: nn.Module) -> torch.dtype:
@@ -244,7 +244,7 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
                       batch_size=int(hparams.memory_batch), seed=int(hparams.seed), dtype=bank_dtype(base),
                       progress=len(queries) > 64 * int(hparams.memory_batch))
     log.info("ASAM: built memory bank %s from %d prompts (%s states per layer)", fp, len(queries),
-             {l: int(v.shape[0]) for l, v in bank.items()})
+             {layer: int(v.shape[0]) for layer, v in bank.items()})
     per_model[fp] = bank
     _share(fp, bank)
     if cache_file is not None:
@@ -277,19 +277,19 @@ def load_cached_bank(path: Path, model: nn.Module, adapter: VLMAdapter, layers: 
 
 def check_bank(bank: Bank, path: Path, model: nn.Module, adapter: VLMAdapter, layers: Sequence[int]) -> None:
     """Raise unless ``bank`` holds exactly ``layers``, each an (n, d) finite tensor of the bank dtype."""
-    if sorted(bank) != sorted(int(l) for l in layers):
+    if sorted(bank) != sorted(int(layer) for layer in layers):
         raise _bad_cache(path, f"holds layers {sorted(bank)}, but this edit needs layers {sorted(layers)}")
     infos, dtype = adapter.layers(model), bank_dtype(model)
-    for l, v in bank.items():
-        d = int(infos[l].value.weight.shape[0])
+    for layer, v in bank.items():
+        d = int(infos[layer].value.weight.shape[0])
         if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[1] != d:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise _bad_cache(path, f"layer {l} states have shape {got}, expected (n, {d}) (rows of width {d}, "
+            raise _bad_cache(path, f"layer {layer} states have shape {got}, expected (n, {d}) (rows of width {d}, "
                                    f"the model's hidden size)")
         if v.dtype != dtype:
-            raise _bad_cache(path, f"layer {l} states are {v.dtype}, expected {dtype} for this model")
+            raise _bad_cache(path, f"layer {layer} states are {v.dtype}, expected {dtype} for this model")
         if not bool(torch.isfinite(v).all()):
-            raise _bad_cache(path, f"layer {l} states hold NaN or inf values")
+            raise _bad_cache(path, f"layer {layer} states hold NaN or inf values")
 
 
 def save_cached_bank(bank: Bank, path: Path) -> None:

@@ -84,7 +84,7 @@ def undo_edit(model: nn.Module, tag: Hashable) -> None:
 
 def new_blocks(state: ASAMState, layers: Sequence[int], n: int, tag: Hashable) -> dict[int, NeuronBlock]:
     """Zero-initialised trainable blocks (V = 0: the model is unchanged until training moves V)."""
-    return {l: state.patches.add_block(l, n, tag=tag) for l in layers}
+    return {layer: state.patches.add_block(layer, n, tag=tag) for layer in layers}
 
 
 def init_keys_anchor(block: NeuronBlock, q: torch.Tensor, gen: torch.Generator, noise: float = 1e-3) -> None:

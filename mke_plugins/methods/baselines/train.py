@@ -16,7 +16,6 @@ import torch
 
 from mke_plugins.core.finite import check_finite
 
-
 FIX = "lower `lr`, or load the model in float32."
 
 
@@ -56,16 +55,16 @@ def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *,
                 return FitResult(steps, ok, float(loss.detach()), first)
             grads = torch.autograd.grad(loss, params)
             del logits, loss
-            for m, g in zip(masters, grads):
+            for m, g in zip(masters, grads, strict=True):
                 m.grad = g.detach().float()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if project is not None:
                 project(masters)
             with torch.no_grad():
-                for p, m in zip(params, masters):
+                for p, m in zip(params, masters, strict=True):
                     p.copy_(m.to(p.dtype))
             steps += 1
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)

@@ -170,11 +170,11 @@ def select_neurons(scores: dict[int, torch.Tensor], k: int, cap: int, truncate_b
     order = sorted(scores)
     if not order:
         return {}
-    flat = torch.cat([scores[l] for l in order], dim=1)  # (m, Σ d_ff), (layer, index) order
+    flat = torch.cat([scores[layer] for layer in order], dim=1)  # (m, Σ d_ff), (layer, index) order
     offsets, starts = [], 0
-    for l in order:
-        offsets.append((starts, l))
-        starts += scores[l].shape[1]
+    for layer in order:
+        offsets.append((starts, layer))
+        starts += scores[layer].shape[1]
     best: dict[Neuron, float] = {}
     for j in range(flat.shape[0]):
         row = torch.nan_to_num(flat[j], nan=float("-inf"))

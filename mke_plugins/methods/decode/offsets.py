@@ -32,7 +32,6 @@ from mke_plugins.core.snapshot import WeightSnapshot
 from .decode_hparams import DECODEHyperParams
 from .localize import Localization, Neuron, StageInput, jaccard, kl_chunk, localize
 
-
 # -- reports ------------------------------------------------------------------------------
 
 @dataclass

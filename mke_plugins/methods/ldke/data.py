@@ -11,10 +11,10 @@ rephrase, and ``loc`` / ``loc_image`` hold ``neg_per_pos`` negatives per positiv
 with probability ``hard_negative_fraction``. Negatives that come from other records (the same
 entity's other facts and other entities' facts of the same relation: hard; other facts: easy) are
 taken in every query form the record has (paired, text-only, image-only), so no modality form is a
-shortcut to "positive", and "same question about another entity" is learnt as a negative. Rows of a part are record-major: row ``r`` of a part
-with ``k`` rows per record belongs to record ``r // k``. Parts are built by the family adapter
-exactly as EasyEdit's evaluator builds inputs (HF: the tensors plus sequence-aligned
-``labels``; LAVIS: the wrapper's sample dicts).
+shortcut to "positive", and "same question about another entity" is learnt as a negative. Rows of
+a part are record-major: row ``r`` of a part with ``k`` rows per record belongs to record
+``r // k``. Parts are built by the family adapter exactly as EasyEdit's evaluator builds inputs
+(HF: the tensors plus sequence-aligned ``labels``; LAVIS: the wrapper's sample dicts).
 
 Validation records are a split *by entity* (``val_fraction`` of the records); their full
 positive / negative lists serve head selection and threshold calibration.

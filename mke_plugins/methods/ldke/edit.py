@@ -31,9 +31,8 @@ from mke_plugins.core.requests import query_of
 from mke_plugins.core.wrap import gate_open
 
 from .localize import Localization, check_layers, localize
-from .router import archive_mu, check_fingerprint, feature_layer_index, fingerprint, head_from_archive, \
-    load_archive
 from .routed import GATE, LDKEState, RouteSettings
+from .router import archive_mu, check_fingerprint, feature_layer_index, fingerprint, head_from_archive, load_archive
 from .side import EditEntry, new_factors
 
 
@@ -205,7 +204,7 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
             finally:
                 state.side.clear_route()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = torch.zeros_like(p) if g is None else g
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -248,8 +247,8 @@ def edit_one(state: LDKEState, request: dict[str, Any], hparams: Any, index: int
     seconds["key"] = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(int(hparams.seed) + 7919 * len(state.memory))
     A, B = {}, {}
-    for l in loc.layers:
-        A[l], B[l] = new_factors(infos[l], hparams.delta_rank, gen)
+    for layer in loc.layers:
+        A[layer], B[layer] = new_factors(infos[layer], hparams.delta_rank, gen)
     phi = feats.phi[0].detach()
     entry = EditEntry(id=state.memory.new_id(), layers=list(loc.layers), A=A, B=B, key_phi=phi,
                       key_w=None, prompt_tokens=feats.prompt_tokens[0], image_mean=feats.image_mean[0].detach(),

@@ -123,7 +123,7 @@ def gradient_scores(adapter: VLMAdapter, model: nn.Module, run: RunFn, batch_siz
         keys = list(outs)
         grads = torch.autograd.grad(loss, [outs[k] for k in keys], allow_unused=True)
     scores = torch.zeros(batch_size, len(infos), dtype=torch.float32, device=logits.device)
-    for key, g in zip(keys, grads):
+    for key, g in zip(keys, grads, strict=True):
         if g is None:
             continue
         a = _rows(acts[key], batch_size)
@@ -208,9 +208,9 @@ def trace_scores(adapter: VLMAdapter, model: nn.Module, tok: Any, query: Query, 
     with HookSet() as hooks, torch.no_grad():
         hooks.add(adapter.embed_output(base), _noise_fn(pos, noise_t.expand(len(rows), -1, -1), rows))
         for info in infos:
-            def restore(x: torch.Tensor, l=info.index) -> torch.Tensor:
+            def restore(x: torch.Tensor, layer=info.index) -> torch.Tensor:
                 x3 = _rows(x, B).clone()
-                x3[2 + l] = x3[0]
+                x3[2 + layer] = x3[0]
                 return x3.view_as(x)
             hooks.add(info.ffn_out, restore)
         probs = adapter.forward(base, batch)[:, ans].float().softmax(-1)[:, y_o]
@@ -231,7 +231,8 @@ def full_trace_scores(adapter: VLMAdapter, model: nn.Module, tok: Any, query: Qu
     clean: dict[int, torch.Tensor] = {}
     with HookSet() as hooks:
         for info in infos:
-            hooks.add(_layer_output(info), lambda x, l=info.index: clean.__setitem__(l, x.detach()[0].clone()) or None)
+            hooks.add(_layer_output(info),
+                      lambda x, layer=info.index: clean.__setitem__(layer, x.detach()[0].clone()) or None)
         std, logits = _noise_std(adapter, base, one, pos)
     ans = _first_answer_position(one)
     y_o = int(logits[0, ans].argmax())
@@ -241,7 +242,7 @@ def full_trace_scores(adapter: VLMAdapter, model: nn.Module, tok: Any, query: Qu
     noises = torch.randn(samples, int(pos.sum()), d, generator=gen) * noise * std
     # one spec per row: (sample, layer or -1 for the corrupted baseline, position)
     specs = [(s, -1, -1) for s in range(samples)]
-    specs += [(s, l, t) for s in range(samples) for l in range(L) for t in prompt_pos]
+    specs += [(s, layer, t) for s in range(samples) for layer in range(L) for t in prompt_pos]
     R = min(batch_rows, len(specs))
     batch = adapter.batch(base, tok, [query] * R)
     probs = torch.empty(len(specs))
@@ -261,8 +262,8 @@ def full_trace_scores(adapter: VLMAdapter, model: nn.Module, tok: Any, query: Qu
             n_forward += R
     base_p = probs[:samples]
     ie = torch.zeros(L, len(prompt_pos))
-    for i, (s, l, t) in enumerate(specs[samples:], start=samples):
-        ie[l, prompt_pos.index(t)] += (probs[i] - base_p[s]) / samples
+    for i, (s, layer, t) in enumerate(specs[samples:], start=samples):
+        ie[layer, prompt_pos.index(t)] += (probs[i] - base_p[s]) / samples
     scores = ie.max(1).values.tolist()
     return Localization(layers=[], method="full_trace", scores=scores, seconds=time.perf_counter() - t0,
                         forward_equivalents=n_forward)

@@ -163,7 +163,7 @@ def calibrate_threshold(pos: Sequence[float], hard_neg: Sequence[float]) -> tupl
         return 0.5, float("nan")
     scores = [balanced_accuracy(pos, hard_neg, t) for t in TAU_GRID]
     best = max(scores)
-    plateau = [t for t, s in zip(TAU_GRID, scores) if s == best]
+    plateau = [t for t, s in zip(TAU_GRID, scores, strict=True) if s == best]
     return min(plateau, key=lambda t: (abs(t - 0.5), t)), best
 
 

@@ -10,8 +10,9 @@ are never summed for one row unless routing is switched off (ablation).
 
 :class:`SidePaths` owns the hooks (at most one per value matrix, removed when the memory is
 empty), the current per-row route and the gate (``core.wrap``): hooks act only while the routed
-model's gate is open, so the bare model's forward is the original one even mid-edit; :class:`EditMemory` owns the entries, the supersede links
-of re-edited facts and their removal by restore.
+model's gate is open, so the bare model's forward is the original one even mid-edit;
+:class:`EditMemory` owns the entries, the supersede links of re-edited facts and their removal
+by restore.
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ class EditEntry:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for l in self.layers for p in (self.A[l], self.B[l])]
+        return [p for layer in self.layers for p in (self.A[layer], self.B[layer])]
 
     def norm_penalty(self) -> torch.Tensor:
         """sum_l ||B_l A_l||_F^2 = sum_l sum((B^T B) * (A A^T)), without forming B A."""
         total = torch.zeros((), device=self.A[self.layers[0]].device)
-        for l in self.layers:
-            total = total + ((self.B[l].t() @ self.B[l]) * (self.A[l] @ self.A[l].t())).sum()
+        for layer in self.layers:
+            total = total + ((self.B[layer].t() @ self.B[layer]) * (self.A[layer] @ self.A[layer].t())).sum()
         return total
 
     def floats(self) -> int:
@@ -104,7 +105,7 @@ class EditMemory:
         return [e for e in self.entries.values() if e.superseded_by is None]
 
     def layers(self) -> set[int]:
-        return {l for e in self.entries.values() for l in e.layers}
+        return {layer for e in self.entries.values() for layer in e.layers}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -146,9 +147,9 @@ class SidePaths:
 
     # -- hooks ---------------------------------------------------------------------------
     def install(self, layers: Sequence[int]) -> None:
-        for l in layers:
-            if l not in self.handles:
-                self.handles[l] = self.infos[l].value.register_forward_hook(self._hook(l))
+        for layer in layers:
+            if layer not in self.handles:
+                self.handles[layer] = self.infos[layer].value.register_forward_hook(self._hook(layer))
 
     def uninstall(self) -> None:
         while self.handles:
@@ -158,8 +159,8 @@ class SidePaths:
     def keep_only(self, layers: Iterable[int]) -> None:
         """Remove the hooks of layers not in ``layers`` (undo of a failed edit's ``install``)."""
         keep = set(layers)
-        for l in [l for l in self.handles if l not in keep]:
-            self.handles.pop(l).remove()
+        for layer in [layer for layer in self.handles if layer not in keep]:
+            self.handles.pop(layer).remove()
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:

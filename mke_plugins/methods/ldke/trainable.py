@@ -44,8 +44,15 @@ from mke_plugins.adapters.base import Query, unwrap_model
 
 from .inputs import InputsView, host_batch_call
 from .localize import gradient_scores, shares
-from .router import RouterHead, calibrate_threshold, feature_layer_index, fingerprint, hidden_features, \
-    make_archive, rates
+from .router import (
+    RouterHead,
+    calibrate_threshold,
+    feature_layer_index,
+    fingerprint,
+    hidden_features,
+    make_archive,
+    rates,
+)
 
 LAVIS_NAMES = ("blip2", "minigpt4")
 
@@ -184,7 +191,8 @@ class LDKERouterTrainable(_editable_base()):
     def _view(self, batch: Any) -> InputsView:
         tok = self.tok
         needs_tok = not (isinstance(batch, Mapping) and torch.is_tensor(batch.get("labels"))
-                         and torch.is_tensor(batch.get("input_ids")) and batch["labels"].shape == batch["input_ids"].shape)
+                         and torch.is_tensor(batch.get("input_ids"))
+                         and batch["labels"].shape == batch["input_ids"].shape)
         if needs_tok and tok is None and not _is_lavis(self.config):
             tok = self._tok()
         return host_batch_call(self.adapter, self.model, tok, batch)

@@ -125,12 +125,12 @@ def check_payload(payload: Any, where: str) -> dict[str, Any]:
 def _meta_sizes(meta: Mapping[str, Any], where: str) -> tuple[list[int], int, int]:
     """``(layers, d, d_t)`` from ``meta``, each checked for type and sign."""
     layers, d, d_t = meta.get("layers"), meta.get("d"), meta.get("d_t")
-    ok = (isinstance(layers, (list, tuple)) and layers and all(isinstance(l, int) for l in layers)
+    ok = (isinstance(layers, (list, tuple)) and layers and all(isinstance(layer, int) for layer in layers)
           and all(isinstance(v, int) and v > 0 for v in (d, d_t)))
     if not ok:
         raise _damaged(where, f"meta layers={layers!r}, d={d!r}, d_t={d_t!r} are not a non-empty list of layer "
                               f"indices and two positive integers")
-    return [int(l) for l in layers], int(d), int(d_t)
+    return [int(layer) for layer in layers], int(d), int(d_t)
 
 
 def _expected_shapes(payload: Mapping[str, Any], layers: list[int], d: int, d_t: int
@@ -144,7 +144,7 @@ def _expected_shapes(payload: Mapping[str, Any], layers: list[int], d: int, d_t:
         "mu": (L, d), "bank.h_sem": (None, L, d), "bank.h_pos": (n, L, d), "bank.h_neg": (n, L, d),
         "bank.ids": (n,), "fit.r_pos": (None, L, d), "fit.r_neg": (m, L, d), "zeta": (L, d_t), "w_zeta": (L, d, d_t),
     }
-    owners = ["shared"] if payload["meta"].get("shared_encoders", False) else [str(l) for l in layers]
+    owners = ["shared"] if payload["meta"].get("shared_encoders", False) else [str(layer) for layer in layers]
     with torch.device("meta"):
         parts = {"enc_sem": SemEncoder(d).state_dict(), "enc_tru": TruEncoder(d, d_t).state_dict()}
     for owner in owners:
@@ -158,7 +158,7 @@ def _rows(t: Any) -> int | None:
 
 
 def _fits(t: torch.Tensor, shape: tuple[int | None, ...]) -> bool:
-    return t.dim() == len(shape) and all(e is None or e == g for e, g in zip(shape, t.shape))
+    return t.dim() == len(shape) and all(e is None or e == g for e, g in zip(shape, t.shape, strict=True))
 
 
 def check_tensors(payload: Mapping[str, Any], where: str) -> None:
@@ -205,7 +205,7 @@ class Archive:
 
     def bank(self, name: str, layers: list[int]) -> torch.Tensor:
         """``bank.<name>`` restricted to ``layers``: ``[N, len(layers), d]`` (fp16, CPU)."""
-        return self.payload[f"bank.{name}"][:, [self.row(l) for l in layers]]
+        return self.payload[f"bank.{name}"][:, [self.row(layer) for layer in layers]]
 
     def sem_encoder(self, layer: int, device: torch.device) -> nn.Module:
         """EncSem_l, frozen, fp32, on ``device`` (built once per device)."""
@@ -228,7 +228,7 @@ class Archive:
         if d != self.d:
             raise UniKEArchiveError(f"{self.path}: hidden size d={self.d} in the archive, {d} in the model; "
                                     f"the archive belongs to another model. {BUILD_HINT}.")
-        missing = [l for l in layers if l not in self.layers]
+        missing = [layer for layer in layers if layer not in self.layers]
         if missing:
             raise UniKEArchiveError(
                 f"{self.path}: hparams `layers` resolve to {layers}, but the archive covers only {self.layers} "
@@ -260,7 +260,7 @@ def load_archive(path: str | None, model: nn.Module, adapter: VLMAdapter, layers
         arch.check(base, adapter, layers)
         per_model[resolved] = arch
     else:
-        missing = [l for l in layers if l not in arch.layers]
+        missing = [layer for layer in layers if layer not in arch.layers]
         if missing:
             arch.check(base, adapter, layers)
     return arch

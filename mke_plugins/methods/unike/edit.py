@@ -57,9 +57,10 @@ class EditReport:
 
 def _states(adapter: VLMAdapter, model: nn.Module, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
     infos = adapter.layers(model)
-    with torch.no_grad(), capture({l: infos[l].ffn_in for l in layers}, seq_shape=tuple(batch.labels.shape)) as rec:
+    with torch.no_grad(), capture({layer: infos[layer].ffn_in for layer in layers},
+                                  seq_shape=tuple(batch.labels.shape)) as rec:
         adapter.forward(model, batch)
-    return {l: rec[l][0].float() for l in layers}
+    return {layer: rec[layer][0].float() for layer in layers}
 
 
 def retrieve(archive: Archive, layers: list[int], h_sem: dict[int, torch.Tensor], k: int) -> torch.Tensor:
@@ -69,15 +70,15 @@ def retrieve(archive: Archive, layers: list[int], h_sem: dict[int, torch.Tensor]
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
     dev = next(iter(h_sem.values())).device
-    mus = {l: archive.mu(l).to(dev) for l in layers}
-    q = {l: F.normalize(h_sem[l] - mus[l], dim=-1) for l in layers}
+    mus = {layer: archive.mu(layer).to(dev) for layer in layers}
+    q = {layer: F.normalize(h_sem[layer] - mus[layer], dim=-1) for layer in layers}
     bank = archive.bank("h_sem", layers)
     scores = torch.empty(n)
     for s in range(0, n, RETRIEVE_CHUNK):
         chunk = bank[s:s + RETRIEVE_CHUNK].to(dev).float()
         tot = torch.zeros(len(chunk), device=dev)
-        for j, l in enumerate(layers):
-            tot += F.normalize(chunk[:, j] - mus[l], dim=-1) @ q[l]
+        for j, layer in enumerate(layers):
+            tot += F.normalize(chunk[:, j] - mus[layer], dim=-1) @ q[layer]
         scores[s:s + len(chunk)] = (tot / len(layers)).cpu()
     return torch.topk(scores, k).indices
 
@@ -115,8 +116,8 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     # 2. vectorise on the pristine model
     with rt.pristine():
         st = _states(adapter, model, batch, layers)
-    h_sem = {l: st[l][answer[0]] for l in layers}
-    h_pos = {l: st[l][last] for l in layers}
+    h_sem = {layer: st[layer][answer[0]] for layer in layers}
+    h_pos = {layer: st[layer][last] for layer in layers}
     earlier: list[Batch] = []
     if bool(hparams.negatives_from_edits) and float(hparams.negative_loss_weight) > 0 and hparams.use_intrinsic:
         earlier = [v for k, v in rt.edit_inputs.items() if not _same_question(v, batch)]
@@ -127,13 +128,13 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
         idx = retrieve(archive, layers, h_sem, int(hparams.top_k) - 1)
         rep.retrieved = int(len(idx))
         bank_pos = archive.bank("h_pos", layers)[idx].float()
-        for j, l in enumerate(layers):
-            info = infos[l]
+        for j, layer in enumerate(layers):
+            info = infos[layer]
             dev = info.value.weight.device
-            rt.ensure_layer(info, archive.sem_encoder(l, dev), archive.mu(l).to(dev))
+            rt.ensure_layer(info, archive.sem_encoder(layer, dev), archive.mu(layer).to(dev))
             keys = [("edit", eid)] + [("bank", archive.path, int(i)) for i in idx.tolist()]
-            values = torch.cat([h_pos[l][None].to(dev), bank_pos[:, j].to(dev)], 0)
-            rt.add_memory(eid, l, keys, values)
+            values = torch.cat([h_pos[layer][None].to(dev), bank_pos[:, j].to(dev)], 0)
+            rt.add_memory(eid, layer, keys, values)
 
     if not hparams.use_intrinsic:
         rep.seconds = time.time() - t0
@@ -147,19 +148,19 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     # 5. key-value neurons on the shifted inputs
     answer_mask = batch.answer_mask
     with gate_open(model, GATE), torch.no_grad(), \
-            capture({l: infos[l].ffn_in for l in layers}, positions=answer_mask) as rec:
+            capture({layer: infos[layer].ffn_in for layer in layers}, positions=answer_mask) as rec:
         adapter.forward(model, batch)
-    shifted = {l: rec[l].float() for l in layers}
+    shifted = {layer: rec[layer].float() for layer in layers}
     gen = torch.Generator().manual_seed(int(hparams.seed))
     patches = rt.patches
     blocks, w_zetas = [], []
-    for l in layers:
-        info = infos[l]
+    for layer in layers:
+        info = infos[layer]
         dev = info.value.weight.device
-        mu = archive.mu(l).to(dev)
-        block = patches.add_block(l, int(hparams.num_neurons), tag=("unike", eid))
+        mu = archive.mu(layer).to(dev)
+        block = patches.add_block(layer, int(hparams.num_neurons), tag=("unike", eid))
         rt.blocks[eid].append(block)
-        k, b, k_up = _init_keys(shifted[l].to(dev), mu, int(hparams.num_neurons), float(hparams.key_noise), gen,
+        k, b, k_up = _init_keys(shifted[layer].to(dev), mu, int(hparams.num_neurons), float(hparams.key_noise), gen,
                                 float(hparams.key_scale), float(hparams.key_threshold))
         with torch.no_grad():
             block.key.copy_(k)
@@ -167,8 +168,8 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
             if block.key_up is not None:
                 block.key_up.copy_(k_up)
         if hparams.use_zeta and float(hparams.beta) != 0.0:
-            w = nn.Parameter(archive.w_zeta(l).to(dev).clone())
-            zeta = archive.zeta(l).to(dev)
+            w = nn.Parameter(archive.w_zeta(layer).to(dev).clone())
+            zeta = archive.zeta(layer).to(dev)
             beta = float(hparams.beta)
             block.value_extra = (lambda w=w, zeta=zeta, beta=beta: beta * (w @ zeta))
             w_zetas.append(w)
@@ -218,7 +219,7 @@ def _penalty_states(archive: Archive, layers: list[int], infos: list[Any]) -> di
     n = int(archive.payload["bank.h_sem"].shape[0])
     idx = torch.arange(min(n, MEMORY_PENALTY_SAMPLES))
     bank = archive.bank("h_sem", layers)[idx].float()
-    return {l: bank[:, j].to(infos[l].value.weight.device) for j, l in enumerate(layers)}
+    return {layer: bank[:, j].to(infos[layer].value.weight.device) for j, layer in enumerate(layers)}
 
 
 def _margin_loss(blocks: list[Any], hparams: UniKEHyperParams, negatives: dict[int, torch.Tensor],
@@ -257,14 +258,14 @@ def _current_inputs(adapter: VLMAdapter, model: nn.Module, batches: list[Batch],
                     infos: list[Any]) -> dict[int, torch.Tensor]:
     """The (shifted) FFN inputs that earlier edits' own inputs reach now, with every installed edit
     active, at their answer positions: layer -> (Σ P, d); empty without batches."""
-    rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for b in batches:
         with gate_open(model, GATE), torch.no_grad(), \
-                capture({l: infos[l].ffn_in for l in layers}, positions=b.answer_mask) as rec:
+                capture({layer: infos[layer].ffn_in for layer in layers}, positions=b.answer_mask) as rec:
             adapter.forward(model, b)
-        for l in layers:
-            rows[l].append(rec[l].float())
-    return {l: torch.cat(v, 0) for l, v in rows.items() if v}
+        for layer in layers:
+            rows[layer].append(rec[layer].float())
+    return {layer: torch.cat(v, 0) for layer, v in rows.items() if v}
 
 
 def _negatives(archive: Archive, layers: list[int], infos: list[Any], rt: UniKERuntime,
@@ -281,7 +282,7 @@ def _negatives(archive: Archive, layers: list[int], infos: list[Any], rt: UniKER
     bank = archive.bank("h_sem", layers)[idx].float()
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for j, l in enumerate(layers):
-            x = bank[:, j].to(infos[l].value.weight.device)
-            out[l] = rt.shift_states(infos[l].index, x).float()
+        for j, layer in enumerate(layers):
+            x = bank[:, j].to(infos[layer].value.weight.device)
+            out[layer] = rt.shift_states(infos[layer].index, x).float()
     return out

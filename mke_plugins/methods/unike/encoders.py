@@ -47,13 +47,14 @@ def build_encoders(layers: list[int], d: int, d_t: int, shared: bool) -> tuple[n
     """Fresh encoders keyed by layer index (as strings); shared ones are one object under every key."""
     if shared:
         sem, tru = SemEncoder(d), TruEncoder(d, d_t)
-        return nn.ModuleDict({str(l): sem for l in layers}), nn.ModuleDict({str(l): tru for l in layers})
-    return (nn.ModuleDict({str(l): SemEncoder(d) for l in layers}),
-            nn.ModuleDict({str(l): TruEncoder(d, d_t) for l in layers}))
+        return (nn.ModuleDict({str(layer): sem for layer in layers}),
+                nn.ModuleDict({str(layer): tru for layer in layers}))
+    return (nn.ModuleDict({str(layer): SemEncoder(d) for layer in layers}),
+            nn.ModuleDict({str(layer): TruEncoder(d, d_t) for layer in layers}))
 
 
 def _owner_keys(layers: list[int], shared: bool) -> list[str]:
-    return ["shared"] if shared else [str(l) for l in layers]
+    return ["shared"] if shared else [str(layer) for layer in layers]
 
 
 def encoder_state(sem: nn.ModuleDict, tru: nn.ModuleDict, layers: list[int], shared: bool) -> dict[str, torch.Tensor]:
@@ -81,17 +82,17 @@ def load_encoder_state(sem: nn.ModuleDict, tru: nn.ModuleDict, payload: dict[str
 def load_encoders(payload: dict[str, Any], meta: dict[str, Any], only: Iterable[int] | None = None
                   ) -> tuple[dict[int, SemEncoder], dict[int, TruEncoder]]:
     """Encoders rebuilt from an archive payload (CPU, fp32), for ``only`` these layers."""
-    layers = [int(l) for l in meta["layers"]]
+    layers = [int(layer) for layer in meta["layers"]]
     shared = bool(meta.get("shared_encoders", False))
     d, d_t = int(meta["d"]), int(meta["d_t"])
-    want = [int(l) for l in only] if only is not None else layers
+    want = [int(layer) for layer in only] if only is not None else layers
     sem: dict[int, SemEncoder] = {}
     tru: dict[int, TruEncoder] = {}
-    for l in want:
-        owner = "shared" if shared else str(l)
+    for layer in want:
+        owner = "shared" if shared else str(layer)
         s, t = SemEncoder(d), TruEncoder(d, d_t)
         for prefix, mod in (("enc_sem", s), ("enc_tru", t)):
             pre = f"{prefix}.{owner}."
             mod.load_state_dict({k[len(pre):]: v for k, v in payload.items() if k.startswith(pre)})
-        sem[l], tru[l] = s, t
+        sem[layer], tru[layer] = s, t
     return sem, tru

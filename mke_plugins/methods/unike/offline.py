@@ -29,8 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters import get_adapter
-from mke_plugins.adapters.base import (Batch, HookPoint, VLMAdapter, model_device, model_dtype, resolve_layers,
-                                      unwrap_model)
+from mke_plugins.adapters.base import (
+    Batch,
+    HookPoint,
+    VLMAdapter,
+    model_device,
+    model_dtype,
+    resolve_layers,
+    unwrap_model,
+)
 from mke_plugins.core.hooks import capture
 
 from .archive import FORMAT, UniKEArchiveError, fingerprint, read_payload, save_archive
@@ -148,7 +155,7 @@ class UniKEOffline(nn.Module):
         infos = self.adapter.layers(base)
         self.n_layers = len(infos)
         self.layers = resolve_layers(hparams.layers, self.n_layers)
-        self.infos = {l: infos[l] for l in self.layers}
+        self.infos = {layer: infos[layer] for layer in self.layers}
         self.d = int(infos[0].value.weight.shape[0])
         self.d_t = int(hparams.tru_dim or self.d)
         self.dataset, self.split = dataset, split
@@ -202,9 +209,9 @@ class UniKEOffline(nn.Module):
     # -- steps 1-2 ------------------------------------------------------------------------------
     def _points(self, batch: Batch) -> dict[Any, HookPoint]:
         pts: dict[Any, HookPoint] = {}
-        for l, info in self.infos.items():
-            pts[("in", l)] = info.ffn_in
-            pts[("out", l)] = HookPoint(info.layer, "output")
+        for layer, info in self.infos.items():
+            pts[("in", layer)] = info.ffn_in
+            pts[("out", layer)] = HookPoint(info.layer, "output")
         return pts
 
     def _run(self, batch: Batch) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
@@ -218,7 +225,7 @@ class UniKEOffline(nn.Module):
         if torch.is_tensor(ids) and tuple(ids.shape) == tuple(batch.labels.shape):
             new_ids = ids.clone()
             labels = batch.labels.clone()
-            for b, (pos, p) in enumerate(zip(batch.answer_positions(), preds)):
+            for b, (pos, p) in enumerate(zip(batch.answer_positions(), preds, strict=False)):
                 at = torch.tensor(pos, device=ids.device) + 1
                 new_ids[b, at] = torch.tensor(p, device=ids.device, dtype=ids.dtype)
                 labels[b, at] = torch.tensor(p, device=labels.device, dtype=labels.dtype)
@@ -229,8 +236,9 @@ class UniKEOffline(nn.Module):
             raise ValueError("UniKE offline: a batch without input_ids needs its queries to build A_neg")
         from mke_plugins.adapters.base import Query
 
-        lm_tok = getattr(self.adapter, "lm_tokenizer")(self.model, self.tok)
-        queries = [Query(q.image, q.prompt, lm_tok.decode(p).strip() or q.target) for q, p in zip(batch.queries, preds)]
+        lm_tok = self.adapter.lm_tokenizer(self.model, self.tok)
+        queries = [Query(q.image, q.prompt, lm_tok.decode(p).strip() or q.target)
+                   for q, p in zip(batch.queries, preds, strict=False)]
         return self.adapter.batch(self.model, self.tok, queries)
 
     @staticmethod
@@ -266,8 +274,8 @@ class UniKEOffline(nn.Module):
                 if h not in self.seen_rows:
                     self.seen_rows.add(h)
                     m = batch.attention_mask[b].bool()
-                    for j, l in enumerate(self.layers):
-                        self.mu_sum[j] += st[("in", l)][b][m.to(st[("in", l)].device)].double().sum(0).cpu()
+                    for j, layer in enumerate(self.layers):
+                        self.mu_sum[j] += st[("in", layer)][b][m.to(st[("in", layer)].device)].double().sum(0).cpu()
                     self.mu_count += int(m.sum())
         if not keep:
             self.n_skipped += skipped if add_to_bank else 0
@@ -275,11 +283,12 @@ class UniKEOffline(nn.Module):
         neg = self._neg_batch(batch, [preds[b] if preds[b] else [] for b in range(len(batch))])
         _, st_neg = self._run(neg)
         last_pos, last_neg = self._last_target(batch), self._last_target(neg)
-        sem = torch.stack([torch.stack([st[("in", l)][b, answer[b][0]] for l in self.layers]) for b in keep])
-        pos = torch.stack([torch.stack([st[("in", l)][b, last_pos[b]] for l in self.layers]) for b in keep])
-        ngs = torch.stack([torch.stack([st_neg[("in", l)][b, last_neg[b]] for l in self.layers]) for b in keep])
-        r_pos = torch.stack([torch.stack([st[("out", l)][b, last_pos[b]] for l in self.layers]) for b in keep])
-        r_neg = torch.stack([torch.stack([st_neg[("out", l)][b, last_neg[b]] for l in self.layers]) for b in keep])
+        sem = torch.stack([torch.stack([st[("in", layer)][b, answer[b][0]] for layer in self.layers]) for b in keep])
+        pos = torch.stack([torch.stack([st[("in", layer)][b, last_pos[b]] for layer in self.layers]) for b in keep])
+        ngs = torch.stack([torch.stack([st_neg[("in", layer)][b, last_neg[b]] for layer in self.layers]) for b in keep])
+        r_pos = torch.stack([torch.stack([st[("out", layer)][b, last_pos[b]] for layer in self.layers]) for b in keep])
+        r_neg = torch.stack([torch.stack([st_neg[("out", layer)][b, last_neg[b]] for layer in self.layers])
+                             for b in keep])
         added = 0
         if add_to_bank:
             self.n_skipped += skipped
@@ -323,7 +332,7 @@ class UniKEOffline(nn.Module):
         hs, hp, hn = states.h_sem, states.h_pos, states.h_neg
         extra = self._replay(int(self.hparams.enc_batch_size) - len(states))
         if extra is not None:
-            hs, hp, hn = (torch.cat([a, b], 0) for a, b in zip((hs, hp, hn), extra))
+            hs, hp, hn = (torch.cat([a, b], 0) for a, b in zip((hs, hp, hn), extra, strict=True))
         return hs, hp, hn
 
     def loss(self, states: States) -> tuple[torch.Tensor, dict[str, float]]:
@@ -338,11 +347,11 @@ class UniKEOffline(nn.Module):
         labels = torch.cat([torch.ones(m), torch.zeros(m)]).to(hs.device)
         total = hs.new_zeros(())
         l_tru = l_sem = 0.0
-        for j, l in enumerate(self.layers):
+        for j, layer in enumerate(self.layers):
             both = torch.cat([hp[:, j], hn[:, j]], 0)
-            z = self.enc_tru[str(l)](both)
+            z = self.enc_tru[str(layer)](both)
             l1 = supcon_loss(z, labels, float(self.hparams.tau)).mean()
-            e = self.enc_sem[str(l)](both)
+            e = self.enc_sem[str(layer)](both)
             l2 = semantic_loss(hs[:, j], e, mu[j], float(self.hparams.tau)).mean()
             total = total + l1 + l2
             l_tru += float(l1.detach())
@@ -360,8 +369,8 @@ class UniKEOffline(nn.Module):
             part = idx[s:s + chunk]
             for k, name in enumerate(("h_pos", "h_neg")):
                 h = self.bank[name].view[part].float().to(self.device)
-                for j, l in enumerate(self.layers):
-                    acc[j, k] += self.enc_tru[str(l)](h[:, j]).sum(0)
+                for j, layer in enumerate(self.layers):
+                    acc[j, k] += self.enc_tru[str(layer)](h[:, j]).sum(0)
         return acc / max(1, len(idx))
 
     @torch.no_grad()
@@ -377,8 +386,8 @@ class UniKEOffline(nn.Module):
         hs, hp, hn = self._filled(states)
         mu = self.mu(states)
         sep, r1 = 0.0, 0.0
-        for j, l in enumerate(self.layers):
-            tru = self.enc_tru[str(l)]
+        for j, layer in enumerate(self.layers):
+            tru = self.enc_tru[str(layer)]
             if centroids is not None:
                 c = centroids[j]
             else:
@@ -387,7 +396,7 @@ class UniKEOffline(nn.Module):
             for k, h in enumerate((hp[:n, j], hn[:n, j])):
                 z = F.normalize(tru(h), dim=-1) @ F.normalize(c, dim=-1).T
                 sep += float((z.argmax(-1) == k).float().mean()) / 2
-            e = self.enc_sem[str(l)](hp[:, j])
+            e = self.enc_sem[str(layer)](hp[:, j])
             sim = centred_cos(hs[:n, j], e, mu[j])
             r1 += float((sim.argmax(-1) == torch.arange(n, device=sim.device)).float().mean())
         L = len(self.layers)
@@ -412,8 +421,8 @@ class UniKEOffline(nn.Module):
         w = torch.zeros(L, self.d, self.d_t)
         n_fit = self.fit["r_pos"].n
         lam = float(self.hparams.ridge)
-        for j, l in enumerate(self.layers):
-            tru = self.enc_tru[str(l)]
+        for j, layer in enumerate(self.layers):
+            tru = self.enc_tru[str(layer)]
             x = torch.cat([tru(self.bank[k].view[:n_fit, j].float().to(self.device)) for k in ("h_pos", "h_neg")])
             y = torch.cat([self.fit[k].view[:, j].float().to(self.device) for k in ("r_pos", "r_neg")])
             x = x.double() - x.double().mean(0)
@@ -456,7 +465,8 @@ class UniKEOffline(nn.Module):
     def load_payload(self, payload: dict[str, Any], where: str = "<payload>") -> None:
         """Resume from a payload of the same model and layers (bank, μ, encoders, fit, counts)."""
         meta = payload["meta"]
-        if [int(l) for l in meta["layers"]] != self.layers or int(meta["d"]) != self.d or int(meta["d_t"]) != self.d_t:
+        if ([int(layer) for layer in meta["layers"]] != self.layers or int(meta["d"]) != self.d
+                or int(meta["d_t"]) != self.d_t):
             raise UniKEArchiveError(f"{where}: archive layers {meta['layers']} / d {meta['d']} / d_t {meta['d_t']} do "
                                     f"not match the training hparams ({self.layers} / {self.d} / {self.d_t}); "
                                     f"set `layers` and `tru_dim` as in the archive or start without `archive`.")

@@ -171,7 +171,7 @@ class UniKERuntime:
 
     def add_memory(self, eid: int, layer: int, keys: list[Hashable], values: torch.Tensor) -> None:
         mem = self.memories[layer]
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values, strict=False):
             mem.add(k, v)
         self.edits[eid].setdefault(layer, []).extend(keys)
 
@@ -188,7 +188,7 @@ class UniKERuntime:
         for block in self.blocks.pop(eid, []):
             if patches is not None:
                 patches.remove_block(block)
-        for layer in [l for l, m in self.memories.items() if len(m) == 0]:
+        for layer in [li for li, m in self.memories.items() if len(m) == 0]:
             del self.memories[layer]
             hs = self.hooks.pop(layer, None)
             if hs is not None:

@@ -132,7 +132,7 @@ class UniKETrainable(_EditableBase):
             inputs = self._tensors(batch)
             ids = inputs["input_ids"]
             image_mask = torch.zeros_like(ids, dtype=torch.bool)
-            for tid in getattr(self.adapter, "image_token_ids")(base):
+            for tid in self.adapter.image_token_ids(base):
                 image_mask |= ids == tid
             att = inputs.get("attention_mask", torch.ones_like(ids))
             return Batch(inputs=inputs, labels=batch["labels"], attention_mask=att, image_mask=image_mask)

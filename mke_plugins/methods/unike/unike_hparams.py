@@ -66,8 +66,8 @@ class UniKEHyperParams(MultimodalHyperParams):
                           ge=0)
     memory_loss_weight: float = hp(0.0, "Weight of the Transformer-Patcher memory penalty: the mean activation "
                                         "magnitude of the new neurons on bank h_sem states (for gated FFNs the "
-                                        "SiLU(gate)*up product can be negative, so |activation| is penalised); 0 = off. "
-                                        "Helps sequential editing at some cost in text generality.", ge=0)
+                                        "SiLU(gate)*up product can be negative, so |activation| is penalised); "
+                                        "0 = off. Helps sequential editing at some cost in text generality.", ge=0)
     negatives: int = hp(0, "Locality negatives per edit (project choice): the bank h_sem states nearest to the "
                            "edit's h_sem (same-relation questions about other entities), shifted by the current "
                            "latent memory, feed the margin loss (negative_loss_weight); 0 = off.", ge=0)
@@ -78,7 +78,8 @@ class UniKEHyperParams(MultimodalHyperParams):
                                           "edits; project choice).")
     key_scale: float = hp(1.0, "s: the gate key and bias are multiplied by s at init, so the pre-activation is "
                                "s*(p - key_threshold) where p is the input's projection on the centred key (1 at "
-                               "the edit state). 1 with key_threshold 0 = the plain centred init (project choice).", gt=0)
+                               "the edit state). 1 with key_threshold 0 = the plain centred init (project choice).",
+                       gt=0)
     key_threshold: float = hp(0.0, "theta: projection below which a new neuron's gate starts negative (see "
                                    "key_scale); e.g. 0.8 keeps relation-mates (projection ~0.6) silent while "
                                    "rephrasings (~0.95) still fire (project choice).")

@@ -14,7 +14,8 @@ class FTHyperParams(MultimodalHyperParams):
 
     ALG_NAME: ClassVar[str] = "FT"
 
-    alg_name: str = hp("FT", "Must be exactly 'FT' (the bench's baseline; EasyEdit's own text FT is a different method).")
+    alg_name: str = hp("FT", "Must be exactly 'FT' (the bench's baseline; "
+                             "EasyEdit's own text FT is a different method).")
     layer: int = hp(-1, "Decoder layer whose FFN value matrix is trained: 0-based index into the language "
                         "model's layers; negative counts from the end (-1 = last).")
     lr: float = hp(1e-2, "Adam learning rate.", gt=0)

@@ -36,7 +36,8 @@ def _matches(rel_name: str, suffix: str) -> bool:
     return rel_name == suffix or rel_name.endswith("." + suffix)
 
 
-def find_targets(adapter: Any, model: nn.Module, hparams: LoRAHyperParams) -> list[tuple[nn.Module, str, str, nn.Module]]:
+def find_targets(adapter: Any, model: nn.Module,
+                 hparams: LoRAHyperParams) -> list[tuple[nn.Module, str, str, nn.Module]]:
     """``(parent, attribute, full name, module)`` for every target module, in layer order."""
     base = unwrap_model(model)
     names = {id(m): n for n, m in base.named_modules()}
