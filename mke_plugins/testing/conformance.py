@@ -44,6 +44,7 @@ class Setup:
     tok: Any
     hparams: Any
     requests: list[dict]
+    prior: dict  # a third request, for an edit made before the checked ones (sequential editing)
 
 
 @lru_cache(maxsize=1)
@@ -52,7 +53,7 @@ def _world() -> tuple[Any, Any, list[dict]]:
     from mke_plugins.adapters import Query, get_adapter
 
     model, tok = world.load()
-    requests = world.records("edit")[:2]
+    requests = world.records("edit")[:3]
     # transformers registers some hooks lazily on the first forward: warm up before counting
     adapter = get_adapter(model)
     r = requests[0]
@@ -65,7 +66,7 @@ def world_setup(method: str, model_key: str = "world") -> Setup:
 
     model, tok, requests = _world()
     return Setup(copy.deepcopy(model), tok, load_hparams(method, model_key),
-                 [dict(r) for r in requests])
+                 [dict(r) for r in requests[:2]], dict(requests[2]))
 
 
 def _state(model: Any) -> Any:
@@ -280,19 +281,25 @@ def _interrupt(entry: MethodEntry, s: Setup, at: int, exc: type[BaseException]) 
 
 
 def check_interrupted_edit(method: str) -> None:
-    """A fault part-way through an edit of two requests (an exception, then Ctrl-C on the last forward)
-    leaves the model bit-identical, ``.grad``, ``requires_grad``, train/eval modes, modules and hooks
-    included; an edit made afterwards equals the same edit on a model that never saw a fault."""
+    """On a model that already carries one edit (EasyEdit's sequential mode), a fault part-way
+    through an edit of two more requests (an exception, then Ctrl-C on the last forward) leaves the
+    model exactly as it was before that apply: weights, ``.grad``, ``requires_grad``, train/eval
+    modes, modules and hooks; and an edit made afterwards equals the same edit on a model that
+    never saw a fault, so no half-made edit is left in a method's own tables either."""
     import torch
 
     entry = _entry(method)
     ref = world_setup(method)
+    torch.manual_seed(0)
+    _apply(entry, ref, [ref.prior])  # the earlier edit, kept
     torch.manual_seed(0)
     with _Fault(ref) as count:
         edited, _ = _apply(entry, ref, ref.requests)
     expected = _edited_logits(ref, edited)
     assert count.calls >= 2, f"the edit ran the model only {count.calls} time(s): nothing to interrupt"
     s = world_setup(method)
+    torch.manual_seed(0)
+    _apply(entry, s, [s.prior])
     before, hooks = _state(s.model), _hooks(s.model)
     for at, exc in ((max(1, count.calls // 3), InjectedFault), (count.calls, KeyboardInterrupt)):
         at = _interrupt(entry, s, at, exc)
@@ -304,7 +311,7 @@ def check_interrupted_edit(method: str) -> None:
     torch.manual_seed(0)
     edited, _ = _apply(entry, s, s.requests)
     assert torch.equal(_edited_logits(s, edited), expected), \
-        "an edit made after an interrupted one differs from the same edit on a fresh model: " \
+        "an edit made after an interrupted one differs from the same edit on a model that saw no fault: " \
         "the interrupted edit left state behind (outside the model's weights)"
 
 

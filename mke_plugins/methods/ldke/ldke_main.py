@@ -11,6 +11,7 @@ requests, flags, undo on failure and stats are the method template's
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Iterator
 
@@ -45,6 +46,7 @@ def apply_ldke_to_multimodal_model(ctx: EditContext, requests: list[dict[str, An
     added: list[int] = []
     ctx.undo(lambda: state.remove(added))
     ctx.on_failure(lambda: state.side.keep_only(hooked))  # hooks a failed edit installed on new layers
+    ctx.on_failure(functools.partial(state.memory.rewind, state.memory.next_id))  # ids seed the augmentation
     for i, request in enumerate(requests):
         report = edit_one(state, request, ctx.hparams, index=i)
         added.append(report.entry)

@@ -78,6 +78,16 @@ class EditMemory:
         self._next += 1
         return self._next - 1
 
+    @property
+    def next_id(self) -> int:
+        return self._next
+
+    def rewind(self, next_id: int) -> None:
+        """Give back the ids issued since ``next_id`` (a failed apply's), once none of them is in use,
+        so the next edit gets the id (and the id-seeded augmentation) it would have had."""
+        if all(i < next_id for i in self.entries):
+            self._next = next_id
+
     def add(self, entry: EditEntry) -> None:
         self.entries[entry.id] = entry
 
