@@ -229,6 +229,52 @@ def test_memory_bank_is_cached_in_memory_and_on_disk(memory_dir: Path, tmp_path:
     memory.clear_cache()
 
 
+
+def test_weights_digest_is_computed_once_per_unchanged_model(memory_dir: Path, family_setup, monkeypatch):
+    model, tok, adapter, name = family_setup("qwen2-vl")
+    memory.clear_cache()
+    calls: list[int] = []
+    digest = memory.weights_digest
+    monkeypatch.setattr(memory, "weights_digest", lambda m: calls.append(1) or digest(m))
+    hp = tiny_hparams(name, memory_data=str(memory_dir), lambda_mem=5.0, memory_positions=2)
+    _, fp, src = memory.get_bank(model, tok, adapter, hp, [3])
+    assert src == "built" and len(calls) == 1
+    _, fp2, src2 = memory.get_bank(model, tok, adapter, hp, [3])  # a second edit: nothing changed
+    assert (fp2, src2) == (fp, "memory") and len(calls) == 1
+    w = model.lm_head.weight
+    orig = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)  # an in-place edit by another method: the version counter moves
+    fp3 = memory.fingerprint(model, adapter, hp, [3], memory.records_file(hp.memory_data).read_bytes())
+    assert fp3 != fp and len(calls) == 2
+    with torch.no_grad():
+        w.copy_(orig)  # restored: recomputed (the version moved again), and the values are back
+    _, fp4, src4 = memory.get_bank(model, tok, adapter, hp, [3])
+    assert (fp4, src4) == (fp, "memory") and len(calls) == 3
+    memory.get_bank(model, tok, adapter, hp, [3])
+    assert len(calls) == 3
+    old_head = model.lm_head
+    model.lm_head = torch.nn.Linear(old_head.in_features, old_head.out_features, bias=old_head.bias is not None)
+    try:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(old_head.weight)  # a swapped module with the same values
+            if old_head.bias is not None:
+                model.lm_head.bias.copy_(old_head.bias)
+        _, fp5, _ = memory.get_bank(model, tok, adapter, hp, [3])
+        assert fp5 == fp and len(calls) == 4
+    finally:
+        model.lm_head = old_head
+    old_data = model.lm_head.weight.data
+    model.lm_head.weight.data = old_data.clone()  # `.data =` keeps the version counter; data_ptr moves
+    try:
+        memory.get_bank(model, tok, adapter, hp, [3])
+        assert len(calls) == 5
+        memory.get_bank(model, tok, adapter, hp, [3])
+        assert len(calls) == 5
+    finally:
+        model.lm_head.weight.data = old_data
+    memory.clear_cache()
+
 def test_memory_positions_keep_the_last_prompt_position():
     pm = torch.tensor([[False, True, True, True, True, False], [True, True, True, False, False, False]])
     m = memory.position_mask(pm, 2, torch.Generator().manual_seed(0))

@@ -313,6 +313,13 @@ class Bench:
                 runs = self.run_single(tick) if self.cfg.mode == "single" else self.run_sequential(tick)
         finally:
             torch.set_num_threads(before)
+        for label, cases in runs.items():  # a method that built a per-model cache inside a timed edit (ASAM's bank)
+            for case in cases:
+                extra = case.get("extra") or {}
+                if extra.get("memory_source") == "built":
+                    self.notes.append(f"{label} built its memory bank ({extra.get('memory_states')} states, "
+                                      f"{float(extra.get('memory_seconds') or 0):.1f} s) inside case "
+                                      f"{case['index']}'s edit; later edits reuse it")
         return self.report(runs)
 
     def report(self, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class EditStats:
     svd_fallbacks: int = 0
     memory_states: int = 0
     memory_source: str = ""
+    memory_seconds: float = 0.0  # fetching (or building, memory_source "built") the bank at the apply's start
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,9 +246,11 @@ def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hpa
     all_stats: list[EditStats] = []
     with frozen(model):
         bank: dict[int, torch.Tensor] = {}
-        source, n_bank = "off", 0
+        source, n_bank, bank_seconds = "off", 0, 0.0
         if float(hparams.lambda_mem) > 0:
+            t_bank = time.perf_counter()
             bank, _, source = get_bank(model, tok, adapter, hparams, layers)
+            bank_seconds = time.perf_counter() - t_bank
         for req in requests:
             state = state_for(model, adapter)
             query = Query(req["image"], req["prompt"], req["target"])
@@ -259,7 +262,7 @@ def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hpa
             rows = ffn_states(model, tok, adapter, [query], layers, positions=hparams.memory_positions,
                               seed=int(hparams.seed), dtype=bank_dtype(model))
             state.extra_rows.append((tag, rows))
-            stats.memory_states, stats.memory_source = n_bank, source
+            stats.memory_states, stats.memory_source, stats.memory_seconds = n_bank, source, bank_seconds
             tags.append(tag)
             all_stats.append(stats)
     return ASAMResult(model, tags, all_stats)

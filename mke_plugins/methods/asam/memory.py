@@ -26,6 +26,19 @@ file is written atomically (a temporary file in the same folder, then ``os.repla
 or a full disk never leaves a partial bank behind; a cached bank that cannot be read, or whose
 layers, widths, dtype or values do not fit the model, is never used: loading it raises an
 :class:`~mke_hooks.ArchiveError` that names the file and says to delete it.
+
+The weights digest is computed once per model object and reused while its weights are unchanged
+(at 7B a digest is a pass over 8 B parameters; a bench fetches the bank on every edit). Beside the
+digest, a per-model record (weakly keyed) holds, for every parameter, its name, a weak reference
+to the parameter object, its in-place version counter (``tensor._version``), ``data_ptr()``,
+shape, dtype and device; none of these reads a value. The digest is reused exactly when the record
+still matches: every in-place write through the parameter or a view or ``detach()`` of it
+(``copy_``, ``add_``, ``index_copy_``, ``p[...] = v``, optimiser steps) bumps its version counter;
+a swapped module or parameter fails the name/identity check; ``p.data = t`` (which in torch 2.13
+keeps the version counter) moves ``data_ptr`` or changes shape/dtype/device. The one caveat: an
+in-place write through ``p.data`` (``p.data.add_(1)``) or through memory shared outside torch
+(``p.numpy()``) bumps no counter (``.data`` has its own); nothing in this package writes weights
+that way, and whoever does must call :func:`clear_cache` (``clear_cache(model)``) afterwards.
 """
 
 from __future__ import annotations
@@ -145,6 +158,39 @@ def memory_queries(hparams: Any, adapter: VLMAdapter, raw_bytes: bytes | None = 
     return [Query(image(img) if img else None, prompt, answer) for prompt, img, answer in items]
 
 
+#: per model: (parameter record, digest) of its last weights digest (module docstring)
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[list[tuple[Any, ...]], str]]" = weakref.WeakKeyDictionary()
+
+
+def _param_record(model: nn.Module) -> list[tuple[Any, ...]]:
+    """Per parameter: name, a weak reference to it, version counter, data pointer, shape, dtype and device."""
+    return [(name, weakref.ref(p), p._version, p.data_ptr(), tuple(p.shape), p.dtype, p.device)
+            for name, p in model.named_parameters()]
+
+
+def _unchanged(model: nn.Module, record: list[tuple[Any, ...]]) -> bool:
+    params = list(model.named_parameters())
+    if len(params) != len(record):
+        return False
+    for (name, p), (r_name, r_ref, version, ptr, shape, dtype, device) in zip(params, record, strict=True):
+        if name != r_name or r_ref() is not p or p._version != version or p.data_ptr() != ptr \
+                or tuple(p.shape) != shape or p.dtype != dtype or p.device != device:
+            return False
+    return True
+
+
+def model_digest(model: nn.Module) -> str:
+    """:func:`weights_digest` of ``model``, computed once and reused while its weights are unchanged."""
+    base = unwrap_model(model)
+    cached = _DIGESTS.get(base)
+    if cached is not None and _unchanged(base, cached[0]):
+        return cached[1]
+    record = _param_record(base)
+    digest = weights_digest(base)
+    _DIGESTS[base] = (record, digest)
+    return digest
+
+
 def weights_digest(model: nn.Module) -> str:
     """A cheap fingerprint of the weights: per parameter its name, shape, dtype, sum and a strided sample."""
     h = hashlib.sha256()
@@ -163,7 +209,7 @@ def fingerprint(model: nn.Module, adapter: VLMAdapter, hparams: Any, layers: Seq
     """The bank's identity (see the module docstring)."""
     device = next(unwrap_model(model).parameters()).device.type
     h = hashlib.sha256()
-    h.update(weights_digest(model).encode())
+    h.update(model_digest(model).encode())
     h.update(hashlib.sha256(data).hexdigest().encode())
     h.update(json.dumps([adapter.family, device, list(hparams.memory_fields), int(hparams.memory_size),
                          hparams.memory_positions, sorted(int(x) for x in layers), int(hparams.seed)]).encode())
@@ -318,9 +364,11 @@ def _share(fp: str, bank: Bank) -> None:
 
 
 def clear_cache(model: nn.Module | None = None) -> None:
-    """Forget in-memory banks (of one model, or all, the shared ones included)."""
+    """Forget in-memory banks and weights digests (of one model, or all, the shared banks included)."""
     if model is None:
         _BANKS.clear()
         _SHARED.clear()
+        _DIGESTS.clear()
     else:
         _BANKS.pop(unwrap_model(model), None)
+        _DIGESTS.pop(unwrap_model(model), None)
