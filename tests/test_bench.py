@@ -119,6 +119,34 @@ def test_sequential_mode_accumulates_and_restores():
 
 
 # -- EasyEdit's own methods ------------------------------------------------------------------------
+def test_fwd_bwd_unit_is_the_median_of_warmed_passes_and_leaves_grads_alone(monkeypatch):
+    from mke_plugins.bench import cost
+
+    durations = [9.0, 0.03, 0.01, 0.05, 0.02, 0.04]  # the warm-up is slow and must not count
+    clock = [0.0]
+    calls = []
+
+    class Adapter:
+        def loss(self, model, batch):
+            clock[0] += durations[len(calls)]  # each pass "takes" its scripted time
+            calls.append(torch.is_grad_enabled())
+            return model(batch).sum()
+
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+    model = torch.nn.Linear(2, 1)
+    model.weight.requires_grad_(False)
+    kept = torch.full_like(model.weight, 7.0)
+    model.weight.grad = kept
+    seconds = cost.fwd_bwd_seconds(Adapter(), model, torch.ones(3, 2), warmup=1, repeats=5)
+    assert calls == [True] * 6
+    assert seconds == pytest.approx(0.03)
+    assert model.weight.requires_grad is False and model.bias.requires_grad is True
+    assert model.weight.grad is kept and torch.equal(kept, torch.full_like(kept, 7.0))
+    assert model.bias.grad is None
+    with pytest.raises(ValueError):
+        cost.fwd_bwd_seconds(Adapter(), model, torch.ones(3, 2), repeats=0)
+
+
 @dataclass
 class ToyHyperParams:
     alg_name: str = "TOY"

@@ -21,7 +21,11 @@ Result JSON (read by tools; these keys are stable)::
                         "joint_consistency", "edit_seconds_median", "edit_seconds_p90",
                         "edit_to_fwdbwd_ratio", "peak_memory_mb", ...extras}}}
 
-Accuracies are in [0, 1]; a metric the data cannot provide is ``null``. Extras per method:
+Accuracies are in [0, 1]; a metric the data cannot provide is ``null``. The cost unit
+``fwdbwd_seconds`` (per case) is one forward+backward pass of the model on that case's edit
+request, all weights trainable: the median of 5 timed passes after 1 untimed warm-up
+(:func:`.cost.fwd_bwd_seconds`); ``fwdbwd_seconds_median`` is its median over cases and
+``edit_to_fwdbwd_ratio`` is ``edit_seconds_median`` over it. Extras per method:
 ``*_success`` (every target token argmax-correct), ``pre_*`` (the unedited model),
 ``multimodal_locality_top10`` (EasyEdit main's M-Loc), ``fine_locality_same_image`` /
 ``_same_entity`` / ``_by_form``, ``unit_consistency``, ``rewrite_exact_match`` (greedy

@@ -1,7 +1,8 @@
 """What an edit costs: wall time, peak memory, and one forward+backward pass as the unit of work.
 
 Seconds depend on the machine; the ratio of edit time to one forward+backward pass of the same
-model on the same request does much less, so the bench reports both. Peak memory is measured
+model on the same request does much less, so the bench reports both. The unit is the median of
+:data:`UNIT_REPEATS` timed passes after :data:`UNIT_WARMUP` untimed ones, so it holds still. Peak memory is measured
 around the edit only: on CUDA with ``torch.cuda.max_memory_allocated`` after resetting the peak;
 on CPU as the process's peak resident set size (``VmHWM``), reset before the edit by writing
 ``5`` to ``/proc/self/clear_refs``. Where that reset is not allowed the lifetime peak of
@@ -11,6 +12,7 @@ on CPU as the process's peak resident set size (``VmHWM``), reset before the edi
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,20 +90,32 @@ class PeakMemory:
         self.delta_mb = max(0.0, self.peak_mb - self._start)
 
 
-def fwd_bwd_seconds(adapter: Any, model: Any, batch: Any) -> float:
+#: untimed forward+backward passes before the unit is timed (allocator, autograd graph, caches)
+UNIT_WARMUP = 1
+#: timed passes; the unit is their median
+UNIT_REPEATS = 5
+
+
+def fwd_bwd_seconds(adapter: Any, model: Any, batch: Any, *, warmup: int = UNIT_WARMUP,
+                    repeats: int = UNIT_REPEATS) -> float:
     """Seconds of one forward and backward pass of ``model`` on ``batch`` (all weights trainable).
 
-    ``requires_grad`` flags and ``.grad`` of every parameter are put back afterwards.
+    ``warmup`` passes run untimed first, then the median of ``repeats`` timed passes is returned
+    (one cold pass alone varied 13-48 ms within a run on a 2-core CPU). ``requires_grad`` flags and
+    ``.grad`` of every parameter are put back afterwards; gradients of the passes are discarded.
     """
     from mke_plugins.adapters.base import model_device, unwrap_model
 
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
     params = [p for p in unwrap_model(model).parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     device = model_device(model)
-    try:
+
+    def one_pass() -> float:
         for p in params:
-            p.requires_grad_(True)
+            p.grad = None
         sync(device)
         t0 = time.perf_counter()
         with torch.enable_grad():
@@ -109,6 +123,13 @@ def fwd_bwd_seconds(adapter: Any, model: Any, batch: Any) -> float:
             loss.backward()
         sync(device)
         return time.perf_counter() - t0
+
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(warmup):
+            one_pass()
+        return statistics.median(one_pass() for _ in range(repeats))
     finally:
         for p, flag, grad in zip(params, flags, grads, strict=True):
             p.grad = grad

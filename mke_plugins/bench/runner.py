@@ -1,12 +1,13 @@
 """Run methods on edit cases and score them: the single-edit and sequential protocols.
 
 Single mode (per case): build the case's probe batches once, evaluate them on the unedited model
-(pre), time one forward+backward pass, apply the edit through the method's EasyEdit-facing apply
-(a list of one request), evaluate the same batches on the returned model (post), greedy-decode
-the paired query, undo the edit the way EasyEdit main does and check that the model is
-bit-identical to its state at the start (``verify_restore``; a failure names the method). Cases
-are the outer loop and methods the inner one, so every method sees the same machine load and
-the pre-edit outputs are computed once per case.
+(pre), time the forward+backward unit (the median of warmed passes,
+:func:`.cost.fwd_bwd_seconds`), apply the edit through the method's EasyEdit-facing apply (a
+list of one request), evaluate the same batches on the returned model (post), greedy-decode the
+paired query, undo the edit the way EasyEdit main does and check that the model is bit-identical
+to its state at the start (``verify_restore``; a failure names the method). Cases are the outer
+loop and methods the inner one, so every method sees the same machine load and the pre-edit
+outputs are computed once per case.
 
 Sequential mode (per method, per chunk of ``sequential_n`` cases): pre for every case of the
 chunk on the unedited model, then the edits accumulate (EasyEdit's way: each apply gets the
