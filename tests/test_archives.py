@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -37,13 +37,7 @@ LDKE_YAML = METHODS / "ldke" / "hparams" / "world.yaml"
 UNIKE_YAML = METHODS / "unike" / "hparams" / "world.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +111,11 @@ LDKE_CASES = {
 }
 
 
-def _assert_ldke_message(err: BaseException, path: Path, words: list[str]) -> None:
+def _assert_archive_message(err: BaseException, method: str, path: Path, words: list[str]) -> None:
+    """The error names the file, the command that rebuilds it and ``words``."""
     text = str(err)
     assert str(path) in text, text
-    assert f"mke-plugins train LDKE --hparams world --out {path}" in text, text
+    assert f"mke-plugins train {method} --hparams world --out {path}" in text, text
     for w in words:
         assert w in text, (w, text)
 
@@ -131,14 +126,14 @@ def test_ldke_damaged_archive_is_refused_on_load(case: str, tmp_path: Path) -> N
     bad = _corrupt_copy(LDKE_WORLD, tmp_path / "ldke-bad.pt", mutate)
     with pytest.raises(ArchiveError) as err:
         router.load_archive(bad)
-    _assert_ldke_message(err.value, bad, words)
+    _assert_archive_message(err.value, "LDKE", bad, words)
 
 
 def test_ldke_truncated_archive_names_the_file_and_the_rebuild_command(tmp_path: Path) -> None:
     bad = _truncate(LDKE_WORLD, tmp_path / "ldke-cut.pt")
     with pytest.raises(ArchiveError) as err:
         router.load_archive(bad)
-    _assert_ldke_message(err.value, bad, ["truncated"])
+    _assert_archive_message(err.value, "LDKE", bad, ["truncated"])
 
 
 def test_ldke_mu_for_another_depth_is_refused_before_the_edit(world_model, tmp_path: Path) -> None:
@@ -148,7 +143,7 @@ def test_ldke_mu_for_another_depth_is_refused_before_the_edit(world_model, tmp_p
     before = state_of(model)
     with pytest.raises(ArchiveError) as err:
         ldke_main.apply_ldke_to_multimodal_model(model, tok, [req], hp)
-    _assert_ldke_message(err.value, bad, ["'mu'", "3", "4"])
+    _assert_archive_message(err.value, "LDKE", bad, ["'mu'", "3", "4"])
     assert LDKEState.of(model) is None
     assert_same_state(before, model)
 
@@ -163,7 +158,7 @@ def test_ldke_edit_with_a_damaged_archive_fails_before_touching_the_model(case: 
     before = state_of(model)
     with pytest.raises(ArchiveError) as err:
         ldke_main.apply_ldke_to_multimodal_model(model, tok, [req], hp)
-    _assert_ldke_message(err.value, bad, words)
+    _assert_archive_message(err.value, "LDKE", bad, words)
     assert LDKEState.of(model) is None
     assert_same_state(before, model)
 
@@ -192,28 +187,20 @@ UNIKE_CASES = {
 }
 
 
-def _assert_unike_message(err: BaseException, path: Path, words: list[str]) -> None:
-    text = str(err)
-    assert str(path) in text, text
-    assert f"mke-plugins train UniKE --hparams world --out {path}" in text, text
-    for w in words:
-        assert w in text, (w, text)
-
-
 @pytest.mark.parametrize("case", list(UNIKE_CASES))
 def test_unike_damaged_archive_is_refused_on_load(case: str, tmp_path: Path) -> None:
     mutate, words = UNIKE_CASES[case]
     bad = _corrupt_copy(UNIKE_WORLD, tmp_path / "unike-bad.pt", mutate)
     with pytest.raises(ArchiveError) as err:
         unike_archive.read_payload(bad)
-    _assert_unike_message(err.value, bad, words)
+    _assert_archive_message(err.value, "UniKE", bad, words)
 
 
 def test_unike_truncated_archive_names_the_file_and_the_rebuild_command(tmp_path: Path) -> None:
     bad = _truncate(UNIKE_WORLD, tmp_path / "unike-cut.pt")
     with pytest.raises(ArchiveError) as err:
         unike_archive.read_payload(bad)
-    _assert_unike_message(err.value, bad, ["truncated"])
+    _assert_archive_message(err.value, "UniKE", bad, ["truncated"])
 
 
 @pytest.mark.parametrize("case", ["encoder weight of the wrong width", "NaN in zeta"])
@@ -228,7 +215,7 @@ def test_unike_edit_with_a_damaged_archive_fails_before_touching_the_model(case:
     before = state_of(model)
     with pytest.raises(ArchiveError) as err:
         unike_main.apply_unike_to_multimodal_model(model, tok, [req], hp)
-    _assert_unike_message(err.value, bad, words)
+    _assert_archive_message(err.value, "UniKE", bad, words)
     rt = runtime_for(model, create=False)
     assert rt is None or not rt.edits
     assert_same_state(before, model)

@@ -32,13 +32,7 @@ EVAL_ONLY = ("rephrase_prompt", "image_rephrase", "locality_prompt", "locality_g
              "portability", "fine_locality", "text_only_prompt", "image_only_prompt", "pred", "loc_prompt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; OpenMP threads competing for shared cores run 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_hparams(model_name: str, **kw: Any) -> ASAMHyperParams:

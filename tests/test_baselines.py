@@ -10,14 +10,7 @@ from torch import nn
 
 from mke_plugins.testing import parametrize_with_checks
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The world model is tiny: one CPU thread is faster than two that wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @parametrize_with_checks(["FT", "LoRA"])

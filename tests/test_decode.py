@@ -35,13 +35,7 @@ def tiny_hparams(model_name: str, **kw: Any) -> DECODEHyperParams:
     return DECODEHyperParams.from_config(base)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and share the machine politely)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
