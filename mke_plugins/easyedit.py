@@ -14,6 +14,7 @@ that off).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import types
@@ -100,8 +101,10 @@ def make_apply(entry: MethodEntry, attr: str = "apply_multimodal") -> Callable[.
         if isinstance(requests, dict):
             requests = [requests]  # EasyEdit main's sequential mode passes a bare dict
         _check_tokens(requests, tok, model)  # no unknown words, no prompt over the context, before any edit
+        # a template apply guards the model itself; recording the whole model twice is waste
+        guard = contextlib.nullcontext() if getattr(fn, "mke_guarded", False) else EditGuard(model)
         try:
-            with EditGuard(model):
+            with guard:
                 return fn(model, tok, requests, hparams, copy=copy,
                           return_orig_weights=return_orig_weights,
                           keep_original_weight=keep_original_weight, **kwargs)

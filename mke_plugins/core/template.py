@@ -283,7 +283,8 @@ def edit_method(
     ``None`` keeps every field. ``edited_model``: what apply returns as ``edited_model``, built
     from the context after the edit (e.g. ``gated_by(GATE)`` for a hook-based method); by default
     the model that was edited. The returned function has EasyEdit's
-    signature; the algorithm stays reachable as its ``.algorithm``.
+    signature; the algorithm stays reachable as its ``.algorithm``, and ``.mke_guarded`` tells the
+    EasyEdit bridge that the apply already runs inside an edit guard.
     """
 
     def wrap(algorithm: Algorithm) -> Callable[..., tuple[Any, RestoreHandle]]:
@@ -299,6 +300,7 @@ def edit_method(
         apply.__module__ = algorithm.__module__
         apply.__doc__ = algorithm.__doc__
         apply.algorithm = algorithm  # type: ignore[attr-defined]
+        apply.mke_guarded = True  # type: ignore[attr-defined]  # runs its own EditGuard: the bridge adds none
         return apply
 
     return wrap
