@@ -2,9 +2,9 @@
 
 :func:`check_config` checks the numbers and the device of a :class:`~mke_plugins.bench.runner.BenchConfig`,
 :func:`check_output` a ``--json`` / ``--plot`` path (a missing parent folder is fine: it is
-created when the file is written), :func:`check_model_dir` a ``--model`` folder before
-transformers reads it (re-exported from :mod:`mke_plugins.adapters.loading`: the check
-``load_vlm`` does). Every failure is an :class:`~mke_hooks.MKEError` that says what to fix.
+created when the file is written); a ``--model`` folder is checked by ``load_vlm`` itself
+(:func:`mke_plugins.adapters.loading.check_model_dir`). Every failure is an
+:class:`~mke_hooks.MKEError` that says what to fix.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from mke_hooks import MKEError
-from mke_plugins.adapters.loading import WEIGHT_PATTERNS, check_model_dir  # noqa: F401 - re-exported
 
 
 def check_config(cfg: Any) -> None:
