@@ -17,7 +17,7 @@ E-VQA unless ``--format vlkeb`` is given). Formats:
 ========================  =====================================================================
 
 Image roots: ``--image-root`` (EasyEdit's ``coco_image``) and ``--rephrase-image-root``
-(``rephrase_image``, for ``image_rephrase``); without the flags the EasyEdit-style formats use
+(``rephrase_image``, for ``image_rephrase``); without either flag the EasyEdit-style formats use
 the methods' hparams ``coco_image`` / ``rephrase_image`` when set, else the JSON's folder; the
 rephrase root falls back to the image root. Every record is read and every named picture must
 exist before anything is edited.
@@ -126,8 +126,11 @@ def hparams_roots(hparams: Sequence[Any]) -> dict[str, tuple[str, str]]:
 
 def resolve_roots(path: Path, fmt: Format, image_root: str | None, rephrase_image_root: str | None,
                   hparams: Sequence[Any] = ()) -> Roots:
-    """The image and rephrase roots: the flags, else the hparams (EasyEdit-style formats), else the JSON's folder."""
-    from_hp = hparams_roots(hparams) if fmt.hparams_roots else {}
+    """The image and rephrase roots: the flags, else the hparams (EasyEdit-style formats), else the JSON's folder.
+
+    The hparams' roots count only when neither flag is given (a flag and a YAML root are never mixed).
+    """
+    from_hp = hparams_roots(hparams) if fmt.hparams_roots and not (image_root or rephrase_image_root) else {}
     if image_root:
         image, image_from = Path(image_root), "--image-root"
     elif "coco_image" in from_hp:
