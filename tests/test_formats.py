@@ -98,6 +98,13 @@ def test_roots_come_from_the_flags_else_the_hparams_else_the_json_folder():
         load_data(B / "mmedit-vqa", fmt="mmedit-vqa", hparams=[hp, other])
 
 
+def test_the_bench_takes_its_roots_from_the_methods_hparams_without_the_flags():
+    from mke_plugins.bench.runner import Bench, BenchConfig, methods_from
+
+    with pytest.raises(MKEError, match=r"record 0, field 'image'.*from FT's hparams coco_image.*--image-root"):
+        Bench(BenchConfig(methods=methods_from("FT"), data=str(B / "mmedit-vqa"), progress=False))
+
+
 def test_records_are_skipped_as_each_benchmark_loader_skips_them(tmp_path):
     folder, recs = _copy(tmp_path, "mmedit-vqa")
     recs[1]["loc_ans"], recs[2]["alt"] = "", ""
