@@ -305,7 +305,7 @@ def load_records(data: str | None, *, adapter: Any, image_root: str | None = Non
         raw = complete or raw
     try:
         ds = load_dataset(path, raw, fmt=fmt, image_root=image_root, rephrase_image_root=rephrase_image_root)
-        return with_images(ds.requests, adapter), str(path)
+        return with_images(ds.requests, adapter, ds), str(path)
     except MKEError as exc:
         raise MKEError(f"--data {exc}") from None
 

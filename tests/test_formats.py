@@ -161,6 +161,17 @@ def test_an_unspellable_word_names_the_benchmark_field_before_any_edit(tmp_path,
     assert "record 2, field 'question'" in err and "'Welches'" in err and not (tmp_path / "r.json").exists()
 
 
+def test_an_unreadable_picture_names_the_kept_record_and_the_benchmark_field(tmp_path):
+    from mke_plugins.bench.runner import Bench, BenchConfig, methods_from
+
+    folder, recs = _copy(tmp_path, "comprehendedit")
+    recs[0]["answer"] = ""  # skipped: request 0 is record 1
+    _rewrite(folder, "comprehendedit", recs)
+    (folder / "comprehendedit" / recs[1]["multimodal_locality_image"]).write_text("not a picture")
+    with pytest.raises(MKEError, match=r"record 1, field 'multimodal_locality_image'.*not a readable image"):
+        Bench(BenchConfig(methods=methods_from("FT"), data=str(folder / "comprehendedit"), progress=False))
+
+
 @pytest.mark.parametrize("fmt", list(FIXTURES))
 def test_every_fixture_benches_end_to_end(tmp_path, capsys, fmt):
     out = tmp_path / "r.json"

@@ -173,18 +173,27 @@ class ImageCache:
         return self._cache[path]
 
 
-def with_images(requests: list[dict[str, Any]], adapter: Any) -> list[dict[str, Any]]:
-    """Copies of ``requests`` whose image paths are replaced by family-native images (all loaded now)."""
+def with_images(requests: list[dict[str, Any]], adapter: Any, dataset: Any = None) -> list[dict[str, Any]]:
+    """Copies of ``requests`` whose image paths are replaced by family-native images (all loaded now).
+
+    ``dataset`` (a :class:`.formats.Dataset`) names the benchmark's record index and field in errors.
+    """
     load = ImageCache(adapter)
+
+    def where(i: int, key: str) -> str:
+        if dataset is not None:
+            return dataset.where(i, key)
+        return f"record {i}, field {RECORD_FIELD.get(key, key)!r}"
+
     out = []
     for i, r in enumerate(requests):
         r = dict(r)
         for key in IMAGE_FIELDS.values():
             if key in r:
-                r[key] = load(r[key], f"record {i}, field {RECORD_FIELD[key]!r}")
+                r[key] = load(r[key], where(i, key))
         for key in PROBE_LISTS:
             if key in r:
-                r[key] = [dict(item, image=load(item.get("image"), f"record {i}, field '{key}[{j}].image'"))
+                r[key] = [dict(item, image=load(item.get("image"), where(i, f"{key}[{j}].image")))
                           for j, item in enumerate(r[key])]
         out.append(r)
     return out

@@ -149,7 +149,7 @@ class Bench:
                 sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
             self.threads = 1
         self.adapter = get_adapter(self.model, SimpleNamespace(model_name=self.model_path))
-        self.requests = with_images(raw, self.adapter)  # every record and picture, before the first edit
+        self.requests = with_images(raw, self.adapter, self.dataset)  # every picture, before the first edit
         check_text(self.requests, self.tok, self.model, self.data_path, self.dataset)
         self._pre: dict[int, list[ProbeOutput]] = {}
         self._check: StateCheck | None = None
