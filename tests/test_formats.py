@@ -58,7 +58,9 @@ def test_every_fixture_loads_and_is_detected(fmt):
     raw = json.loads((B / fmt / FIXTURES[fmt][0]).read_text())
     ds = _load(fmt)  # auto
     assert ds.format == fmt and len(ds.requests) == len(raw) == ds.record_index[-1] + 1
-    assert _load(fmt, fmt=fmt).requests == ds.requests
+    assert ds.notes[0].startswith(f"--format auto: {FIXTURES[fmt][0]} read as {fmt} (")
+    explicit = _load(fmt, fmt=fmt)
+    assert explicit.requests == ds.requests and explicit.notes == []
     for req in ds.requests:
         assert req["prompt"] and req["target"] and Path(req["image"]).is_file()
         assert Path(req["multimodal_locality_image"]).is_file() and req["locality_ground_truth"]

@@ -57,8 +57,8 @@ class BenchConfig:
     mode: str = "single"
     sequential_n: int | None = None  # sequential mode: edits per sequence (None: all cases at once)
     data: str | None = None  # benchmark JSON or folder (None: the bundled world's edit split)
-    image_root: str | None = None  # None: the methods' hparams coco_image (EasyEdit-style formats), else the JSON's
-    rephrase_image_root: str | None = None  # None: the hparams' rephrase_image, else the image root
+    image_root: str | None = None  # None: with no root flag the hparams' coco_image (EasyEdit formats), else JSON's
+    rephrase_image_root: str | None = None  # None: with no root flag the hparams' rephrase_image, else the image root
     format: str = "auto"  # one of mke_plugins.bench.formats.FORMAT_CHOICES
     model: str | None = None  # model directory (None: the bundled world model)
     hparams: str = "world"  # bundled YAML key of each method

@@ -173,4 +173,5 @@ def load_dataset(path: Path, raw: Sequence[Any], *, fmt: str = "auto", image_roo
     if not requests:
         raise MKEError(f"{path}: no record left to edit ({len(skipped)} skipped: {spec.skip_rule})")
     fields = _world_fields() if name == "world" else spec.record_fields
-    return Dataset(path, name, requests, fields, kept, skipped_note(name, skipped, spec.skip_rule))
+    notes = [f"--format auto: {path.name} read as {name} ({spec.title})"] if fmt == "auto" and name != "world" else []
+    return Dataset(path, name, requests, fields, kept, notes + skipped_note(name, skipped, spec.skip_rule))
