@@ -1,14 +1,15 @@
 """``mke-plugins train METHOD``: the host side of every method's offline stage.
 
 A method with an offline stage registers ``MethodSpec.offline`` (``run(args: TrainArgs) -> int``)
-and, if it truly needs flags of its own, ``MethodSpec.offline_flags``. This command parses the
-flags every stage shares once (``--hparams``, ``--model``, ``--data``, ``--image-root``,
-``--out``, ``--device``, ``--seed``, ``--quiet``), adds the stage's own, and hands the stage a
-:class:`~mke_hooks.TrainArgs` with the host's services: the hparams loader (overrides applied,
-every generator seeded), the model loader (:func:`~mke_plugins.adapters.loading.load_vlm`), the
-training records (the bundled world's train split by default) and the ``MultimodalTrainer``
-loop (EasyEdit's, or the testing kit's stand-in). So the methods never import the world, the
-testing kit or the EasyEdit bridge, and every stage spells its flags the same way.
+and, if it truly needs flags of its own, ``MethodSpec.offline_flags``. This command parses the flags
+every stage shares once (``--hparams``, ``--model``, ``--data``, ``--format``, ``--image-root``,
+``--rephrase-image-root``, ``--out``, ``--device``, ``--seed``, ``--quiet``), adds the stage's own,
+and hands the stage a :class:`~mke_hooks.TrainArgs` with the host's services: the hparams loader
+(overrides applied, every generator seeded), the model loader
+(:func:`~mke_plugins.adapters.loading.load_vlm`), the training records (the bundled world's train
+split by default) and the ``MultimodalTrainer`` loop (EasyEdit's, or the testing kit's stand-in). So
+the methods never import the world, the testing kit or the EasyEdit bridge, and every stage spells
+its flags the same way.
 
 Old spellings kept: ``--model world`` is the bundled world model; ``--model KEY`` for a bundled
 training YAML key fails with the new spelling (``--hparams KEY``) in the message.
@@ -18,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 from mke_hooks import HparamsError, MKEError, PluginError, TrainArgs
 
 #: ``dest`` of every flag the host parses for each stage (the rest are the stage's own)
-COMMON_FLAGS: tuple[str, ...] = ("hparams", "model", "data", "image_root", "out", "device", "seed", "quiet")
+COMMON_FLAGS: tuple[str, ...] = ("hparams", "model", "data", "format", "image_root", "rephrase_image_root", "out",
+                                 "device", "seed", "quiet")
 #: ``--model`` / ``--data`` values that name the bundled world (model / train split)
 WORLD_MODEL_NAMES = ("world", "@world")
 WORLD_DATA_NAMES = ("@world-train", "@world")
@@ -124,11 +126,17 @@ def add_common_flags(group: Any, entry: Any) -> None:
     group.add_argument("--model", default=None, metavar="DIR",
                        help="model folder, a saved Hugging Face VLM ('world': the bundled world model; "
                             "default: the YAML's model_name, the bundled world model for the world YAML)")
+    from .bench.formats import FORMAT_CHOICES
+
     group.add_argument("--data", default=None, metavar="DIR|FILE",
-                       help="training records: an MMEdit-format JSON or a folder with train.json "
+                       help="training records: a benchmark JSON or a folder with train.json "
                             "('@world-train': the bundled world's train split; default: the stage's)")
+    group.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                       help="record format of --data (default auto: detected from the first record)")
     group.add_argument("--image-root", default=None, metavar="DIR",
-                       help="image folder of --data (default: the JSON's folder)")
+                       help="image folder of --data, EasyEdit's coco_image (default: the JSON's folder)")
+    group.add_argument("--rephrase-image-root", default=None, metavar="DIR",
+                       help="folder of image_rephrase paths, EasyEdit's rephrase_image (default: the image folder)")
     group.add_argument("--out", default=None, metavar="PATH",
                        help="where the stage writes its output (default: the stage's, below)")
     group.add_argument("--device", default=None, metavar="DEV",
@@ -199,7 +207,8 @@ def train_args(entry: Any, ns: argparse.Namespace) -> TrainArgs:
         load_hparams=lambda cls, **extra: load_stage_hparams(entry, cls, path, editing_key, overrides, where, extra),
         load_model=lambda hparams: load_model(hparams, what=f"--model {ns.model}" if model else
                                               f"model_name in {path}"),
-        load_records=load_records, make_trainer=make_trainer)
+        load_records=functools.partial(load_records, fmt=ns.format, rephrase_image_root=ns.rephrase_image_root),
+        make_trainer=make_trainer)
 
 
 def _flag_overrides(ns: argparse.Namespace, model: str | None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -270,34 +279,35 @@ def training_json(data: str) -> Path:
     return path
 
 
-def load_records(data: str | None, *, adapter: Any, image_root: str | None = None
-                 ) -> tuple[list[dict[str, Any]], str]:
-    """``(records, label)``: the world's train split (``data`` None / ``@world-train``) or an MMEdit file.
+def load_records(data: str | None, *, adapter: Any, image_root: str | None = None, fmt: str = "auto",
+                 rephrase_image_root: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """``(records, label)``: the world's train split (``data`` None / ``@world-train``) or a benchmark file.
 
-    MMEdit records without ``src``, ``alt`` or ``image`` are skipped, as EasyEdit's VQADataset
-    skips them; images become the family-native objects ``adapter`` expects.
+    ``fmt`` is a :mod:`mke_plugins.bench.formats` name (``auto``: detected). In the world's format,
+    records without ``src``, ``alt`` or ``image`` are skipped, as EasyEdit's VQADataset skips
+    them; the benchmark formats skip what their own loaders skip and reject malformed records.
+    Images become the family-native objects ``adapter`` expects.
     """
     if data is None or data in WORLD_DATA_NAMES:
         from . import world
 
         return world.records("train"), f"world:seed{world.DEFAULT_SEED}"
-    from .bench.data import record_to_request, with_images
+    from .bench.data import with_images
+    from .bench.formats import load_dataset, read_json
 
     path = training_json(data)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MKEError(f"--data {path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, list):
-        raise MKEError(f"--data {path}: expected a JSON list of MMEdit records (src, alt, image, rephrase, "
-                       f"image_rephrase, ...)")
-    root = Path(image_root) if image_root else path.parent
-    try:
-        requests = [record_to_request(r, root, i) for i, r in enumerate(raw)
-                    if isinstance(r, dict) and r.get("src") and r.get("alt") and r.get("image")]
-        return with_images(requests, adapter), str(path)
+        raw = read_json(path)
     except MKEError as exc:
-        raise MKEError(f"--data {path}: {exc}") from None
+        raise MKEError(f"--data {exc}") from None
+    if fmt in ("auto", "world"):  # the world's reader: incomplete records are training noise, not errors
+        complete = [r for r in raw if isinstance(r, dict) and r.get("src") and r.get("alt") and r.get("image")]
+        raw = complete or raw
+    try:
+        ds = load_dataset(path, raw, fmt=fmt, image_root=image_root, rephrase_image_root=rephrase_image_root)
+        return with_images(ds.requests, adapter, ds), str(path)
+    except MKEError as exc:
+        raise MKEError(f"--data {exc}") from None
 
 
 def make_trainer(kind: str, config: Any, train_set: Any, val_set: Any, *, model: Any, alg_class: type,

@@ -37,7 +37,11 @@ class TrainArgs:
         model: ``--model DIR``, the model folder (``None``: the YAML's ``model_name``).
         data: ``--data DIR|FILE``, MMEdit-format training records (``None``: the stage's default,
             usually the bundled world's train split).
+        format: ``--format``, the record format of ``data`` (``auto``: detected; see ``mke-plugins
+            bench --help``).
         image_root: ``--image-root DIR``, the image folder of ``data`` (default: its folder).
+        rephrase_image_root: ``--rephrase-image-root DIR``, the folder of ``image_rephrase`` paths
+            (default: ``image_root``).
         out: ``--out PATH``, where the stage writes its artefact (``None``: the stage's default).
         device: ``--device``, overrides the YAML's ``device``.
         seed: ``--seed``, overrides the YAML's ``seed``.
@@ -52,8 +56,9 @@ class TrainArgs:
             ``hparams.model_name``, on ``hparams.device`` in ``hparams.dtype``, eval mode.
         load_records: ``load_records(data, *, adapter, image_root=None) -> (records, label)``:
             EasyEdit-style request dicts with family-native images; ``data`` ``None`` or
-            ``"@world-train"`` is the bundled world's train split, else an MMEdit JSON (or a folder
-            with ``train.json``). ``label`` names the data set (for archive metadata).
+            ``"@world-train"`` is the bundled world's train split, else a benchmark JSON (or a
+            folder with ``train.json``) read in ``--format`` with ``--rephrase-image-root``.
+            ``label`` names the data set (for archive metadata).
         make_trainer: ``make_trainer(kind, config, train_set, val_set, *, model, alg_class, seed)
             -> (loop, kind)``: EasyEdit's ``MultimodalTrainer`` (``kind="easyedit"``) or the testing
             kit's stand-in (``"standin"``); ``"auto"`` picks EasyEdit when it is importable. The
@@ -64,7 +69,9 @@ class TrainArgs:
     hparams: str
     model: str | None = None
     data: str | None = None
+    format: str = "auto"
     image_root: str | None = None
+    rephrase_image_root: str | None = None
     out: str | None = None
     device: str | None = None
     seed: int | None = None

@@ -5,7 +5,8 @@ portability, cost) that only mean something against baselines measured identical
 runs any registered method (ours, the FT/LoRA baselines, third-party plugins) through the same
 EasyEdit-facing apply wrapper EasyEdit uses, and EasyEdit's own methods as ``easyedit:NAME``.
 
-Layout: :mod:`.data` (MMEdit records → requests with family-native images), :mod:`.probes`
+Layout: :mod:`.data` and :mod:`.formats` (benchmark records → requests with family-native
+images: the world, MMEdit E-VQA/E-IC, VLKEB, MMKE-Bench, ComprehendEdit), :mod:`.probes`
 (the probe queries of a case, batched evaluation), :mod:`.score` (per-case and per-method
 metrics from :mod:`mke_plugins.core.scoring`), :mod:`.cost` (time, memory, fwd+bwd unit),
 :mod:`.restore` (EasyEdit's restore rules, bit-exact check), :mod:`.methods` (method strings,

@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   mke-plugins bench --methods "DECODE,DECODE[group_mode=disjoint],LDKE[router=false]"
   mke-plugins bench --mode sequential --sequential-n 50 --cases 200
   mke-plugins bench --data path/to/mmedit --model path/to/qwen2-vl-dir --hparams world
+  mke-plugins bench --data vqa_eval.json --format mmedit-vqa --image-root coco --rephrase-image-root rephrase
   mke-plugins bench --methods FT,easyedit:GRACE --easyedit-hparams GRACE=hparams/GRACE/qwen2vl-7b.yaml
 """
 
@@ -45,6 +46,7 @@ def check_outputs(json_path: str | None, plot_path: str | None) -> None:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from . import DEFAULT_CASES
+    from .formats import FORMAT_CHOICES
 
     p = subparsers.add_parser("bench", help="benchmark editing methods (default: all registered, on the world)",
                               description=__doc__, epilog=EXAMPLES,
@@ -60,8 +62,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="sequential mode: edits per sequence, evaluated after the last (default: all cases)")
     p.add_argument("--json", default="bench-results.json", help="result file (default bench-results.json)")
     p.add_argument("--plot", default="bench-results.png", help="plot file (default bench-results.png; '' for none)")
-    p.add_argument("--data", help="MMEdit JSON file or folder (default: the bundled world's edit split)")
-    p.add_argument("--image-root", help="folder the records' image paths are relative to (default: the JSON's)")
+    p.add_argument("--data", help="benchmark JSON file or folder (default: the bundled world's edit split)")
+    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                   help="record format of --data (default auto: detected from the first record)")
+    p.add_argument("--image-root", help="folder of the records' image paths, EasyEdit's coco_image (default: the "
+                                        "methods' hparams coco_image for EasyEdit-style formats, else the JSON's)")
+    p.add_argument("--rephrase-image-root", help="folder of image_rephrase paths, EasyEdit's rephrase_image "
+                                                 "(default: the hparams' rephrase_image, else the image root)")
     p.add_argument("--model", help="Hugging Face VLM directory to edit (default: the bundled world model)")
     p.add_argument("--hparams", default="world", help="bundled YAML key of each method (default world)")
     p.add_argument("--seed", type=int, default=None,
@@ -91,7 +98,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(
         methods=methods_from(args.methods), cases=args.cases or None, mode=args.mode,
-        sequential_n=args.sequential_n, data=args.data, image_root=args.image_root, model=args.model,
+        sequential_n=args.sequential_n, data=args.data, image_root=args.image_root, format=args.format,
+        rephrase_image_root=args.rephrase_image_root, model=args.model,
         hparams=args.hparams, seed=args.seed, device=args.device, dtype=args.dtype,
         verify_restore=args.verify_restore, generate=args.generate, keep_cases=args.per_case,
         probe_batch=args.probe_batch, easyedit_hparams=_easyedit_yaml(args.easyedit_hparams),

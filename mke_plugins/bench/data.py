@@ -1,18 +1,21 @@
-"""Edit cases for the bench: MMEdit E-VQA records (plus the world's extensions) as request dicts.
+"""Edit cases for the bench: benchmark records as request dicts with family-native images.
 
-The bench runs on the bundled world by default, or on any folder/file in MMEdit's format
-(``--data``). Both go through one loader so every dataset is read the same way: the record fields
-of ``hooks/EASYEDIT-NOTES.md`` ("MMEdit datasets") become EasyEdit's request keys (``src`` →
-``prompt``, ``alt`` → ``target``, ``loc`` → ``locality_prompt``, ...), the optional extensions
-(``text_only_prompt``, ``image_only_prompt``, ``portability``, ``fine_locality``) are kept when
-present, and every image becomes the family-native object the method and the scorer expect
-(:func:`mke_plugins.adapters.images.image_for_family`). Image paths are relative to the image root
-(EasyEdit's ``coco_image``), by default the JSON file's folder. Empty strings count as absent, as
-in EasyEdit's loaders.
+The bench runs on the bundled world by default, or on any benchmark file or folder (``--data``)
+in one of the formats of :mod:`.formats` (``--format``: the world's MMEdit-style JSON, MMEdit
+E-VQA / E-IC, VLKEB, MMKE-Bench, ComprehendEdit; ``auto`` detects it from the first record).
+This module holds the world's reader and what every format shares. The world's reader maps the
+record fields of ``hooks/EASYEDIT-NOTES.md`` ("MMEdit datasets") to EasyEdit's request keys
+(``src`` -> ``prompt``, ``alt`` -> ``target``, ``loc`` -> ``locality_prompt``, ...), keeps the
+optional extensions (``text_only_prompt``, ``image_only_prompt``, ``portability``,
+``fine_locality``) when present, and treats empty strings as absent, as EasyEdit's loaders do.
+Image paths are relative to the image root (``--image-root``, EasyEdit's ``coco_image``; by
+default the JSON file's folder); ``image_rephrase`` to ``--rephrase-image-root`` when given.
+Every image becomes the family-native object the method and the scorer expect
+(:func:`mke_plugins.adapters.images.image_for_family`).
 
-Every record, picture and text field is checked before the first edit (:func:`load_requests`,
-:func:`with_images`, :func:`check_text`): a bad record stops the run at once, naming the record
-index, the field and the file, never half-way through.
+Every record, picture and text field is checked before the first edit (:func:`load_data`,
+:func:`with_images`, :func:`check_text`): a bad record stops the run at once, naming the file,
+the record index and the benchmark's own field name, never half-way through.
 """
 
 from __future__ import annotations
@@ -60,8 +63,12 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, (str, list, dict)) and len(value) == 0)
 
 
-def record_to_request(record: dict[str, Any], image_root: Path, index: int) -> dict[str, Any]:
-    """One MMEdit record as an EasyEdit request dict, images still as absolute paths."""
+def record_to_request(record: dict[str, Any], image_root: Path, index: int, *,
+                      rephrase_root: Path | None = None) -> dict[str, Any]:
+    """One MMEdit record as an EasyEdit request dict, images still as absolute paths.
+
+    ``image_rephrase`` is under ``rephrase_root`` when given, every other picture under ``image_root``.
+    """
     if not isinstance(record, dict):
         raise MKEError(f"record {index}: expected a JSON object with src, alt and image, got "
                        f"{type(record).__name__} {json.dumps(record)[:40]}")
@@ -80,7 +87,8 @@ def record_to_request(record: dict[str, Any], image_root: Path, index: int) -> d
             if not isinstance(record[src], str):
                 raise MKEError(f"record {index}: field {src!r} must be an image path, got "
                                f"{type(record[src]).__name__} {json.dumps(record[src])[:40]}")
-            req[dst] = str(image_root / record[src])
+            root = rephrase_root if src == "image_rephrase" and rephrase_root is not None else image_root
+            req[dst] = str(root / record[src])
     for key in PROBE_LISTS:
         items = record.get(key)
         if _absent(items):
@@ -111,25 +119,33 @@ def record_to_request(record: dict[str, Any], image_root: Path, index: int) -> d
     return req
 
 
-def load_requests(data: str | Path, *, cases: int | None = None,
-                  image_root: str | Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
-    """``(json_path, requests)``: the first ``cases`` records as request dicts with image paths."""
+def load_data(data: str | Path, *, cases: int | None = None, image_root: str | Path | None = None,
+              rephrase_image_root: str | Path | None = None, fmt: str = "auto", hparams: Any = ()) -> Any:
+    """The first ``cases`` records of ``data`` read by the loader of ``fmt`` (a :class:`.formats.Dataset`).
+
+    ``hparams``: the bound methods' hparams, whose ``coco_image`` / ``rephrase_image`` are the
+    EasyEdit-style formats' image roots when the flags are not given.
+    """
+    from .formats import load_dataset, read_json
+
     path = find_json(data)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MKEError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, list) or not raw:
-        raise MKEError(f"{path}: expected a non-empty JSON list of MMEdit records")
+    raw = read_json(path)
     if cases is not None:
         if cases < 1:
             raise MKEError(f"--cases must be at least 1, got {cases}")
-        raw = raw[:cases]
-    root = Path(image_root) if image_root is not None else path.parent
-    try:
-        return path, [record_to_request(r, root, i) for i, r in enumerate(raw)]
-    except MKEError as exc:
-        raise MKEError(f"{path}: {exc}") from None
+        raw = raw[:cases]  # before skipping, as EasyEdit's `size`
+    return load_dataset(path, raw, fmt=fmt, image_root=None if image_root is None else str(image_root),
+                        rephrase_image_root=None if rephrase_image_root is None else str(rephrase_image_root),
+                        hparams=hparams)
+
+
+def load_requests(data: str | Path, *, cases: int | None = None, image_root: str | Path | None = None,
+                  rephrase_image_root: str | Path | None = None, fmt: str = "auto",
+                  hparams: Any = ()) -> tuple[Path, list[dict[str, Any]]]:
+    """``(json_path, requests)``: :func:`load_data`'s requests, image paths not yet loaded."""
+    ds = load_data(data, cases=cases, image_root=image_root, rephrase_image_root=rephrase_image_root, fmt=fmt,
+                   hparams=hparams)
+    return ds.path, ds.requests
 
 
 class ImageCache:
@@ -157,33 +173,47 @@ class ImageCache:
         return self._cache[path]
 
 
-def with_images(requests: list[dict[str, Any]], adapter: Any) -> list[dict[str, Any]]:
-    """Copies of ``requests`` whose image paths are replaced by family-native images (all loaded now)."""
+def with_images(requests: list[dict[str, Any]], adapter: Any, dataset: Any = None) -> list[dict[str, Any]]:
+    """Copies of ``requests`` whose image paths are replaced by family-native images (all loaded now).
+
+    ``dataset`` (a :class:`.formats.Dataset`) names the benchmark's record index and field in errors.
+    """
     load = ImageCache(adapter)
+
+    def where(i: int, key: str) -> str:
+        if dataset is not None:
+            return dataset.where(i, key)
+        return f"record {i}, field {RECORD_FIELD.get(key, key)!r}"
+
     out = []
     for i, r in enumerate(requests):
         r = dict(r)
         for key in IMAGE_FIELDS.values():
             if key in r:
-                r[key] = load(r[key], f"record {i}, field {RECORD_FIELD[key]!r}")
+                r[key] = load(r[key], where(i, key))
         for key in PROBE_LISTS:
             if key in r:
-                r[key] = [dict(item, image=load(item.get("image"), f"record {i}, field '{key}[{j}].image'"))
+                r[key] = [dict(item, image=load(item.get("image"), where(i, f"{key}[{j}].image")))
                           for j, item in enumerate(r[key])]
         out.append(r)
     return out
 
 
-def check_text(requests: list[dict[str, Any]], tok: Any, model: Any, path: str | Path) -> None:
+def check_text(requests: list[dict[str, Any]], tok: Any, model: Any, path: str | Path,
+               dataset: Any = None) -> None:
     """Every record's text is spelled by the tokenizer and fits the model's context.
 
     :func:`mke_plugins.core.requests.check_tokens` on all requests at once, its error told in the
-    records' terms (``edit.json: record 3, field 'alt': ...``).
+    records' terms (``edit.json: record 3, field 'alt': ...``); ``dataset`` (a
+    :class:`.formats.Dataset`) names the benchmark's record index and field.
     """
     from mke_plugins.core.requests import check_tokens
 
     try:
         check_tokens(requests, tok, model)
     except RequestError as err:
-        field = RECORD_FIELD.get(err.field, err.field)
-        raise MKEError(f"{path}: record {err.index}, field {field!r}: {str(err).split(': ', 1)[-1]}") from None
+        if dataset is not None:
+            where = dataset.where(err.index, err.field)
+        else:
+            where = f"record {err.index}, field {RECORD_FIELD.get(err.field, err.field)!r}"
+        raise MKEError(f"{path}: {where}: {str(err).split(': ', 1)[-1]}") from None

@@ -38,7 +38,7 @@ from mke_plugins.adapters.loading import load_vlm, seed_all
 from . import DEFAULT_CASES
 from .checks import check_config
 from .cost import PeakMemory, fwd_bwd_seconds, sync
-from .data import check_text, load_requests, with_images
+from .data import check_text, load_data, with_images
 from .methods import BoundMethod, MethodRequest, bind
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
 from .restore import StateCheck, restore_like_easyedit
@@ -56,8 +56,10 @@ class BenchConfig:
     cases: int | None = DEFAULT_CASES  # first N records (None: all)
     mode: str = "single"
     sequential_n: int | None = None  # sequential mode: edits per sequence (None: all cases at once)
-    data: str | None = None  # MMEdit JSON or folder (None: the bundled world's edit split)
-    image_root: str | None = None
+    data: str | None = None  # benchmark JSON or folder (None: the bundled world's edit split)
+    image_root: str | None = None  # None: with no root flag the hparams' coco_image (EasyEdit formats), else JSON's
+    rephrase_image_root: str | None = None  # None: with no root flag the hparams' rephrase_image, else the image root
+    format: str = "auto"  # one of mke_plugins.bench.formats.FORMAT_CHOICES
     model: str | None = None  # model directory (None: the bundled world model)
     hparams: str = "world"  # bundled YAML key of each method
     seed: int | None = None  # None: global RNG seeded with 0, methods keep their YAML seed
@@ -132,24 +134,26 @@ class Bench:
             from mke_plugins import world
 
             data = str(world.data_dir())
-        self.data_path, raw = load_requests(data, cases=cfg.cases, image_root=cfg.image_root)
         self.model_path = None if cfg.model is None else str(Path(cfg.model))
         # hparams and overrides are checked before the model loads (minutes at 7B)
         self.methods = [self._bind(r) for r in (cfg.methods or self.default_methods(cfg.hparams))]
         if not self.methods:
             raise MKEError("no methods to run: nothing is registered with hyperparameters for "
                            f"{cfg.hparams!r}; see `mke-plugins methods`")
+        self.dataset = load_data(data, cases=cfg.cases, image_root=cfg.image_root, fmt=cfg.format,
+                                 rephrase_image_root=cfg.rephrase_image_root, hparams=[m.hparams for m in self.methods])
+        self.data_path, raw = self.dataset.path, self.dataset.requests
         self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype)
         self.threads = cfg.threads
         if self.threads is None and cfg.device == "cpu" and \
                 sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
             self.threads = 1
         self.adapter = get_adapter(self.model, SimpleNamespace(model_name=self.model_path))
-        self.requests = with_images(raw, self.adapter)  # every record and picture, before the first edit
-        check_text(self.requests, self.tok, self.model, self.data_path)
+        self.requests = with_images(raw, self.adapter, self.dataset)  # every picture, before the first edit
+        check_text(self.requests, self.tok, self.model, self.data_path, self.dataset)
         self._pre: dict[int, list[ProbeOutput]] = {}
         self._check: StateCheck | None = None
-        self.notes: list[str] = []
+        self.notes: list[str] = list(self.dataset.notes)
 
     @staticmethod
     def default_methods(hparams_key: str) -> list[MethodRequest]:
