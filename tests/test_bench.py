@@ -21,7 +21,8 @@ from mke_plugins.bench.runner import Bench, BenchConfig, methods_from
 from mke_plugins.bench.score import SCHEMA_KEYS
 from mke_plugins.core.snapshot import RestoreHandle
 
-ACC_KEYS = [k for k in SCHEMA_KEYS if k.endswith("_acc") or k in ("dfr_text", "dfr_image", "joint_consistency")]
+ACC_KEYS = [k for k in SCHEMA_KEYS if k.endswith(("_acc", "_easyedit")) or k in ("dfr_text", "dfr_image",
+                                                                                   "joint_consistency")]
 
 
 def _noop(label: str = "noop") -> BoundMethod:

@@ -31,7 +31,8 @@ ACCURACY_KINDS = ("rewrite", "rephrase", "image_rephrase", "text_only", "image_o
 
 #: the result-schema keys every method row carries (the JSON schema in ``mke_plugins/bench/__init__.py``)
 SCHEMA_KEYS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc",
-               "text_only_acc", "image_only_acc", "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
+               "locality_easyedit", "multimodal_locality_easyedit", "text_only_acc", "image_only_acc",
+               "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
                "joint_consistency", "edit_seconds_median", "edit_seconds_p90", "edit_to_fwdbwd_ratio",
                "peak_memory_mb")
 #: per-case keys averaged over cases into the method row (beside the schema's accuracy keys)
