@@ -15,12 +15,14 @@ import torch
 
 from mke_hooks import MKEError
 from mke_plugins.bench.methods import BoundMethod, MethodRequest, parse_method, parse_methods, split_methods
+from mke_plugins.bench.probes import ProbeOutput
 from mke_plugins.bench.restore import RestoreError
 from mke_plugins.bench.runner import Bench, BenchConfig, methods_from
 from mke_plugins.bench.score import SCHEMA_KEYS
 from mke_plugins.core.snapshot import RestoreHandle
 
-ACC_KEYS = [k for k in SCHEMA_KEYS if k.endswith("_acc") or k in ("dfr_text", "dfr_image", "joint_consistency")]
+ACC_KEYS = [k for k in SCHEMA_KEYS if k.endswith(("_acc", "_easyedit")) or k in ("dfr_text", "dfr_image",
+                                                                                   "joint_consistency")]
 
 
 def _noop(label: str = "noop") -> BoundMethod:
@@ -86,12 +88,48 @@ def test_ft_edits_and_locality_compares_with_the_unedited_model(single_result):
     assert ft["pre_rewrite_acc"] == 0.0 and ft["rewrite_acc"] == 1.0 and ft["rewrite_success"] == 1.0
     assert ft["extra"]["steps"] > 0
     # a method that changes nothing keeps every locality probe at 1 and every accuracy at its pre value
-    for key in ("locality_acc", "multimodal_locality_acc", "multimodal_locality_top10", "fine_locality_acc"):
+    for key in ("locality_acc", "multimodal_locality_acc", "multimodal_locality_top10", "fine_locality_acc",
+                "locality_easyedit", "multimodal_locality_easyedit"):
         assert noop[key] == 1.0, key
     for kind in ("rewrite", "rephrase", "image_rephrase", "text_only", "image_only"):
         assert noop[f"{kind}_acc"] == noop[f"pre_{kind}_acc"]
     assert noop["dfr_text"] is None  # no paired success without an edit: DFR is undefined, not 0
     assert noop["joint_consistency"] == 0.0 and noop["decoupling_n"] == 2
+
+
+def test_easyedit_locality_protocol_is_reported_beside_ours(single_result):
+    from mke_plugins.bench.report import table
+
+    for name, row in single_result["methods"].items():
+        assert row["multimodal_locality_top10"] == row["multimodal_locality_easyedit"], name
+        for case in row["cases"]:
+            for key in ("locality_easyedit", "multimodal_locality_easyedit"):
+                assert 0.0 <= case[key] <= 1.0, (name, key, case[key])
+    header = table(single_result).splitlines()[0]
+    assert "T-Loc(EE)" in header and "M-Loc(EE)" in header
+
+
+def _probe_output(answer: list[int], sequence: list[list[int]]) -> ProbeOutput:
+    return ProbeOutput(1.0, True, torch.tensor(answer).view(-1, 1), torch.tensor(sequence))
+
+
+def test_easyedit_locality_reads_every_position_ours_only_the_answer():
+    from mke_plugins.adapters.base import Query
+    from mke_plugins.bench.probes import Probe
+    from mke_plugins.bench.score import score_case
+
+    probes = [Probe("rewrite", Query(None, "p", "t")), Probe("locality", Query(None, "q", "a")),
+              Probe("multimodal_locality", Query("img", "q", "a"))]
+    rewrite = _probe_output([1], [[1]])
+    # T-Loc: 4 positions, the last two are the answer's; the edit changes one prompt position only
+    pre_t, post_t = _probe_output([5, 6], [[1], [2], [5], [6]]), _probe_output([5, 6], [[1], [9], [5], [6]])
+    # M-Loc: 2 positions, top-3 ids; the answer's top-1 holds, ranks 2 and 3 of the first position swap
+    pre_m = _probe_output([4], [[7, 8, 9], [4, 3, 2]])
+    post_m = _probe_output([4], [[7, 9, 8], [4, 3, 2]])
+    out = score_case(probes, [rewrite, pre_t, pre_m], [rewrite, post_t, post_m])
+    assert out["locality_acc"] == 1.0 and out["locality_easyedit"] == 0.75
+    assert out["multimodal_locality_acc"] == 1.0
+    assert out["multimodal_locality_easyedit"] == out["multimodal_locality_top10"] == pytest.approx(4 / 6)
 
 
 def test_restore_that_is_not_exact_fails_loudly_naming_the_method():

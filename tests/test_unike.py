@@ -272,6 +272,39 @@ def test_alpha_is_in_unit_interval_and_shift_acts_only_through_the_gate(qwen) ->
     handle()
 
 
+def test_alpha_threshold_leaves_low_alpha_positions_unshifted(qwen) -> None:
+    """alpha_threshold zeroes every alpha below it (those positions get no shift) and keeps the rest as they were."""
+    from mke_plugins.methods.unike.runtime import runtime_for
+
+    model, tok = qwen["model"], qwen["tok"]
+    rec = _records("qwen2-vl", 1, offset=80)[0]
+    ad = get_adapter(model)
+    b = ad.batch(model, tok, [Query(rec["image"], rec["prompt"], rec["target"])])
+    edited, handle = _apply(qwen, rec, use_intrinsic=False)
+    rt = runtime_for(model, create=False)
+    rt.record_alpha = True
+    with torch.no_grad():
+        bare = ad.forward(model, b)
+        ad.forward(edited, b)
+        plain = {k: v.clone() for k, v in rt.last_alpha.items()}
+        values = torch.cat([v.flatten() for v in plain.values()])
+        tau = float(values[values > 0].median())  # half of the shifted positions fall below it
+        rt.alpha_threshold = tau
+        ad.forward(edited, b)
+        gated = {k: v.clone() for k, v in rt.last_alpha.items()}
+        rt.alpha_threshold = 1.0 - 1e-6  # no alpha reaches it: the model is the bare one
+        unshifted = ad.forward(edited, b)
+    handle()
+    first = min(plain)  # later layers see the first one's (now smaller) shift, so only its alphas are comparable
+    a, got = plain[first], gated[first]
+    low = a < tau
+    assert low.any() and (~low).any()
+    assert (got[low] == 0).all() and torch.equal(got[~low], a[~low])
+    for layer, g in gated.items():
+        assert ((g == 0) | (g >= tau)).all(), layer
+    assert torch.equal(unshifted, bare)
+
+
 def test_threshold_key_init_is_negative_below_theta() -> None:
     from mke_plugins.methods.unike.edit import _init_keys
 

@@ -17,24 +17,31 @@ Result JSON (read by tools; these keys are stable)::
 
     {"model": str, "data": str, "mode": "single"|"sequential", "cases": int,
      "methods": {NAME: {"rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc",
-                        "multimodal_locality_acc", "text_only_acc", "image_only_acc",
+                        "multimodal_locality_acc", "locality_easyedit", "multimodal_locality_easyedit",
+                        "text_only_acc", "image_only_acc",
                         "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
                         "joint_consistency", "edit_seconds_median", "edit_seconds_p90",
                         "edit_to_fwdbwd_ratio", "peak_memory_mb", ...extras}}}
 
-Accuracies are in [0, 1]; a metric the data cannot provide is ``null``. The cost unit
-``fwdbwd_seconds`` (per case) is one forward+backward pass of the model on that case's edit
-request, all weights trainable: the median of 5 timed passes after 1 untimed warm-up
+Accuracies are in [0, 1]; a metric the data cannot provide is ``null``. Locality comes in two
+protocols, both against the unedited model's outputs on the same inputs: ours, ``locality_acc`` /
+``multimodal_locality_acc`` (top-1 agreement at the answer positions of the T-Loc / M-Loc query),
+and EasyEdit main's (``MultimodalEditor``), ``locality_easyedit`` (top-1 agreement at every position
+of the T-Loc row: prompt, template and answer) / ``multimodal_locality_easyedit`` (top-10 ids
+compared rank by rank at every position of the M-Loc row, picture tokens included); each is averaged
+per case, then over cases, as EasyEdit's per-case ``post`` values are. The cost unit
+``fwdbwd_seconds`` (per case) is one forward+backward pass of the model on that case's edit request,
+all weights trainable: the median of 5 timed passes after 1 untimed warm-up
 (:func:`.cost.fwd_bwd_seconds`); ``fwdbwd_seconds_median`` is its median over cases and
-``edit_to_fwdbwd_ratio`` is ``edit_seconds_median`` over it. Extras per method:
-``*_success`` (every target token argmax-correct), ``pre_*`` (the unedited model),
-``multimodal_locality_top10`` (EasyEdit main's M-Loc), ``fine_locality_same_image`` /
-``_same_entity`` / ``_by_form``, ``unit_consistency``, ``rewrite_exact_match`` (greedy
-generation), ``decoupling_n`` / ``decoupling_n_paired_success``, ``fwdbwd_seconds_median``,
+``edit_to_fwdbwd_ratio`` is ``edit_seconds_median`` over it. Extras per method: ``*_success`` (every
+target token argmax-correct), ``pre_*`` (the unedited model), ``multimodal_locality_top10`` (the
+same number as ``multimodal_locality_easyedit``, its older name), ``fine_locality_same_image`` /
+``_same_entity`` / ``_by_form``, ``unit_consistency``, ``rewrite_exact_match`` (greedy generation),
+``decoupling_n`` / ``decoupling_n_paired_success``, ``fwdbwd_seconds_median``,
 ``peak_memory_delta_mb``, ``n_cases``, ``extra`` (the method template's per-edit stats: ``steps``,
-``seconds``, ``converged``, ``added_bytes`` and the method's own keys), ``hparams``,
-``source``, ``restore``, and with ``--per-case`` a ``cases`` list. Top level also holds
-``sequential_n``, ``seed``, ``device``, ``threads``, ``hparams`` and ``notes``.
+``seconds``, ``converged``, ``added_bytes`` and the method's own keys), ``hparams``, ``source``,
+``restore``, and with ``--per-case`` a ``cases`` list. Top level also holds ``sequential_n``,
+``seed``, ``device``, ``threads``, ``hparams`` and ``notes``.
 
 Programmatic use::
 

@@ -21,6 +21,9 @@ from mke_plugins.core import scoring
 
 #: probe kinds whose score is agreement with the pre-edit model rather than accuracy
 LOCALITY_KINDS = ("locality", "multimodal_locality", "fine_locality")
+#: EasyEdit main's locality protocol: probe kind -> k of its rank-by-rank top-k match over every
+#: position of the row (``attach_topk_locality_metrics``: top-1 for T-Loc, top-10 for M-Loc)
+EASYEDIT_TOPK = {"locality": 1, "multimodal_locality": 10}
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ class ProbeOutput:
     acc: float | None  # token accuracy against the probe's target (None: no target tokens)
     success: bool  # every target token is the argmax
     top1: torch.Tensor  # (n_answer, 1) argmax ids at the answer positions
-    seq_topk: torch.Tensor | None = None  # (n_tokens, 10) top-10 ids over the whole row (M-Loc only)
+    # (n_tokens, k) top-k ids at every non-padding position of the row, k from EASYEDIT_TOPK
+    # (T-Loc and M-Loc probes only: EasyEdit's locality protocol)
+    seq_topk: torch.Tensor | None = None
 
 
 @dataclass
@@ -113,8 +118,12 @@ def build_batches(adapter: Any, model: Any, tok: Any, probes: Sequence[Probe], m
 
 
 @torch.no_grad()
-def run_probes(adapter: Any, model: Any, pb: ProbeBatches, topk: int = 10) -> list[ProbeOutput]:
-    """Evaluate every probe on ``model`` (teacher forced); one forward pass per batch."""
+def run_probes(adapter: Any, model: Any, pb: ProbeBatches) -> list[ProbeOutput]:
+    """Evaluate every probe on ``model`` (teacher forced); one forward pass per batch.
+
+    The same logits give both locality protocols: top-1 at the answer positions (ours) and, for the
+    T-Loc and M-Loc probes, the top-k ids at every position (EasyEdit's, :data:`EASYEDIT_TOPK`).
+    """
     outputs: list[ProbeOutput] = []
     i = 0
     for batch in pb.batches:
@@ -126,8 +135,9 @@ def run_probes(adapter: Any, model: Any, pb: ProbeBatches, topk: int = 10) -> li
         for b in range(len(batch)):
             probe = pb.probes[i + b]
             seq = None
-            if probe.kind == "multimodal_locality":
-                seq = scoring.sequence_topk(logits[b:b + 1], batch.attention_mask[b:b + 1], k=topk)[0]
+            if probe.kind in EASYEDIT_TOPK:
+                seq = scoring.sequence_topk(logits[b:b + 1], batch.attention_mask[b:b + 1],
+                                            k=EASYEDIT_TOPK[probe.kind])[0]
             outputs.append(ProbeOutput(scoring.finite(acc[b]), bool(ok[b]), top1[b], seq))
         i += len(batch)
         del logits

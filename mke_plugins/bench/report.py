@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 #: (column header, result key, kind) for the table and the plot; kind: "acc" higher is better,
-#: "rate" lower is better, "sec", "ratio", "mb"
+#: "rate" lower is better, "sec", "ratio", "mb". T-Loc and M-Loc are ours (answer positions, top-1);
+#: the "(EE)" columns score the same probes the way EasyEdit main's MultimodalEditor does (every
+#: position of the row, top-1 for T-Loc, top-10 rank by rank for M-Loc)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Rel", "rewrite_acc", "acc"),
     ("Rel-S", "rewrite_success", "acc"),
@@ -24,6 +26,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("M-Gen", "image_rephrase_acc", "acc"),
     ("T-Loc", "locality_acc", "acc"),
     ("M-Loc", "multimodal_locality_acc", "acc"),
+    ("T-Loc(EE)", "locality_easyedit", "acc"),
+    ("M-Loc(EE)", "multimodal_locality_easyedit", "acc"),
     ("Text", "text_only_acc", "acc"),
     ("Image", "image_only_acc", "acc"),
     ("FineLoc", "fine_locality_acc", "acc"),
@@ -58,17 +62,21 @@ def table(result: dict[str, Any]) -> str:
     """A fixed-width table: one row per method, the main metrics as columns."""
     names = list(result["methods"])
     width = max([len("method")] + [len(n) for n in names])
-    header = f"{'method':<{width}}  " + "  ".join(f"{h:>7}" for h, _, _ in COLUMNS)
+    cols = [max(7, len(h)) for h, _, _ in COLUMNS]
+    header = f"{'method':<{width}}  " + "  ".join(f"{h:>{w}}" for (h, _, _), w in zip(COLUMNS, cols, strict=True))
     lines = [header, "-" * len(header)]
     for name in names:
         row = result["methods"][name]
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(row.get(k), kind):>7}" for _, k, kind in COLUMNS))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(row.get(k), kind):>{w}}"
+                                                      for (_, k, kind), w in zip(COLUMNS, cols, strict=True)))
     seq = f", sequences of {result['sequential_n']}" if result.get("mode") == "sequential" else ""
     first = next(iter(result["methods"].values()), {})
     n = first.get("decoupling_n")
     lines.append(f"{result['cases']} cases, {result['mode']} mode{seq}; model {result['model']}; data "
                  f"{result['data']}; decoupling over N={n} cases. Accuracies are teacher-forced target-token "
-                 f"accuracy; locality = agreement with the unedited model's top-1; DFR/Joint success-based.")
+                 f"accuracy; T-Loc/M-Loc = agreement with the unedited model's top-1 at the answer positions; "
+                 f"(EE) = EasyEdit's protocol: every position, top-1 (T) / top-10 rank by rank (M); "
+                 f"DFR/Joint success-based.")
     for note in result.get("notes") or []:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -108,7 +116,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     quality = [(h, k) for h, k, kind in COLUMNS if kind == "acc"]
     rates = [(h, k) for h, k, kind in COLUMNS if kind == "rate"]
     cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [6, 1.4, 1.6]})
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.2), gridspec_kw={"width_ratios": [7, 1.4, 1.6]})
 
     def bars(ax, items, ylim=(0, 1.05)):
         n = max(len(names), 1)

@@ -7,8 +7,11 @@ feeds which metric (see the world README, "Record fields and what they measure")
   ``portability``: post-edit token accuracy against the probe's target (``*_acc``) and success
   (``*_success``: every target token argmax-correct); the same on the unedited model as ``pre_*``.
 * ``locality`` / ``multimodal_locality`` / ``fine_locality``: share of answer positions whose
-  post-edit top-1 token equals the pre-edit top-1 token; ``multimodal_locality_top10`` is
-  EasyEdit main's top-10, rank-by-rank agreement over the whole M-Loc sequence.
+  post-edit top-1 token equals the pre-edit top-1 token (``*_acc``, our protocol).
+* EasyEdit main's protocol for the same two probes (``MultimodalEditor``'s
+  ``attach_topk_locality_metrics``): every position of the row (prompt, picture tokens, answer),
+  top-1 for ``locality_easyedit``, top-10 rank by rank for ``multimodal_locality_easyedit``
+  (also kept under its older name ``multimodal_locality_top10``).
 * ``unit_consistency``: anchor, T-Gen and M-Gen all succeed (ASAM's UC).
 * Decoupling (DFR_T, DFR_I, joint consistency) is aggregated from the per-case success flags.
 
@@ -28,13 +31,15 @@ ACCURACY_KINDS = ("rewrite", "rephrase", "image_rephrase", "text_only", "image_o
 
 #: the result-schema keys every method row carries (the JSON schema in ``mke_plugins/bench/__init__.py``)
 SCHEMA_KEYS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc",
-               "text_only_acc", "image_only_acc", "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
+               "locality_easyedit", "multimodal_locality_easyedit", "text_only_acc", "image_only_acc",
+               "fine_locality_acc", "portability_acc", "dfr_text", "dfr_image",
                "joint_consistency", "edit_seconds_median", "edit_seconds_p90", "edit_to_fwdbwd_ratio",
                "peak_memory_mb")
 #: per-case keys averaged over cases into the method row (beside the schema's accuracy keys)
 CASE_MEAN_KEYS = (
     "rewrite_acc", "rewrite_success", "rephrase_acc", "rephrase_success", "image_rephrase_acc",
-    "image_rephrase_success", "locality_acc", "multimodal_locality_acc", "multimodal_locality_top10",
+    "image_rephrase_success", "locality_acc", "multimodal_locality_acc", "locality_easyedit",
+    "multimodal_locality_easyedit", "multimodal_locality_top10",
     "text_only_acc", "text_only_success", "image_only_acc", "image_only_success", "fine_locality_acc",
     "fine_locality_same_image", "fine_locality_same_entity", "portability_acc", "portability_success",
     "unit_consistency", "rewrite_exact_match",
@@ -45,6 +50,13 @@ CASE_MEAN_KEYS = (
 
 def _mean(values: Iterable[float | bool | None]) -> float | None:
     return scoring.mean_or_none(list(values))
+
+
+def _easyedit_locality(pre: ProbeOutput, post: ProbeOutput) -> float | None:
+    """EasyEdit's locality of one probe: rank-by-rank agreement of the whole-row top-k ids."""
+    if pre.seq_topk is None or post.seq_topk is None:
+        return None
+    return scoring.topk_agreement(pre.seq_topk, post.seq_topk)
 
 
 def score_case(probes: Sequence[Probe], pre: Sequence[ProbeOutput], post: Sequence[ProbeOutput]) -> dict[str, Any]:
@@ -69,16 +81,14 @@ def score_case(probes: Sequence[Probe], pre: Sequence[ProbeOutput], post: Sequen
     out["pre_portability_acc"] = _mean(a.acc for _, a, _ in port)
     out["portability_n"] = len(port)
 
-    loc = rows["locality"]
-    out["locality_acc"] = scoring.agreement(loc[0][1].top1, loc[0][2].top1) if loc else None
-    mloc = rows["multimodal_locality"]
-    if mloc:
-        _, a, b = mloc[0]
-        out["multimodal_locality_acc"] = scoring.agreement(a.top1, b.top1)
-        out["multimodal_locality_top10"] = (scoring.topk_agreement(a.seq_topk, b.seq_topk)
-                                            if a.seq_topk is not None and b.seq_topk is not None else None)
-    else:
-        out["multimodal_locality_acc"] = out["multimodal_locality_top10"] = None
+    for kind in ("locality", "multimodal_locality"):
+        if rows[kind]:
+            _, a, b = rows[kind][0]
+            out[f"{kind}_acc"] = scoring.agreement(a.top1, b.top1)
+            out[f"{kind}_easyedit"] = _easyedit_locality(a, b)
+        else:
+            out[f"{kind}_acc"] = out[f"{kind}_easyedit"] = None
+    out["multimodal_locality_top10"] = out["multimodal_locality_easyedit"]
     fine = [(p, scoring.agreement(a.top1, b.top1)) for p, a, b in rows["fine_locality"]]
     out["fine_locality_acc"] = _mean(v for _, v in fine)
     for scope in ("same_image", "same_entity"):

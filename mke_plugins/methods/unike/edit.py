@@ -112,6 +112,7 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     eid = rt.new_edit()
     rep = EditReport(eid)
     rt.alpha_mode, rt.alpha_fixed = hparams.alpha_mode, float(hparams.alpha_fixed)
+    rt.alpha_threshold = float(hparams.alpha_threshold)
 
     # 2. vectorise on the pristine model
     with rt.pristine():

@@ -86,6 +86,7 @@ class UniKERuntime:
         self.next_id = 0
         self.alpha_mode = "dynamic"
         self.alpha_fixed = 0.5
+        self.alpha_threshold = 0.0  # dynamic α below it is 0: no shift where the memory does not match
         self.suspended = 0
         self.last_alpha: dict[int, torch.Tensor] = {}  # diagnostics: last α per layer (detached)
         self.record_alpha = False
@@ -136,6 +137,8 @@ class UniKERuntime:
         else:
             e = mem.enc_sem(hk)
             alpha = F.cosine_similarity(e - mem.mu, xf - mem.mu, dim=-1).clamp(0.0, 1.0).unsqueeze(-1)
+            if self.alpha_threshold > 0:
+                alpha = alpha.masked_fill(alpha < self.alpha_threshold, 0.0)
         if self.record_alpha and not force:
             self.last_alpha[mem.info.index] = alpha.detach().squeeze(-1)
         return ((1.0 - alpha) * xf + alpha * hk).to(x.dtype)

@@ -54,6 +54,9 @@ class UniKEHyperParams(MultimodalHyperParams):
         "dynamic", "'dynamic': alpha from the semantic encoder per position; 'fixed': alpha_fixed.")
     alpha_fixed: float = hp(0.5, "The mixing weight of external knowledge when alpha_mode is 'fixed'.",
                             ge=0, le=1)
+    alpha_threshold: float = hp(0.0, "Dynamic alpha below this is set to 0, so a position whose state does not "
+                                     "match the latent memory is not shifted at all (project choice); 0 = the "
+                                     "paper's shift at every position with alpha > 0.", ge=0, lt=1)
     beta: float = hp(0.1, "Scale of zeta' = W_zeta zeta added to every new value row.", ge=0)
     use_intrinsic: bool = hp(True, "Add trained key-value neurons (false: external knowledge only).")
     use_external: bool = hp(True, "Install the latent memory feature shifts (false: intrinsic neurons only).")
