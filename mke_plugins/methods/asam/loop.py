@@ -57,6 +57,7 @@ class EditStats:
     stopped: bool = False  # the stop rule was met (else max_steps ran out)
     seconds: float = 0.0
     lar_seconds: float = 0.0  # time spent generating variants
+    regenerations: int = 0  # variant sets generated (one PGD run each)
     layers: list[int] = field(default_factory=list)
     variants: int = 0
     nll: float | None = None  # loss terms at the last forward
@@ -148,8 +149,12 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
     opt = torch.optim.Adam(params, lr=float(hparams.lr))
     delta_full: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    stale_stop = False  # the stop rule held on variants made for an earlier patch: regenerate, check again
     for step in range(1, int(hparams.max_steps) + 1):
-        if K > 0 and (step - 1) % int(hparams.lar_regen_every) == 0:
+        fresh = K > 0 and ((step - 1) % int(hparams.lar_regen_every) == 0 or stale_stop)
+        stale_stop = False
+        if fresh:
+            stats.regenerations += 1
             t0 = time.perf_counter()
             delta = lar_mod.pgd(model, adapter, batch_k, anchor, rho=float(hparams.lar_eps),
                                 steps=int(hparams.lar_steps), alpha=hparams.step_size(), gen=gen, gate=GATE,
@@ -216,6 +221,9 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
             done = bool(ok_rows.all()) and float(act.detach()) <= float(hparams.act_tol)
         else:
             done = bool(ok_rows[0]) and float(act_anchor.detach()) <= float(hparams.act_tol)
+        if done and K > 0 and not fresh and hparams.lar_fresh_stop:
+            stale_stop = True  # no update: the next outer step regenerates the variants and checks again
+            continue
         if done:
             stats.stopped = True
             break
