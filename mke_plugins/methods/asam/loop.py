@@ -6,7 +6,9 @@ One outer step: regenerate the K variants with PGD when due (patch frozen, δ* d
 one forward over the K+1 rows [z; z+δ*_1; …; z+δ*_K] with the gate open, capturing the
 edited layers' FFN inputs (for L_act) and outputs at the last prompt position (for RCSL), check
 the stop rule on that forward, then one Adam step on the current edit's patch parameters only
-(gradient clipped). With ``lar: false`` there are no variants (K = 0) and the same code is the
+(gradient clipped). With ``lar_regen_every`` N > 1 a variant set serves N steps; a stop rule met on
+a reused set is confirmed on a fresh one first (``lar_fresh_stop``: the next step regenerates and
+checks again, with no update in between). With ``lar: false`` there are no variants (K = 0) and the same code is the
 base neuron-patch editor: anchor-only NLL, activation loss and stopping, the same memory loss.
 
 :func:`run_asam` edits a list of requests in turn; every finished edit freezes its blocks and
