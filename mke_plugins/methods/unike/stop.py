@@ -6,7 +6,9 @@ the world the margin loss ends an edit's 50 steps far above that (0.15–0.62 on
 while the NLL ends far below ``stop_loss`` (0.006 vs 0.1), so every edit ran to the step cap.
 ``margin_patience`` adds a rule that can fire: the margin also counts as met once it has stopped
 falling, i.e. it fell by less than ``margin_tol`` over the last ``margin_patience`` steps. With
-``margin_patience: 0`` (the default) the rule is the tolerance alone, as before.
+``margin_patience: 0`` (the default) the rule is the tolerance alone, as before. The loop asks only
+on steps where the NLL rule holds, so the plateau is judged over the last N such steps: an edit
+stops at the earliest N + 1 steps after its NLL first fell below ``stop_loss``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class MarginStop:
         return False
 
     def report(self) -> dict[str, Any]:
-        """The first and last margin loss and whether a stop came from the plateau rule (bench ``extra``)."""
+        """The first and last margin loss asked about (steps where the NLL rule held) and whether a stop came
+        from the plateau rule (bench ``extra``)."""
         if not self.history:
             return {}
         return {"margin_first": self.history[0], "margin_final": self.history[-1], "margin_plateau": self.plateau}
