@@ -508,3 +508,33 @@ def test_cuda_edit_and_restore(world_model):
     assert wc.stats.flat()["stopped"]
     wc()
     assert_same_state(before, m)
+
+
+# -- variant regeneration and the stop rule -------------------------------------------------------------
+
+@pytest.mark.parametrize("every,fresh_stop", [(1, True), (1000, True), (1000, False)])
+def test_regen_every_reuses_variants_and_stops_only_on_fresh_ones(world_model, monkeypatch, every, fresh_stop):
+    """Every outer step regenerates by default; with ``lar_regen_every`` N > 1 a set is reused, and the stop
+    rule, when it holds on a reused set, is checked again on a fresh one (``lar_fresh_stop``) before it stops."""
+    model, tok, reqs = world_model
+    made_at: list[int] = []
+    real_pgd = lar.pgd
+
+    def counting_pgd(*args: Any, **kw: Any) -> torch.Tensor:
+        made_at.append(len(made_at))
+        return real_pgd(*args, **kw)
+
+    monkeypatch.setattr(lar, "pgd", counting_pgd)
+    hp = world_hparams(lambda_mem=0.0, lar_regen_every=every, lar_fresh_stop=fresh_stop)
+    before = state_of(model)
+    edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, reqs[2], hp, return_orig_weights=True)
+    st = wc.stats.flat()
+    wc()
+    assert_same_state(before, model)
+    assert st["stopped"] and st["steps"] < hp.max_steps and st["regenerations"] == len(made_at)
+    if every == 1:  # the paper's loop: one fresh set per outer step, the stopping forward's included
+        assert len(made_at) == st["steps"] + 1
+    elif fresh_stop:  # the first set, then one more to confirm a stop seen on the reused set
+        assert st["steps"] > 0 and 2 <= len(made_at) <= st["steps"]  # a stop after updates is on a reused set
+    else:  # one set for the whole edit: the stop is accepted on it
+        assert len(made_at) == 1

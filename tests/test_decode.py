@@ -367,3 +367,34 @@ def test_bad_requests_name_the_field(family_setup):
     bad.group_mode = "both"
     with pytest.raises(HparamsError, match="'group_mode'"):
         decode_main.apply_decode_to_multimodal_model(model, tok, [good], bad)
+
+
+# -- the early-stop tokens -------------------------------------------------------------------------
+
+def test_early_stop_on_answer_fires_where_the_end_of_answer_token_keeps_the_reference_rule_running():
+    """The world model never learnt to end an answer: the EOS term keeps the reference's mean CE high, so
+    its rule cannot fire, while the answer-only rule (``early_stop_on: answer``) stops the stage."""
+    from mke_plugins.hparams import load_hparams
+
+    model, tok, requests = world_requests(1)
+    req = requests[0]
+    adapter = get_adapter(model, load_hparams("DECODE", "world"))
+    stage = localize.build_stage_input(adapter, model, tok, localize.stage_queries(req).text,
+                                       load_hparams("DECODE", "world"))
+    with torch.no_grad():
+        logits = adapter.forward(model, stage.batch)
+        with_eos, answer = float(adapter.loss(model, stage.batch, logits=logits)), offsets.answer_ce(logits, stage)
+    assert answer < with_eos  # the EOS token is what the reference rule waits for
+    threshold = (answer + with_eos) / 2  # met by the answer tokens alone, not with EOS
+    runs = {}
+    for on in ("answer_eos", "answer"):
+        hp = load_hparams("DECODE", "world", max_steps=4, early_stop_text=threshold, early_stop_on=on)
+        before = state_of(model)
+        res = offsets.run_decode(model, tok, [req], hp, adapter=adapter)
+        runs[on] = next(s for s in res.reports[0].stages if s.name == "text")
+        res.snapshot.restore()
+        assert_same_state(before, model)
+    assert DECODEHyperParams.early_stop_on == "answer_eos"  # the reference rule stays the default
+    assert not runs["answer_eos"].early_stopped and runs["answer_eos"].steps == 4
+    assert runs["answer"].early_stopped and runs["answer"].steps == 0
+    assert runs["answer"].final_l_answer == pytest.approx(answer, abs=1e-5)

@@ -439,3 +439,42 @@ from mke_plugins.testing import parametrize_with_checks  # noqa: E402
 @parametrize_with_checks(["UniKE"])
 def test_conformance(method, check):
     check(method)
+
+
+# -- the margin stop rule ------------------------------------------------------------------------
+def test_margin_stop_rule_tolerance_and_plateau() -> None:
+    from mke_plugins.methods.unike.stop import MarginStop
+
+    def first_met(values: list[float], tol: float, patience: int) -> int | None:
+        rule = MarginStop(tol, patience)
+        return next((i for i, v in enumerate(values) if rule.margin_met(torch.tensor(v))), None)
+
+    settling = [1.0, 0.6, 0.4, 0.35, 0.345, 0.344, 0.3435, 0.3433]
+    assert first_met(settling, 0.01, 0) is None  # the tolerance alone never fires on a floor above it
+    assert first_met(settling, 0.01, 2) == 5  # 0.35 -> 0.344 over the last 2 steps: settled
+    assert first_met(settling, 0.01, 4) == 7
+    assert first_met([1.0, 0.5, 0.005], 0.01, 0) == 2  # below the tolerance: met either way
+    assert MarginStop(0.01, 3).margin_met(None)  # no margin loss: nothing to wait for
+    falling = [1.0 - 0.05 * i for i in range(15)]
+    assert first_met(falling, 0.01, 2) is None  # still falling fast: not settled
+
+
+def test_margin_patience_lets_an_edit_stop_before_max_steps(qwen) -> None:
+    from mke_plugins.methods.unike import restore_all
+    from mke_plugins.methods.unike.runtime import runtime_for
+
+    rec = _records("qwen2-vl", 1, offset=90)[0]
+    # the NLL rule is always met; a margin of 50 with a tiny weight stays far above margin_tol and barely moves
+    over = dict(negatives=8, negative_loss_weight=1e-6, negative_margin=50.0, key_scale=20.0, key_threshold=0.8,
+                max_edit_steps=30, stop_loss=100.0)
+    reports = []
+    for patience in (0, 3):
+        edited, handle = _apply(qwen, rec, margin_patience=patience, **over)
+        reports.append(handle.stats.edits[0])
+        handle()
+    default, settled = reports
+    assert default.steps == 30 and not default.converged  # the paper's rule: the cap
+    assert default.extra["margin_final"] > 0.01
+    assert settled.converged and settled.steps == 3 and settled.extra["margin_plateau"]
+    restore_all(qwen["model"])
+    assert runtime_for(qwen["model"], create=False) is None

@@ -52,7 +52,11 @@ class ASAMHyperParams(MultimodalHyperParams):
     lar_step_size: float | None = hp(None, "alpha: PGD step relative to |z_t| (null: 2.5 * lar_eps / lar_steps).",
                                      gt=0)
     lar_regen_every: int = hp(1, "Regenerate all variants from fresh random starts every this many outer "
-                                  "steps.", ge=1)
+                                  "steps (1: every step, the paper's loop; N > 1 reuses a set for N steps, "
+                                  "saving PGD passes: README, 'Measurements').", ge=1)
+    lar_fresh_stop: bool = hp(True, "With lar_regen_every > 1, accept the stop rule only on variants generated "
+                                    "against the current patch: when it holds on an older set, regenerate and "
+                                    "check again (one forward, no update) before stopping. No effect at 1.")
     lar_objective: Literal["untargeted", "targeted"] = hp(
         "untargeted", "'untargeted' (maximise NLL of the new answer) or 'targeted' (minimise NLL of the pre-edit "
                       "answer).")

@@ -6,7 +6,9 @@ One outer step: regenerate the K variants with PGD when due (patch frozen, δ* d
 one forward over the K+1 rows [z; z+δ*_1; …; z+δ*_K] with the gate open, capturing the
 edited layers' FFN inputs (for L_act) and outputs at the last prompt position (for RCSL), check
 the stop rule on that forward, then one Adam step on the current edit's patch parameters only
-(gradient clipped). With ``lar: false`` there are no variants (K = 0) and the same code is the
+(gradient clipped). With ``lar_regen_every`` N > 1 a variant set serves N steps; a stop rule met on
+a reused set is confirmed on a fresh one first (``lar_fresh_stop``: the next step regenerates and
+checks again, with no update in between). With ``lar: false`` there are no variants (K = 0) and the same code is the
 base neuron-patch editor: anchor-only NLL, activation loss and stopping, the same memory loss.
 
 :func:`run_asam` edits a list of requests in turn; every finished edit freezes its blocks and
@@ -57,6 +59,7 @@ class EditStats:
     stopped: bool = False  # the stop rule was met (else max_steps ran out)
     seconds: float = 0.0
     lar_seconds: float = 0.0  # time spent generating variants
+    regenerations: int = 0  # variant sets generated (one PGD run each)
     layers: list[int] = field(default_factory=list)
     variants: int = 0
     nll: float | None = None  # loss terms at the last forward
@@ -148,8 +151,12 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
     opt = torch.optim.Adam(params, lr=float(hparams.lr))
     delta_full: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    stale_stop = False  # the stop rule held on variants made for an earlier patch: regenerate, check again
     for step in range(1, int(hparams.max_steps) + 1):
-        if K > 0 and (step - 1) % int(hparams.lar_regen_every) == 0:
+        fresh = K > 0 and ((step - 1) % int(hparams.lar_regen_every) == 0 or stale_stop)
+        stale_stop = False
+        if fresh:
+            stats.regenerations += 1
             t0 = time.perf_counter()
             delta = lar_mod.pgd(model, adapter, batch_k, anchor, rho=float(hparams.lar_eps),
                                 steps=int(hparams.lar_steps), alpha=hparams.step_size(), gen=gen, gate=GATE,
@@ -216,6 +223,9 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
             done = bool(ok_rows.all()) and float(act.detach()) <= float(hparams.act_tol)
         else:
             done = bool(ok_rows[0]) and float(act_anchor.detach()) <= float(hparams.act_tol)
+        if done and K > 0 and not fresh and hparams.lar_fresh_stop:
+            stale_stop = True  # no update: the next outer step regenerates the variants and checks again
+            continue
         if done:
             stats.stopped = True
             break

@@ -56,6 +56,11 @@ class DECODEHyperParams(MultimodalHyperParams):
                                  "(reference: 0.7).", ge=0)
     early_stop_joint: float = hp(0.5, "End the joint stage when the mean target CE is below this "
                                  "(reference: 0.5).", ge=0)
+    early_stop_on: Literal["answer_eos", "answer"] = hp(
+        "answer_eos", "Which tokens' mean CE the early-stop thresholds compare: 'answer_eos' (reference: the "
+                      "answer tokens and the end-of-answer token the stage trains on) or 'answer' (the answer "
+                      "tokens only; the loss still trains on the end-of-answer token). 'answer' lets a stage stop "
+                      "on a model that never learnt to end its answers (README, 'Measurements').")
     append_eos: bool = hp(
         True, "Train on target + the family's end-of-answer token (reference: true); ignored for "
               "families without one.")

@@ -41,6 +41,7 @@ class StageReport:
     steps: int = 0  # Adam updates taken
     final_l_tgt: float | None = None  # last mean CE computed
     final_l_loc: float | None = None  # last KL computed (None if the stage stopped before any)
+    final_l_answer: float | None = None  # last mean CE over the answer tokens alone (end-of-answer token excluded)
     early_stopped: bool = False
     skipped: bool = False  # empty group
     seconds: float = 0.0
@@ -78,6 +79,8 @@ class EditReport:
             out[f"early_stop_{s.name}"] = s.early_stopped
             if s.final_l_tgt is not None:
                 out[f"l_tgt_{s.name}"] = s.final_l_tgt
+            if s.final_l_answer is not None:
+                out[f"l_answer_{s.name}"] = s.final_l_answer
             if s.final_l_loc is not None:
                 out[f"l_loc_{s.name}"] = s.final_l_loc
         return out
@@ -119,6 +122,14 @@ def kl_loss(logits: torch.Tensor, stage: StageInput) -> torch.Tensor:
     return total / sel.shape[0]
 
 
+def answer_ce(logits: torch.Tensor, stage: StageInput) -> float:
+    """Mean CE over the answer tokens y_1..y_m alone (no end-of-answer token), fp32, without a graph."""
+    with torch.no_grad():
+        pos = stage.answer_pos[0].nonzero().flatten().to(logits.device)
+        labels = stage.batch.labels[0].to(logits.device)[pos + 1]
+        return float(F.cross_entropy(logits[0, pos].float(), labels))
+
+
 # -- step 7: one stage --------------------------------------------------------------------------
 
 def by_layer(group: Sequence[Neuron]) -> dict[int, list[int]]:
@@ -155,7 +166,9 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
                 logits = adapter.forward(model, stage.batch)
                 l_tgt = adapter.loss(model, stage.batch, logits=logits)
                 report.final_l_tgt = float(l_tgt.detach())
-                if report.final_l_tgt < threshold:
+                report.final_l_answer = answer_ce(logits, stage)
+                watched = report.final_l_tgt if hparams.early_stop_on == "answer_eos" else report.final_l_answer
+                if watched < threshold:
                     report.early_stopped = True
                     break
                 l_loc = kl_loss(logits, stage)

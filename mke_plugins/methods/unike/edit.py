@@ -31,6 +31,7 @@ from mke_plugins.core.wrap import gate_open
 
 from .archive import Archive
 from .runtime import GATE, UniKERuntime
+from .stop import MarginStop
 from .unike_hparams import UniKEHyperParams
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ RETRIEVE_CHUNK = 4096
 MEMORY_PENALTY_SAMPLES = 256
 #: what to change when an edit's loss is no longer finite
 FIX = "lower `edit_lr`, `negative_loss_weight` or `memory_loss_weight`, or load the model in float32."
-MARGIN_TOL = 1e-2  # the margin losses count as met below this (training may then stop at stop_loss)
 
 
 @dataclass
@@ -179,6 +179,7 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     # 6. train with the shifts and earlier blocks active
     params = [p for blk in blocks for p in blk.parameters()] + w_zetas
     opt = torch.optim.Adam(params, lr=float(hparams.edit_lr))
+    stop = MarginStop(float(hparams.margin_tol), int(hparams.margin_patience))
     penalty_states = _penalty_states(archive, layers, infos) if hparams.memory_loss_weight > 0 else None
     with gate_open(model, GATE):
         for step in range(int(hparams.max_edit_steps) + 1):
@@ -188,9 +189,8 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
                 rep.first_loss = value
             rep.final_loss = value
             margins = _margin_loss(blocks, hparams, negatives, past_inputs)
-            satisfied = margins is None or float(margins.detach()) < MARGIN_TOL
             check_finite("UniKE", step + 1, nll=loss, margin=margins, fix=FIX)
-            rep.converged = value < float(hparams.stop_loss) and satisfied
+            rep.converged = value < float(hparams.stop_loss) and stop.margin_met(margins)
             if rep.converged or step == int(hparams.max_edit_steps):
                 break
             total = loss
@@ -204,6 +204,8 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
             torch.nn.utils.clip_grad_norm_(params, float(hparams.grad_clip))
             opt.step()
             rep.steps += 1
+
+    rep.extra.update(stop.report())
 
     # 7. fold β W_ζ ζ into the values, drop W_ζ, freeze
     with torch.no_grad():

@@ -90,6 +90,12 @@ class UniKEHyperParams(MultimodalHyperParams):
                                      "locality negative should be <= -negative_margin (SiLU(-4) ~ -0.07).", ge=0)
     negative_loss_weight: float = hp(0.0, "Weight of the margin loss mean(relu(pre(negative) + negative_margin)) "
                                           "(T-Patcher's memory loss on locality negatives); 0 = off.", ge=0)
+    margin_tol: float = hp(0.01, "With the margin loss on (negative_loss_weight > 0), training stops only once "
+                                 "it is below this (as well as the NLL below stop_loss).", ge=0)
+    margin_patience: int = hp(0, "0 = the margin loss is met only below margin_tol; N: it also counts as met once "
+                                 "it fell by less than margin_tol over the last N steps whose NLL was below "
+                                 "stop_loss (it has settled: the rule that lets an edit stop before "
+                                 "max_edit_steps on the world; README, 'Measurements').", ge=0)
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:

@@ -47,7 +47,7 @@ def side_bytes(rt: UniKERuntime) -> int:
 
 def edit_stats(rep: EditReport, added_bytes: int) -> EditStats:
     extra = {"edit_id": rep.edit_id, "first_loss": rep.first_loss, "final_loss": rep.final_loss,
-             "retrieved": rep.retrieved, "extra": rep.extra}
+             "retrieved": rep.retrieved, **rep.extra}
     return EditStats(steps=rep.steps, seconds=rep.seconds, converged=rep.converged, added_bytes=added_bytes,
                      extra=extra)
 
