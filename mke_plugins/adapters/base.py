@@ -180,6 +180,12 @@ class AnswerLogits:
     labels: torch.Tensor
     mask: torch.Tensor
 
+    def with_labels(self, labels: torch.Tensor) -> "AnswerLogits":
+        """The same logits scored against other ``(B, T)`` labels with the same target positions."""
+        if not torch.equal((labels[:, 1:] != -100).to(self.mask.device), self.mask[:, :-1]):
+            raise ValueError("with_labels needs labels whose non -100 positions are the batch's target positions")
+        return AnswerLogits(self.logits, labels[:, 1:][self.mask[:, :-1].to(labels.device)], self.mask)
+
     def _spread(self, values: torch.Tensor, fill: Any = 0) -> torch.Tensor:
         """(B, T-1) tensor with ``values`` (N,) at the shifted target positions, ``fill`` elsewhere."""
         m = self.mask[:, :-1]
