@@ -4,7 +4,9 @@ For every family's tiny model: logits, loss and gradients with the cache equal t
 bit for bit, the vision tower runs once per distinct picture (counted through a wrapper of the
 tower's ``forward``), the cache stands aside while the tower is trainable, hooked or changed, and
 nothing is left on the model when the context exits. ``answer_logits`` reproduces the full
-logits' loss, accuracy and success exactly.
+logits, loss and gradients to float tolerance (the head runs on fewer rows, and a BLAS may pick
+another kernel for them: on the world model the logits differ by ~4e-6) and accuracy and
+success exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mke_plugins.testing.images import native_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HF = ["qwen2-vl", "qwen3-vl", "llava-onevision"]
+HF = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision"]
 LAVIS = ["blip2", "minigpt4"]
 ALL = HF + LAVIS
 
@@ -152,6 +154,10 @@ def test_cache_stands_aside_for_a_trainable_or_hooked_tower(family, setup):
         param.sub_(0.5)
 
 
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ALL)
 def test_answer_logits_reproduce_the_full_logits(family, setup):
     model, tok, adapter = setup(family)
@@ -162,10 +168,10 @@ def test_answer_logits_reproduce_the_full_logits(family, setup):
         full = adapter.forward(model, batch)
         ans = adapter.answer_logits(model, batch)
         assert ans.logits.shape == (int(batch.answer_mask.sum()), full.shape[-1])
-        assert torch.equal(ans.logits, full[batch.answer_mask]), family
+        close(ans.logits, full[batch.answer_mask])
         assert torch.equal(ans.labels, batch.labels[batch.target_mask])
         for reduction in ("mean", "row"):
-            assert torch.equal(ans.loss(reduction), adapter.loss(model, batch, full, reduction=reduction))
+            close(ans.loss(reduction), adapter.loss(model, batch, full, reduction=reduction))
         assert torch.equal(ans.token_accuracy(), adapter.token_accuracy(full, batch))
         assert torch.equal(ans.success(), adapter.success(full, batch))
     grads = []
@@ -176,7 +182,7 @@ def test_answer_logits_reproduce_the_full_logits(family, setup):
         grads.append(weight.grad.clone())
         weight.grad = None
         weight.requires_grad_(False)
-    assert torch.equal(grads[0], grads[1]), family
+    close(grads[0], grads[1])
 
 
 def test_an_apply_runs_inside_the_cache_and_leaves_the_model_as_it_was(setup):

@@ -42,6 +42,8 @@ _ACTIVE: contextvars.ContextVar[tuple["EncoderCache", ...]] = contextvars.Contex
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+#: digests remembered before the ones of freed tensors are dropped
+_MEMO_LIMIT = 4096
 #: modules whose hooks only record outputs and change nothing (transformers installs these on the
 #: vision layers at the first forward, for ``output_hidden_states``): they do not stop the cache
 PASSIVE_HOOK_MODULES = ("transformers.utils.output_capturing",)
@@ -149,6 +151,8 @@ class EncoderCache:
         if seen is not None and seen[0]() is t and seen[1] == t._version:
             return seen[2]
         d = _tensor_digest(t if span is None else t[span[0]:span[1]])
+        if len(self._digests) >= _MEMO_LIMIT:  # forget tensors that are gone
+            self._digests = {k: v for k, v in self._digests.items() if v[0]() is not None}
         self._digests[memo] = (weakref.ref(t), t._version, d)
         return d
 
