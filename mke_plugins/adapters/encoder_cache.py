@@ -62,7 +62,7 @@ def _active_hooks(module: nn.Module) -> bool:
 class CacheStats:
     """Counters of one cache: ``encoded`` entries computed, ``hits`` reused, ``bypassed`` lookups
     refused because the tower was trainable, hooked, in training mode or fed a grad input, and
-    ``invalidated`` times the tower's weights changed and the entries were dropped."""
+    ``invalidated`` times the towers changed and the entries made so far were dropped."""
 
     encoded: int = 0
     hits: int = 0
@@ -104,42 +104,59 @@ class EncoderCache:
         self.stats = CacheStats()
         self._entries: dict[tuple[Any, ...], Any] = {}
         self._digests: dict[int, tuple[weakref.ref, int, str]] = {}
-        self._state = self._tower_state()
+        self._flat: list[nn.Module] = []
+        self._state: tuple[Any, ...] | None = None
         self.closed = False
+        self._rescan()
 
     # -- validity ------------------------------------------------------------------------
-    def _tensors(self) -> Iterator[torch.Tensor]:
-        for tower in self.towers:
-            yield from tower.parameters()
-            yield from tower.buffers()
-        yield from self.extra
+    def _rescan(self) -> None:
+        """Re-read the towers' module tree (it is checked, not walked, on every lookup)."""
+        self._flat = [m for tower in self.towers for m in tower.modules()]
+        self._state = self._scan()
 
-    def _tower_state(self) -> tuple[tuple[int, int], ...]:
-        return tuple((id(t), t._version) for t in self._tensors())
-
-    def _refuses(self, inputs: Sequence[torch.Tensor]) -> bool:
-        if any(t.requires_grad for t in inputs):
-            return True
-        if any(getattr(_tm, k, None) for k in _GLOBAL_HOOKS):
-            return True
-        for tower in self.towers:
-            for m in tower.modules():
-                if m.training or _active_hooks(m):
-                    return True
-            if any(p.requires_grad for p in tower.parameters()):
-                return True
-        return any(p.requires_grad for p in self.extra)
+    def _scan(self) -> tuple[Any, ...] | None:
+        """The towers' identity-and-version state in one flat pass; ``None`` when the cache must
+        stand aside (a trainable parameter, a module in training mode or with an active hook)."""
+        state: list[Any] = []
+        for m in self._flat:
+            if m.training or _active_hooks(m):
+                return None
+            for p in m._parameters.values():
+                if p is not None:
+                    if p.requires_grad:
+                        return None
+                    state.append((id(p), p._version))
+            for buf in m._buffers.values():
+                if buf is not None:
+                    state.append((id(buf), buf._version))
+            state.append(tuple(map(id, m._modules.values())))  # a swapped or added child shows here
+        for p in self.extra:
+            if p.requires_grad:
+                return None
+            state.append((id(p), p._version))
+        return tuple(state)
 
     def usable(self, *inputs: torch.Tensor) -> bool:
-        """Whether cached outputs may stand in for the tower on ``inputs`` now (counts a refusal)."""
-        if self.closed or self._refuses(inputs):
+        """Whether cached outputs may stand in for the tower on ``inputs`` now (counts a refusal).
+
+        When the towers changed since the entries were made (a parameter or buffer replaced or
+        written in place, a child module swapped), the entries are dropped first."""
+        state = None
+        if not (self.closed or any(t.requires_grad for t in inputs) or any(getattr(_tm, k, None)
+                                                                             for k in _GLOBAL_HOOKS)):
+            state = self._scan()
+        if state is None:
             self.stats.bypassed += 1
             return False
-        state = self._tower_state()
         if state != self._state:
-            self._entries.clear()
-            self._state = state
-            self.stats.invalidated += 1
+            self._rescan()
+            if self._state is None:
+                self.stats.bypassed += 1
+                return False
+            if self._entries:
+                self._entries.clear()
+                self.stats.invalidated += 1
         return True
 
     # -- keys ----------------------------------------------------------------------------
