@@ -21,18 +21,24 @@ Conventions shared by every adapter (methods rely on them):
 * ``model`` arguments may be a ``GatedModel`` (``mke_plugins.core.wrap``): structure accessors
   unwrap it (:func:`unwrap_model`), ``forward``/``generate`` call it as given, so gated edits
   are active exactly when the wrapper is called.
+* Inside ``with adapter.encoder_cache(model):`` (every apply runs in one) ``forward`` reuses the
+  vision tower's outputs for pictures it has already encoded (:mod:`.encoder_cache`).
+* :meth:`VLMAdapter.answer_logits` gives the logits at the answer positions only (what a loss
+  over the target tokens reads), without the full ``(B, T, V)`` tensor where the family allows.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mke_hooks import HparamsError
+from mke_plugins.adapters.encoder_cache import EncoderCache, encoder_cache
 
 
 def unwrap_model(model: Any) -> nn.Module:
@@ -161,6 +167,55 @@ class Batch:
         return int(self.labels.shape[0])
 
 
+@dataclass
+class AnswerLogits:
+    """The logits of a batch at its answer positions only, with the labels they predict.
+
+    ``logits`` is ``(N, V)``, one row per True entry of ``mask`` (``batch.answer_mask``) in
+    row-major order; ``labels`` is ``(N,)``. The reductions give exactly what the adapter's
+    full-logits ``loss``/``token_accuracy``/``success`` give on the same batch.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+
+    def with_labels(self, labels: torch.Tensor) -> "AnswerLogits":
+        """The same logits scored against other ``(B, T)`` labels with the same target positions."""
+        if not torch.equal((labels[:, 1:] != -100).to(self.mask.device), self.mask[:, :-1]):
+            raise ValueError("with_labels needs labels whose non -100 positions are the batch's target positions")
+        return AnswerLogits(self.logits, labels[:, 1:][self.mask[:, :-1].to(labels.device)], self.mask)
+
+    def _spread(self, values: torch.Tensor, fill: Any = 0) -> torch.Tensor:
+        """(B, T-1) tensor with ``values`` (N,) at the shifted target positions, ``fill`` elsewhere."""
+        m = self.mask[:, :-1]
+        out = torch.full(m.shape, fill, dtype=values.dtype, device=values.device)
+        return out.masked_scatter(m.to(values.device), values)
+
+    def loss(self, reduction: Literal["mean", "row"] = "mean") -> torch.Tensor:
+        """Cross-entropy on fp32 logits: ``mean`` over every target token, or ``row`` (B,) means."""
+        ce = self._spread(F.cross_entropy(self.logits.float(), self.labels.to(self.logits.device), reduction="none"))
+        mask = self.mask[:, :-1].to(ce.device).float()
+        if reduction == "row":
+            return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def _hits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        hits = self.logits.argmax(-1) == self.labels.to(self.logits.device)
+        mask = self.mask[:, :-1].to(hits.device)
+        return self._spread(hits, False), mask
+
+    def token_accuracy(self) -> torch.Tensor:
+        """(B,) share of target tokens that are the argmax at their position."""
+        hits, mask = self._hits()
+        return hits.sum(1).float() / mask.sum(1).clamp_min(1).float()
+
+    def success(self) -> torch.Tensor:
+        """(B,) bool: every target token is the argmax (rows without targets: False)."""
+        hits, mask = self._hits()
+        return (hits == mask).all(1) & mask.any(1)
+
+
 class VLMAdapter:
     """Everything model-specific about one family. Subclasses override what differs."""
 
@@ -191,6 +246,39 @@ class VLMAdapter:
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Logits ``(B, T, V)`` aligned with ``batch.labels``."""
         raise NotImplementedError
+
+    def answer_logits(self, model: nn.Module, batch: Batch) -> AnswerLogits:
+        """Logits at ``batch.answer_mask`` only, with their labels (default: gathered from ``forward``)."""
+        return self._gather_answers(self.forward(model, batch), batch)
+
+    @staticmethod
+    def _gather_answers(logits: torch.Tensor, batch: Batch) -> AnswerLogits:
+        mask = batch.answer_mask
+        labels = batch.labels[:, 1:][mask[:, :-1]]
+        if logits.dim() == 3:
+            logits = logits[mask.to(logits.device)]
+        return AnswerLogits(logits=logits, labels=labels, mask=mask)
+
+    # -- encoder cache -------------------------------------------------------------------
+    def encoder_towers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        """The modules (and loose parameters) the picture's encoding depends on; none: no cache."""
+        return [], []
+
+    def encoder_patches(self, model: nn.Module, cache: EncoderCache) -> list[ContextManager[Any]]:
+        """Context managers the cache enters for families whose forward takes no precomputed features."""
+        return []
+
+    def encoder_cache(self, model: nn.Module) -> ContextManager[EncoderCache | None]:
+        """Within the block, each picture is encoded once and the result reused (see ``encoder_cache``).
+
+        Yields the :class:`EncoderCache` (its ``stats`` count what was encoded and reused), or
+        ``None`` for a family without a vision tower to cache.
+        """
+        towers, params = self.encoder_towers(model)
+        if not towers:
+            return contextlib.nullcontext(None)
+        cache = EncoderCache(unwrap_model(model), towers, params)
+        return encoder_cache(cache, self.encoder_patches(model, cache))
 
     def eos_token_id(self, tok: Any) -> int | None:
         """The end-of-answer token (tokenizer EOS or the chat template's end-of-turn)."""

@@ -7,6 +7,13 @@ appended with no separator, ``processor(images=..., text=[chat + target])``, flo
 to the model dtype, and labels -100 except the target tokenised alone
 (``tokenizer(target, add_special_tokens=False)``), right-aligned. Rows are then left-padded and
 concatenated, so a batch of one is token-for-token EasyEdit's.
+
+Inside an encoder cache (``adapter.encoder_cache(model)``) ``forward`` encodes each distinct
+picture once, alone, through the model's own ``get_image_features`` and hands the stored
+outputs to the model as ``mm_encoder_outputs`` (transformers' precomputed-features input);
+the Qwen families also reuse the M-RoPE position ids (``get_rope_index``) of a batch they have
+seen. :meth:`HFChatAdapter.answer_logits` asks the model for logits at the answer positions
+only (``logits_to_keep`` as a boolean mask).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import nn
 
 from mke_hooks.errors import RequestError
 from mke_plugins.adapters.base import (
+    AnswerLogits,
     Batch,
     HookPoint,
     LayerInfo,
@@ -28,6 +36,7 @@ from mke_plugins.adapters.base import (
     model_dtype,
     unwrap_model,
 )
+from mke_plugins.adapters.encoder_cache import EncoderCache, active_cache
 
 #: keys whose tensors are ``(1, T)`` per row and get left-padded (value used for padding)
 _SEQ_PAD = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -189,7 +198,49 @@ class HFChatAdapter(VLMAdapter):
         return out, lab
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return model(**batch.inputs, use_cache=False).logits
+        return model(**self.model_inputs(model, batch.inputs), use_cache=False).logits
+
+    def answer_logits(self, model: nn.Module, batch: Batch) -> AnswerLogits:
+        mask = batch.answer_mask
+        logits = model(**self.model_inputs(model, batch.inputs), use_cache=False, logits_to_keep=mask).logits
+        return self._gather_answers(logits, batch)
+
+    # -- encoder cache -------------------------------------------------------------------
+    def encoder_towers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        inner = getattr(unwrap_model(model), "model", None)
+        towers = [m for m in (getattr(inner, n, None) for n in ("visual", "vision_tower", "multi_modal_projector"))
+                  if isinstance(m, nn.Module)]
+        newline = getattr(inner, "image_newline", None)
+        return towers, [newline] if isinstance(newline, nn.Parameter) else []
+
+    def model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` for ``model(**...)``: with an active encoder cache the picture's stored encoder
+        outputs replace ``pixel_values`` (and stored position ids are added); otherwise unchanged."""
+        pixels = inputs.get("pixel_values")
+        if pixels is None:
+            return inputs
+        cache = active_cache(unwrap_model(model))
+        if cache is None or not cache.usable(pixels):
+            return inputs
+        inner = unwrap_model(model).model
+        features = self.cached_image_features(inner, cache, inputs)
+        if features is None:
+            return inputs
+        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": features}
+        positions = self.cached_positions(inner, cache, inputs)
+        if positions is not None:
+            out["position_ids"] = positions
+        return out
+
+    def cached_image_features(self, inner: nn.Module, cache: EncoderCache, inputs: dict[str, Any]) -> Any:
+        """The ``mm_encoder_outputs["image"]`` for ``inputs`` from ``cache`` (None: run the tower)."""
+        return None
+
+    def cached_positions(self, inner: nn.Module, cache: EncoderCache, inputs: dict[str, Any]
+                         ) -> torch.Tensor | None:
+        """Position ids for ``inputs`` from ``cache`` (None: the model computes its own)."""
+        return None
 
     def eos_token_id(self, tok: Any) -> int | None:
         tokenizer = _tokenizer_of(tok)
@@ -284,6 +335,45 @@ class QwenVLAdapterBase(HFChatAdapter):
                            f"accepted), got {got}", field=field)
 
 
+    def cached_image_features(self, inner: nn.Module, cache: EncoderCache, inputs: dict[str, Any]) -> Any:
+        pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
+        if grid is None:
+            return None
+        sizes = grid.prod(-1).tolist()
+        if sum(sizes) != pixels.shape[0]:
+            return None
+        parts, start = [], 0
+        for i, n in enumerate(sizes):
+            chunk, g = pixels[start:start + n], grid[i:i + 1]
+            start += n
+
+            def encode(chunk: torch.Tensor = chunk, g: torch.Tensor = g) -> tuple[type, torch.Tensor, Any]:
+                out = inner.get_image_features(chunk, g, return_dict=True)
+                deep = getattr(out, "deepstack_features", None)
+                return type(out), out.pooler_output[0], None if deep is None else [f[0] for f in deep]
+
+            parts.append(cache.lookup(cache.key("image", (pixels, start - n, start), (grid, i, i + 1)), encode))
+        cls = parts[0][0]
+        fields: dict[str, Any] = {"pooler_output": tuple(p[1] for p in parts)}
+        if parts[0][2] is not None:
+            fields["deepstack_features"] = [tuple(p[2][j] for p in parts) for j in range(len(parts[0][2]))]
+        return cls(**fields)
+
+    def cached_positions(self, inner: nn.Module, cache: EncoderCache, inputs: dict[str, Any]
+                         ) -> torch.Tensor | None:
+        ids, types = inputs.get("input_ids"), inputs.get("mm_token_type_ids")
+        if ids is None or types is None or inputs.get("video_grid_thw") is not None:
+            return None
+        grid, att = inputs.get("image_grid_thw"), inputs.get("attention_mask")
+
+        def index() -> tuple[torch.Tensor, torch.Tensor]:
+            return inner.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=att)
+
+        positions, deltas = cache.lookup(cache.key("rope", ids, types, grid, att), index)
+        inner.rope_deltas = deltas  # what the model's own position pass leaves behind
+        return positions
+
+
 class Qwen2VLAdapter(QwenVLAdapterBase):
     """Qwen2-VL and Qwen2.5-VL (same input recipe and module layout)."""
 
@@ -314,3 +404,21 @@ class LlavaOnevisionAdapter(HFChatAdapter):
 
     def processor_images(self, images: list[Image.Image]) -> Any:
         return [images[0]] if len(images) == 1 else [images]
+
+    def cached_image_features(self, inner: nn.Module, cache: EncoderCache, inputs: dict[str, Any]) -> Any:
+        pixels, sizes, per_row = inputs["pixel_values"], inputs.get("image_sizes"), inputs.get("batch_num_images")
+        if pixels.dim() != 5 or sizes is None or sizes.shape[0] != pixels.shape[0]:
+            return None
+        if per_row is not None and bool((per_row != 1).any()):
+            return None  # several pictures in a row are not tiled: the model's own pass handles them
+        parts = []
+        for i in range(pixels.shape[0]):
+            pix, size = pixels[i:i + 1], sizes[i:i + 1]
+            one = None if per_row is None else per_row[:1]
+
+            def encode(pix: torch.Tensor = pix, size: torch.Tensor = size, one: Any = one) -> tuple[type, torch.Tensor]:
+                out = inner.get_image_features(pix, size, batch_num_images=one, return_dict=True)
+                return type(out), out.pooler_output[0]
+
+            parts.append(cache.lookup(cache.key("image", (pixels, i, i + 1), (sizes, i, i + 1), one), encode))
+        return parts[0][0](pooler_output=tuple(p[1] for p in parts))

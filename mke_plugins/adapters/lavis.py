@@ -6,19 +6,47 @@ right padding, after a prefix of image query embeddings (MiniGPT-4 wraps them in
 ``###Human: <Img>`` ... ``</Img> ``). The adapter builds the same sample dict for a batch of one
 and a list of per-row sample dicts (the wrappers' list mode) for larger batches, and computes
 the labels the wrapper will return (``outputs.labels``) so methods have them before the forward.
+
+The wrappers' forward takes no precomputed image features, so inside an encoder cache
+(``adapter.encoder_cache(model)``) the vision encoder's ``forward`` is swapped for one that
+returns the stored output for a picture it has already encoded; the swap is undone when the
+context exits. (The Q-Former after it still runs: it reads the learned query tokens.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from mke_hooks.errors import RequestError
 from mke_plugins.adapters.base import Batch, HookPoint, LayerInfo, Query, VLMAdapter, model_device, unwrap_model
+from mke_plugins.adapters.encoder_cache import EncoderCache
 
 MINIGPT4_IMAGE_PROMPT = "###Human: <Img><ImageHere></Img> "
+
+
+@contextlib.contextmanager
+def _cached_forward(module: nn.Module, cache: EncoderCache) -> Iterator[None]:
+    """Swap ``module.forward`` for a cached one (single-tensor calls only) until the block exits."""
+    own = vars(module).get("forward")
+    original = module.forward
+
+    def forward(image: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not torch.is_tensor(image) or not cache.usable(image):
+            return original(image, *args, **kwargs)
+        return cache.lookup(cache.key("vision", image), lambda: original(image))
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is not None:
+            module.forward = own
+        else:
+            vars(module).pop("forward", None)
 
 
 class LavisAdapter(VLMAdapter):
@@ -125,6 +153,14 @@ class LavisAdapter(VLMAdapter):
 
     def eos_token_id(self, tok: Any) -> int | None:
         return getattr(tok, "eos_token_id", None)
+
+    # -- encoder cache -------------------------------------------------------------------
+    def encoder_towers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        encoder = getattr(unwrap_model(model), "visual_encoder", None)
+        return ([encoder], []) if isinstance(encoder, nn.Module) else ([], [])
+
+    def encoder_patches(self, model: nn.Module, cache: EncoderCache) -> list[contextlib.AbstractContextManager]:
+        return [_cached_forward(unwrap_model(model).visual_encoder, cache)]
 
     def prompt_mask_from_inputs(self, tok: Any, inputs: dict[str, Any], model: nn.Module | None = None
                                 ) -> torch.Tensor:

@@ -261,7 +261,7 @@ def run_apply(algorithm: Algorithm, hparams_cls: type, model: Any, tok: Any, req
     if copy:
         model = copy_module.deepcopy(model)
     ctx = EditContext(method, model, tok, hparams, adapter, keep_original_weight, kwargs)
-    with EditGuard(model):
+    with EditGuard(model), adapter.encoder_cache(model):  # each picture through the vision tower once per apply
         try:
             stats = ApplyStats(method, _records(method, algorithm, ctx, reqs))
             edited = edited_model(ctx) if edited_model is not None else model

@@ -119,24 +119,15 @@ def pgd(model: Any, adapter: VLMAdapter, batch_k: Batch, anchor: LatentAnchor, *
     for _ in range(int(steps)):
         delta = delta.detach().requires_grad_(True)
         with gate_open(model, gate), perturbed(point, delta):
-            logits = adapter.forward(model, batch_k)
+            answers = adapter.answer_logits(model, batch_k)
         if objective == "untargeted":
-            obj = adapter.loss(model, batch_k, logits, reduction="row").sum()
+            obj = answers.loss("row").sum()
         else:
-            obj = -_row_nll(logits, old_labels).sum()
+            obj = -answers.with_labels(old_labels).loss("row").sum()
         (g,) = torch.autograd.grad(obj, delta)
         g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         delta = project(delta.detach() + step_len * g, anchor, rho)
     return delta.detach()
-
-
-def _row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    lg = logits[:, :-1].float()
-    tg = labels[:, 1:].to(lg.device)
-    ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100,
-                                           reduction="none").view(tg.shape)
-    mask = (tg != -100).float()
-    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def pre_edit_labels(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

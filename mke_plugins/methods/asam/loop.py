@@ -176,8 +176,8 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
         with gate_open(model, GATE), perturb, \
                 capture(ffn_points, detach=False, seq_shape=(K + 1, T)) as rq, \
                 capture(out_points, detach=False) as ro:
-            logits = adapter.forward(model, batch_main)
-        rows_nll = adapter.loss(model, batch_main, logits, reduction="row")
+            answers = adapter.answer_logits(model, batch_main)
+        rows_nll = answers.loss("row")
         nll = rows_nll[0]
         _finite(nll, "nll", step)
         total = nll
@@ -217,7 +217,7 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
             total = total + float(hparams.lambda_mem) * mem
             stats.mem = float(mem.detach())
         with torch.no_grad():
-            ok_rows = adapter.success(logits, batch_main)
+            ok_rows = answers.success()
         stats.rows_correct = float(ok_rows.float().mean())
         if hparams.stop_on == "unit":
             done = bool(ok_rows.all()) and float(act.detach()) <= float(hparams.act_tol)
@@ -235,7 +235,7 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
             torch.nn.utils.clip_grad_norm_(params, float(hparams.grad_clip))
         opt.step()
         stats.steps += 1
-        del logits, rows_nll, total
+        del answers, rows_nll, total
     if K > 0 and delta is not None:
         stats.coherence_last = lar_mod.coherence(model, adapter, batch_k, delta, clean_top1, p)
     for b in blocks.values():

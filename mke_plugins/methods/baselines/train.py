@@ -4,7 +4,9 @@ Loss and success come from the family adapter (cross-entropy on the target token
 success = every target token is the argmax), on inputs the adapter builds exactly as EasyEdit's
 evaluator does. The optimiser keeps fp32 master copies, so bf16/fp16 weights are updated
 honestly (the weight gets the rounded master after each step). Only the trained tensors'
-``requires_grad`` is switched on, and it is put back afterwards.
+``requires_grad`` is on during the fit (every other parameter is frozen, so no pass records a graph
+through the vision tower and the encoder cache can stand in for it); every flag is put back
+afterwards. The loss reads only the answer positions (``adapter.answer_logits``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mke_plugins.adapters.base import unwrap_model
 from mke_plugins.core.finite import check_finite
+from mke_plugins.core.modes import frozen
 
 FIX = "lower `lr`, or load the model in float32."
 
@@ -38,23 +42,20 @@ def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *,
     params = list(params)
     masters = [p.detach().float().clone() for p in params]
     opt = torch.optim.Adam(masters, lr=lr, weight_decay=weight_decay)
-    flags = [p.requires_grad for p in params]
     steps, first = 0, None
-    try:
-        for p in params:
-            p.requires_grad_(True)
+    with frozen(unwrap_model(model), params, eval_mode=False):
         while True:
             with torch.enable_grad():
-                logits = adapter.forward(model, batch)
-                loss = adapter.loss(model, batch, logits=logits)
+                answers = adapter.answer_logits(model, batch)
+                loss = answers.loss()
             check_finite(method, steps + 1, nll=loss, fix=FIX)
             if first is None:
                 first = float(loss.detach())
-            ok = bool(adapter.success(logits, batch).all())
+            ok = bool(answers.success().all())
             if ok or steps >= max_steps:
                 return FitResult(steps, ok, float(loss.detach()), first)
             grads = torch.autograd.grad(loss, params)
-            del logits, loss
+            del answers, loss
             for m, g in zip(masters, grads, strict=True):
                 m.grad = g.detach().float()
             opt.step()
@@ -65,6 +66,3 @@ def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *,
                 for p, m in zip(params, masters, strict=True):
                     p.copy_(m.to(p.dtype))
             steps += 1
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)

@@ -187,9 +187,9 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
         for steps in range(hparams.edit_steps + 1):
             state.side.set_route([[entry.id]] * len(batch))
             try:
-                logits = adapter.forward(base, batch)
-                nll = adapter.loss(base, batch, logits=logits)
-                ok = bool(adapter.success(logits, batch).all())
+                answers = adapter.answer_logits(base, batch)
+                nll = answers.loss()
+                ok = bool(answers.success().all())
                 nll_value = float(nll.detach())
                 check_finite("LDKE", steps + 1, nll=nll, fix=FIX)
                 if (ok and nll_value < hparams.stop_nll) or steps == hparams.edit_steps:

@@ -183,7 +183,7 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     penalty_states = _penalty_states(archive, layers, infos) if hparams.memory_loss_weight > 0 else None
     with gate_open(model, GATE):
         for step in range(int(hparams.max_edit_steps) + 1):
-            loss = adapter.loss(model, batch)
+            loss = adapter.answer_logits(model, batch).loss()
             value = float(loss.detach())
             if rep.first_loss is None:
                 rep.first_loss = value
