@@ -367,3 +367,28 @@ def test_bad_requests_name_the_field(family_setup):
     bad.group_mode = "both"
     with pytest.raises(HparamsError, match="'group_mode'"):
         decode_main.apply_decode_to_multimodal_model(model, tok, [good], bad)
+
+
+# -- prefix replay ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "llava-onevision", "blip2"])
+def test_prefix_replay_makes_the_same_edit(family, family_setup):
+    """Each stage re-runs only the layers from its group's lowest one up (core.replay): the folded
+    weights and every per-edit stat are those of the full-model run, bit for bit."""
+    from mke_plugins.core.replay import replay_watch
+
+    req = {"prompt": "What is shown?", "target": "Rome", "image": native_image(family),
+           "text_only_prompt": "What is the capital of Italy?", "image_only_prompt": "What city is in the picture?"}
+    runs = []
+    for replay in (False, True):
+        model, tok, _adapter, name = family_setup(family)
+        hp = tiny_hparams(name, max_steps=4, prefix_replay=replay)
+        with replay_watch() as watch:  # a prefix that changed under a cached batch raises here
+            _edited, handle = decode_main.apply_decode_to_multimodal_model(model, tok, [req], hp,
+                                                                           return_orig_weights=True)
+        stats = {k: v for k, v in handle.stats.flat().items() if "seconds" not in k}
+        runs.append(({k: v.clone() for k, v in model.state_dict().items()}, stats, watch))
+    (full_state, full_stats, _), (state, stats, watch) = runs
+    assert stats == full_stats and stats["steps"] > 0
+    assert full_state.keys() == state.keys() and all(torch.equal(full_state[k], state[k]) for k in state)
+    assert sum(s.replays for s in watch) > 0, watch
