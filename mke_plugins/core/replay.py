@@ -285,7 +285,7 @@ class PrefixReplay:
                 h.remove()
         # after the pass: transformers installs its output-capturing hooks on a model's first forward
         versions, hooks = self._versions(), _hook_count(self.prefix_modules)
-        why = self._chain_problem(logits, ins, outs, counts, seen)
+        why = self._chain_problem(logits, ins, outs, counts, seen, calls)
         if why is not None:
             self._plain[key] = why
             self.stats.declined(why)
@@ -300,12 +300,13 @@ class PrefixReplay:
         return logits
 
     def _chain_problem(self, logits: Any, ins: list[Any], outs: list[Any], counts: list[int],
-                       seen: dict[str, Any]) -> str | None:
+                       seen: dict[str, Any], calls: list[Any]) -> str | None:
         if seen.get("cache"):
             return "the decoder layers read a key-value cache that already holds entries"
         if any(c != 1 for c in counts):
             return "a decoder layer, the final norm or the LM head ran other than once"
-        if not torch.is_tensor(ins[0]) or ins[0].requires_grad:
+        if not torch.is_tensor(ins[0]) or ins[0].requires_grad or any(
+                torch.is_tensor(v) and v.requires_grad for call in calls for v in _leaves(call)):
             return "the state entering the replay layer requires grad (an input below it is trained)"
         for i in range(1, len(ins)):
             if ins[i] is not outs[i - 1]:
