@@ -151,3 +151,15 @@ def test_an_error_inside_leaves_the_model_as_it_was(family_model: Any) -> None:
     handle.remove()
     assert _hook_state(model) == hooks
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_template_context_opens_a_replay_unless_the_hparams_turn_it_off(family_model: Any) -> None:
+    from mke_plugins.core.template import EditContext
+
+    model, tok, adapter, batch = _setup(family_model, "qwen2-vl")
+    for flag, start in ((True, 2), (False, None)):
+        ctx = EditContext("X", model, tok, SimpleNamespace(prefix_replay=flag), adapter)
+        with replay_watch() as watch, ctx.replay(2) as fwd:
+            for _ in range(2):
+                fwd.forward(model, batch)
+        assert fwd.start == start and watch[0].replays == (1 if flag else 0)
