@@ -163,3 +163,10 @@ def test_the_template_context_opens_a_replay_unless_the_hparams_turn_it_off(fami
             for _ in range(2):
                 fwd.forward(model, batch)
         assert fwd.start == start and watch[0].replays == (1 if flag else 0)
+
+
+def test_the_replay_is_the_adapter_everywhere_else(family_model: Any) -> None:
+    model, _tok, adapter, batch = _setup(family_model, "qwen2-vl")
+    with prefix_replay(adapter, model, 2) as fwd:
+        assert [i.name for i in fwd.layers(model)] == [i.name for i in adapter.layers(model)]
+        assert fwd.lm_head(model) is adapter.lm_head(model) and fwd.family == adapter.family

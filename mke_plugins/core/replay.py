@@ -142,10 +142,10 @@ class PrefixReplay:
         self.start = start
         if start is None:
             return
-        self.layers = [i.layer for i in infos[start:]]
-        self.norm = adapter.final_norm(self.base)
-        self.head = adapter.lm_head(self.base)
-        suffix = {id(m) for top in (*self.layers, self.norm, self.head) for m in top.modules()}
+        self._layers = [i.layer for i in infos[start:]]
+        self._norm = adapter.final_norm(self.base)
+        self._head = adapter.lm_head(self.base)
+        suffix = {id(m) for top in (*self._layers, self._norm, self._head) for m in top.modules()}
         self.prefix_modules = [m for m in self.base.modules() if id(m) not in suffix]
         seen: set[int] = set()
         self.prefix_params: list[torch.Tensor] = []
@@ -155,7 +155,7 @@ class PrefixReplay:
                     seen.add(id(p))
                     self.prefix_params.append(p)
         names = {id(m): n for n, m in self.base.named_modules()}
-        first = names[id(self.layers[0])]
+        first = names[id(self._layers[0])]
         self.ancestors = [m for n, m in self.base.named_modules() if n == "" or first.startswith(n + ".")]
 
     def __getattr__(self, name: str) -> Any:
@@ -235,7 +235,7 @@ class PrefixReplay:
     # -- the two kinds of pass ------------------------------------------------------------------
     def _capture(self, model: Any, batch: Batch, key: tuple[Any, ...]) -> torch.Tensor:
         """One full forward that records what layer ``start`` receives and checks the chain."""
-        n = len(self.layers)
+        n = len(self._layers)
         calls: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * n
         ins: list[Any] = [None] * n
         outs: list[Any] = [None] * n
@@ -272,13 +272,13 @@ class PrefixReplay:
 
         handles = []
         try:
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self._layers):
                 handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True, prepend=True))
                 handles.append(layer.register_forward_hook(post(i)))
-            handles.append(self.norm.register_forward_pre_hook(seen_as("norm", n, "in"), prepend=True))
-            handles.append(self.norm.register_forward_hook(seen_as("norm", n, "out")))
-            handles.append(self.head.register_forward_pre_hook(seen_as("head", n + 1, "in"), prepend=True))
-            handles.append(self.head.register_forward_hook(seen_as("head", n + 1, "out")))
+            handles.append(self._norm.register_forward_pre_hook(seen_as("norm", n, "in"), prepend=True))
+            handles.append(self._norm.register_forward_hook(seen_as("norm", n, "out")))
+            handles.append(self._head.register_forward_pre_hook(seen_as("head", n + 1, "in"), prepend=True))
+            handles.append(self._head.register_forward_hook(seen_as("head", n + 1, "out")))
             logits = self.adapter.forward(model, batch)
         finally:
             for h in handles:
@@ -324,10 +324,10 @@ class PrefixReplay:
         gates = tuple(getattr(model, "gates", ()))
         with gate_open(self.base, *gates) if gates else contextlib.nullcontext():
             h = entry.hidden
-            for layer, (args, kwargs) in zip(self.layers, entry.calls, strict=True):
+            for layer, (args, kwargs) in zip(self._layers, entry.calls, strict=True):
                 out = layer(h, *args, **kwargs)
                 h = out[0] if isinstance(out, tuple) else out
-            return self.head(self.norm(h))
+            return self._head(self._norm(h))
 
 
 @contextlib.contextmanager
