@@ -398,3 +398,28 @@ def test_early_stop_on_answer_fires_where_the_end_of_answer_token_keeps_the_refe
     assert not runs["answer_eos"].early_stopped and runs["answer_eos"].steps == 4
     assert runs["answer"].early_stopped and runs["answer"].steps == 0
     assert runs["answer"].final_l_answer == pytest.approx(answer, abs=1e-5)
+
+
+# -- prefix replay ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "llava-onevision", "blip2"])
+def test_prefix_replay_makes_the_same_edit(family, family_setup):
+    """Each stage re-runs only the layers from its group's lowest one up (core.replay): the folded
+    weights and every per-edit stat are those of the full-model run, bit for bit."""
+    from mke_plugins.core.replay import replay_watch
+
+    req = {"prompt": "What is shown?", "target": "Rome", "image": native_image(family),
+           "text_only_prompt": "What is the capital of Italy?", "image_only_prompt": "What city is in the picture?"}
+    runs = []
+    for replay in (False, True):
+        model, tok, _adapter, name = family_setup(family)
+        hp = tiny_hparams(name, max_steps=4, prefix_replay=replay)
+        with replay_watch() as watch:  # a prefix that changed under a cached batch raises here
+            _edited, handle = decode_main.apply_decode_to_multimodal_model(model, tok, [req], hp,
+                                                                           return_orig_weights=True)
+        stats = {k: v for k, v in handle.stats.flat().items() if "seconds" not in k}
+        runs.append(({k: v.clone() for k, v in model.state_dict().items()}, stats, watch))
+    (full_state, full_stats, _), (state, stats, watch) = runs
+    assert stats == full_stats and stats["steps"] > 0
+    assert full_state.keys() == state.keys() and all(torch.equal(full_state[k], state[k]) for k in state)
+    assert sum(s.replays for s in watch) > 0, watch

@@ -246,6 +246,36 @@ def test_noisy_copies_enter_the_fit_and_leave_nothing_behind(family_setup):
     assert hook_counts(model) == hooks
 
 
+@pytest.mark.parametrize("family", ("qwen2-vl", "llava-onevision", "blip2"))
+def test_prefix_replay_makes_the_same_edit(family, family_setup):
+    """Without fit noise the fit re-runs only the layers from the lowest localized one up (core.replay):
+    the routed logits of both edits and every per-edit stat are those of the full-model run, bit for bit;
+    with fit noise (the bundled YAMLs) the inputs below change every step, so no replay is made."""
+    from mke_plugins.core.replay import replay_watch
+
+    runs = []
+    for replay in (False, True):
+        model, tok, adapter, hp = family_setup(family, prefix_replay=replay, top_k=2)
+        reqs = requests_for(family)
+        batch = adapter.batch(model, tok, [Query(r["image"], r["prompt"], r["target"]) for r in reqs])
+        with replay_watch() as watch:
+            _, h1 = ldke_main.apply_ldke_to_multimodal_model(model, tok, reqs[0], hp, return_orig_weights=True)
+            edited, h2 = ldke_main.apply_ldke_to_multimodal_model(model, tok, [reqs[1]], hp,
+                                                                  return_orig_weights=True)
+        with torch.no_grad():
+            logits = adapter.forward(edited, batch)
+        stats = [{k: v for k, v in h.stats.flat().items() if "seconds" not in k} for h in (h1, h2)]
+        runs.append((logits, stats, watch))
+    (full_logits, full_stats, _), (logits, stats, watch) = runs
+    assert stats == full_stats and all(s["steps"] > 0 for s in stats)
+    assert torch.equal(logits, full_logits)
+    assert sum(s.replays for s in watch) > 0, watch
+    model, tok, adapter, hp = family_setup(family, fit_noise=2.0, fit_copies=2)
+    with replay_watch() as watch:
+        ldke_main.apply_ldke_to_multimodal_model(model, tok, requests_for(family)[0], hp)
+    assert watch and all(s.start is None and s.replays == 0 for s in watch), watch
+
+
 def test_calibration_prefers_the_threshold_nearest_one_half():
     tau, bacc = router.calibrate_threshold([0.9, 0.95], [0.01, 0.02])
     assert bacc == 1.0 and tau == 0.5

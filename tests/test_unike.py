@@ -211,6 +211,32 @@ def test_edit_learns_restores_bit_exactly_and_keeps_bare_model(qwen) -> None:
     assert model not in _RUNTIMES and model not in _REGISTRY
 
 
+def test_prefix_replay_makes_the_same_edit(qwen) -> None:
+    """The training loop re-runs only the layers from the lowest edited one up (core.replay): the edited
+    model's logits and every per-edit stat are those of the full-model run, bit for bit."""
+    from mke_plugins.core.replay import replay_watch
+
+    model = qwen["model"]
+    recs = _records("qwen2-vl", 2, offset=40)
+    ad = get_adapter(model)
+    batch = ad.batch(model, qwen["tok"], [Query(r["image"], r["prompt"], r["target"]) for r in recs])
+    before = state_of(model)
+    runs = []
+    for replay in (False, True):
+        with replay_watch() as watch:
+            edited, handle = _apply(qwen, recs, prefix_replay=replay)
+        with torch.no_grad():
+            logits = ad.forward(edited, batch)
+        stats = [{k: v for k, v in e.to_dict().items() if k != "seconds"} for e in handle.stats.edits]
+        handle()
+        assert_same_state(before, model)
+        runs.append((logits, stats, watch))
+    (full_logits, full_stats, _), (logits, stats, watch) = runs
+    assert stats == full_stats and all(s["steps"] > 0 for s in stats)
+    assert torch.equal(logits, full_logits)
+    assert sum(s.replays for s in watch) == sum(s["steps"] for s in stats), watch
+
+
 def test_sequential_edits_accumulate_and_undo_in_any_order(qwen) -> None:
     from mke_plugins.methods.unike import restore_all, set_active
     from mke_plugins.methods.unike.runtime import runtime_for

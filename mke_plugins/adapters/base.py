@@ -222,6 +222,9 @@ class VLMAdapter:
     family: str = ""
     #: markers that identify the family inside ``hparams.model_name`` (EasyEdit's rules)
     markers: Sequence[str] = ()
+    #: ``answer_logits`` applies the LM head to the answer rows of the final norm's output only
+    #: (transformers' ``logits_to_keep`` mask); ``False``: it gathers them from the full logits
+    answer_rows_only: bool = False
 
     # -- detection ---------------------------------------------------------------------
     @classmethod

@@ -56,6 +56,7 @@ class HFChatAdapter(VLMAdapter):
 
     model_types: Sequence[str] = ()
     class_names: Sequence[str] = ()
+    answer_rows_only = True  # answer_logits passes the answer mask as logits_to_keep
     prepend_vision_tokens = False  # Qwen: add <|vision_start|><|image_pad|><|vision_end|> if missing
 
     # -- detection ---------------------------------------------------------------------

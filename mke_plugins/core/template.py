@@ -65,7 +65,7 @@ from __future__ import annotations
 import copy as copy_module
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -74,6 +74,7 @@ from mke_plugins.adapters import get_adapter
 from mke_plugins.adapters.base import VLMAdapter, unwrap_model
 
 from .guard import EditGuard
+from .replay import PrefixReplay, prefix_replay
 from .requests import normalize_requests
 from .snapshot import RestoreHandle, WeightSnapshot
 from .wrap import GatedModel, gated
@@ -190,6 +191,11 @@ class EditContext:
         """Register ``fn`` to remove what the coming edit adds; part of ``weights_copy``, run latest
         first, and also when the apply fails (so it must tolerate a half-made edit)."""
         self.restore.add_undo(fn)
+
+    def replay(self, start: int | None) -> ContextManager[PrefixReplay]:
+        """An adapter for the block whose forward/loss re-run only decoder layers ``start..`` of this model
+        (:mod:`~mke_plugins.core.replay`); ``None``, or hparams ``prefix_replay: false``, runs the full model."""
+        return prefix_replay(self.adapter, self.model, start if getattr(self.hparams, "prefix_replay", True) else None)
 
     def on_failure(self, fn: Callable[[], Any]) -> None:
         """Register ``fn`` to run only if the apply fails, after the undo callables (latest first)."""

@@ -46,6 +46,10 @@ class DECODEHyperParams(MultimodalHyperParams):
                       "input over both groups; reference ablation).")
     lr: float = hp(2e-3, "Adam learning rate of the value-column offsets (reference: 2e-3).", gt=0)
     max_steps: int = hp(200, "Optimisation step cap per stage (reference: 200).", ge=0)
+    prefix_replay: bool = hp(
+        True, "Speed only: each stage re-runs only the decoder layers from its lowest edited one up, from the state "
+              "the full forward gave it (core.replay); the logits are the same. false runs the full model every "
+              "step.")
     kl_weight: float = hp(0.6, "Weight of the KL term on prompt positions (reference: 0.6).", ge=0)
     kl_on_image_tokens: bool = hp(
         True, "Include image-token positions in the KL term (reference: true); false saves memory on "

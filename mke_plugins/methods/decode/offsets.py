@@ -3,7 +3,8 @@
 Each stage trains one fp32 offset row ``z_i`` per neuron of its group, applied by a forward hook
 on the value module (``core.deltas.ColumnDelta``: ``out += a[..., idx] @ Z``, i.e. ``v_i ← v_i + z_i``
 at every position), with loss ``CE(target + EOS) + kl_weight · KL(p_ref ‖ p_edit)`` on the prompt
-positions and Adam. The stage ends early, before any update, once the mean CE is below its
+positions and Adam; each step re-runs only the decoder layers from the group's lowest one up
+(``core.replay``: same logits, less time). The stage ends early, before any update, once the mean CE is below its
 threshold. The hooks are removed in ``finally``; the offsets are then folded into the weights
 (the sum in fp32, one cast), after the touched columns are snapshotted for an exact restore.
 
@@ -27,6 +28,7 @@ from mke_plugins.adapters import LayerInfo, VLMAdapter, get_adapter
 from mke_plugins.core.deltas import ColumnDelta, DeltaSet
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.modes import frozen
+from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.snapshot import WeightSnapshot
 
 from .decode_hparams import DECODEHyperParams
@@ -159,11 +161,13 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
     t0 = time.perf_counter()
     deltas = make_deltas(infos, group)
     opt = torch.optim.Adam(list(deltas.parameters()), lr=hparams.lr)
+    start = min(layer for layer, _ in group) if hparams.prefix_replay else None
     try:
         deltas.install()
-        with torch.enable_grad():
+        # nothing below the group's lowest layer changes: each step re-runs only the layers from there up
+        with torch.enable_grad(), prefix_replay(adapter, model, start) as replayed:
             for _ in range(hparams.max_steps):
-                logits = adapter.forward(model, stage.batch)
+                logits = replayed.forward(model, stage.batch)
                 l_tgt = adapter.loss(model, stage.batch, logits=logits)
                 report.final_l_tgt = float(l_tgt.detach())
                 report.final_l_answer = answer_ce(logits, stage)

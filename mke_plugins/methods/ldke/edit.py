@@ -27,6 +27,7 @@ from mke_plugins.adapters.base import Query, VLMAdapter, unwrap_model
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.modes import frozen
+from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.requests import query_of
 from mke_plugins.core.wrap import gate_open
 
@@ -181,13 +182,16 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
         with torch.no_grad():
             loc_ref = adapter.forward(base, loc_batch).float().log_softmax(-1)
     steps, nll_value, ok = 0, float("nan"), False
-    with frozen(base, eval_mode=False), gate_open(base, GATE), HookSet() as hooks:
+    # without fit noise nothing below the entry's lowest layer changes: re-run only the layers from there up
+    start = min(entry.layers) if hparams.prefix_replay and noise_fn is None and entry.layers else None
+    with frozen(base, eval_mode=False), gate_open(base, GATE), HookSet() as hooks, \
+            prefix_replay(adapter, base, start) as replayed:
         if noise_fn is not None:
             hooks.add(adapter.embed_output(base), noise_fn)
         for steps in range(hparams.edit_steps + 1):
             state.side.set_route([[entry.id]] * len(batch))
             try:
-                answers = adapter.answer_logits(base, batch)
+                answers = replayed.answer_logits(base, batch)
                 nll = answers.loss()
                 ok = bool(answers.success().all())
                 nll_value = float(nll.detach())
@@ -197,7 +201,7 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
                 loss = nll + hparams.weight_norm * entry.norm_penalty()
                 if loc_batch is not None:
                     state.side.set_route([[entry.id]] * len(loc_batch))
-                    post = adapter.forward(base, loc_batch).float().log_softmax(-1)
+                    post = replayed.forward(base, loc_batch).float().log_softmax(-1)
                     m = loc_batch.attention_mask.bool().to(post.device)
                     kl = (loc_ref.exp() * (loc_ref - post)).sum(-1)[m].mean()
                     loss = loss + hparams.loc_kl_weight * kl

@@ -74,6 +74,10 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
     fit_noise: float = hp(0.0, "Robustness of the fit: std (x the prompt embeddings' std) of Gaussian noise on the "
                                "prompt embeddings of the noisy copies (0 = fit on the clean edit input only).", ge=0)
     fit_copies: int = hp(0, "Noisy copies of the edit input fitted beside the clean one (0 = none).", ge=0)
+    prefix_replay: bool = hp(
+        True, "Speed only: without fit noise, the fit re-runs only the decoder layers from the lowest localized one "
+              "up, from the state the full forward gave it (core.replay); the logits are the same. false runs the "
+              "full model every step.")
     loc_kl_weight: float = hp(0.0, "Optional edit-time locality KL weight (0 = off; the router carries locality).",
                               ge=0)
     loc_kl_samples: int = hp(8, "Training-split prompts (stored in the archive) used by the locality KL.",

@@ -26,6 +26,7 @@ from torch import nn
 from mke_plugins.adapters.base import Batch, VLMAdapter
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import capture
+from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.requests import query_of
 from mke_plugins.core.wrap import gate_open
 
@@ -181,9 +182,11 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     opt = torch.optim.Adam(params, lr=float(hparams.edit_lr))
     stop = MarginStop(float(hparams.margin_tol), int(hparams.margin_patience))
     penalty_states = _penalty_states(archive, layers, infos) if hparams.memory_loss_weight > 0 else None
-    with gate_open(model, GATE):
+    # only layers >= min(layers) change: each step re-runs those from the state the first pass gave them
+    start = min(layers) if hparams.prefix_replay else None
+    with gate_open(model, GATE), prefix_replay(adapter, model, start) as replayed:
         for step in range(int(hparams.max_edit_steps) + 1):
-            loss = adapter.answer_logits(model, batch).loss()
+            loss = replayed.answer_logits(model, batch).loss()
             value = float(loss.detach())
             if rep.first_loss is None:
                 rep.first_loss = value

@@ -63,6 +63,10 @@ class UniKEHyperParams(MultimodalHyperParams):
     use_zeta: bool = hp(True, "Add beta * W_zeta zeta to the new values (false: no truthfulness direction).")
     edit_lr: float = hp(7.5e-4, "Adam learning rate of the new keys, biases, values and W_zeta.", gt=0)
     max_edit_steps: int = hp(20, "Optimisation step cap per edit.", ge=1)
+    prefix_replay: bool = hp(
+        True, "Speed only: the training loop re-runs only the decoder layers from the lowest edited one up, from the "
+              "state the full forward gave it (core.replay); the logits are the same. false runs the full model "
+              "every step.")
     stop_loss: float = hp(0.1, "Stop early once the mean target NLL is below this.", ge=0)
     grad_clip: float = hp(1.0, "Maximum gradient norm per edit step.", gt=0)
     key_noise: float = hp(0.01, "Relative noise on repeated key initialisations (std = key_noise * |k| / sqrt(d)).",
