@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mke_hooks import MKEError
 
@@ -212,8 +212,13 @@ def step_costs(seconds: float, stats: dict[str, Any], cap: int | None, full_cap:
 
 def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", device: str = "cpu",
               dtype: str = "bfloat16", image_size: int = 448, hparams_key: str | None = None, seed: int = 0,
-              verify_restore: bool = True, max_steps: int | None = None, unit: str = "auto") -> dict[str, Any]:
-    """One single edit per method on a random-init ``family``/``size`` model; the cost report."""
+              verify_restore: bool = True, max_steps: int | None = None, unit: str = "auto",
+              progress: Callable[[dict[str, Any], str | None], None] | None = None) -> dict[str, Any]:
+    """One single edit per method on a random-init ``family``/``size`` model; the cost report.
+
+    ``progress(report, label)`` is called once the unit is measured (``label`` None) and after
+    each method, so a long run shows and keeps what it has measured so far.
+    """
     import torch
     import transformers
 
@@ -264,6 +269,8 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
             "fwdbwd_seconds": units["fwdbwd_seconds"], "unit": units["kind"], "unit_seconds": unit_s,
             "unit_note": units["why"], "max_steps": max_steps, "seed": seed, "hparams_key": key,
             "torch": torch.__version__, "transformers": transformers.__version__, "methods": {}}
+        if progress is not None:
+            progress(report, None)
         before = param_digests(model) if verify_restore else None
         ctx = PrepContext(model, proc, adapter, Path(tmp), key, seed)
         for r, m in zip(reqs, bound, strict=True):
@@ -290,6 +297,8 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
                 "peak_memory_mb": mem.peak_mb, "peak_memory_delta_mb": mem.delta_mb, "memory_source": mem.source,
                 "prepared": None if prep is None else {"note": prep.note, "seconds": prep.seconds},
                 "restore_bit_exact": exact, "stats": stats, "hparams": hparams_json(m.hparams)}
+            if progress is not None:
+                progress(report, m.label)
     return report
 
 
@@ -325,14 +334,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def cmd_scale(args: argparse.Namespace) -> int:
-    if args.image_size < 28:
-        raise MKEError(f"--image-size must be at least 28 pixels, got {args.image_size}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise MKEError(f"--max-steps must be at least 1, got {args.max_steps}")
-    report = run_scale(args.methods, family=args.family, size=args.size, device=args.device, dtype=args.dtype,
-                       image_size=args.image_size, hparams_key=args.hparams, seed=args.seed,
-                       verify_restore=args.verify_restore, max_steps=args.max_steps, unit=args.unit)
+def _print_header(report: dict[str, Any]) -> None:
     n = report["parameters"]
     count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
     print(f"{report['family']} {report['size']} random init ({count} parameters, {report['dtype']}, "
@@ -340,21 +342,42 @@ def cmd_scale(args: argparse.Namespace) -> int:
           f"built in {report['build_seconds']:.0f} s")
     print(f"unit = one {report['unit']} of the edit request: {report['unit_seconds']:.3f} s (no-grad forward "
           f"{report['forward_seconds']:.3f} s){'; ' + report['unit_note'] if report['unit_note'] else ''}")
+    print("random weights: quality means nothing; untrained stand-ins replace offline stages (timing does not "
+          "depend on trained values)")
     print("per method: steps taken (cap), s/step, capped edit s and x unit, full steps, estimated full edit s and "
           "x unit (s/step x full steps), peak memory, restore")
-    for label, r in report["methods"].items():
-        print(f"  {label}: {r['steps']} steps ({r['step_field'] or 'no step field'}={r['step_cap']}), "
-              f"{_fmt(r['seconds_per_step'])} s/step, edit {r['edit_seconds']:.2f} s = x{r['ratio']:.1f} "
-              f"{r['unit']}; full {r['full_steps']} steps ~ {_fmt(r['full_edit_seconds_est'], '.1f')} s = "
-              f"x{_fmt(r['full_ratio_est'], '.1f')}; peak {_fmt(r['peak_memory_mb'], '.0f')} MB "
-              f"(+{_fmt(r['peak_memory_delta_mb'], '.0f')} over the loaded model, {r['memory_source']}); "
-              f"restore bit-exact: {r['restore_bit_exact']}")
-        if r["prepared"]:
-            print(f"    before the edit ({r['prepared']['seconds']:.1f} s, untimed): {r['prepared']['note']}")
-    print("random weights: quality means nothing; untrained archives stand in for offline stages (timing does "
-          "not depend on trained values)")
+
+
+def _print_method(label: str, r: dict[str, Any]) -> None:
+    print(f"  {label}: {r['steps']} steps ({r['step_field'] or 'no step field'}={r['step_cap']}), "
+          f"{_fmt(r['seconds_per_step'])} s/step, edit {r['edit_seconds']:.2f} s = x{r['ratio']:.1f} "
+          f"{r['unit']}; full {r['full_steps']} steps ~ {_fmt(r['full_edit_seconds_est'], '.1f')} s = "
+          f"x{_fmt(r['full_ratio_est'], '.1f')}; peak {_fmt(r['peak_memory_mb'], '.0f')} MB "
+          f"(+{_fmt(r['peak_memory_delta_mb'], '.0f')} over the loaded model, {r['memory_source']}); "
+          f"restore bit-exact: {r['restore_bit_exact']}")
+    if r["prepared"]:
+        print(f"    before the edit ({r['prepared']['seconds']:.1f} s, untimed): {r['prepared']['note']}")
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    if args.image_size < 28:
+        raise MKEError(f"--image-size must be at least 28 pixels, got {args.image_size}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise MKEError(f"--max-steps must be at least 1, got {args.max_steps}")
+
+    def progress(report: dict[str, Any], label: str | None) -> None:
+        if label is None:
+            _print_header(report)
+        else:
+            _print_method(label, report["methods"][label])
+        if args.json:  # after every method, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        sys.stdout.flush()
+
+    run_scale(args.methods, family=args.family, size=args.size, device=args.device, dtype=args.dtype,
+              image_size=args.image_size, hparams_key=args.hparams, seed=args.seed,
+              verify_restore=args.verify_restore, max_steps=args.max_steps, unit=args.unit, progress=progress)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {args.json}")
     sys.stdout.flush()
     return 0
