@@ -152,3 +152,26 @@ def test_digests_see_a_one_bit_change():
         w = lin.weight.view(-1)
         w[0] = torch.nextafter(w[0], torch.tensor(float("inf")))
     assert scale.param_digests(lin) != before
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_the_fwd_bwd_unit_can_free_each_weight_gradient_as_it_is_made(monkeypatch, drop):
+    """``drop_grads`` (scale's unit): no weight holds a gradient once the backward pass is over."""
+    import torch
+
+    from mke_plugins.bench import cost
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    held = []
+
+    class Adapter:
+        def loss(self, model, batch):
+            return model(batch).sum()
+
+    def after_pass(device):  # cost.sync runs right after each backward
+        held.append([p.grad is not None for p in model.parameters()])
+
+    monkeypatch.setattr(cost, "sync", after_pass)
+    cost.fwd_bwd_seconds(Adapter(), model, torch.ones(2, 3), warmup=0, repeats=1, drop_grads=drop)
+    assert held[-1] == [not drop] * 4
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
