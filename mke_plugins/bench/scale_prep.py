@@ -42,7 +42,7 @@ from mke_hooks import MKEError
 STEP_FIELDS = {"DECODE": "max_steps", "ASAM": "max_steps", "LDKE": "edit_steps", "UniKE": "max_edit_steps",
                "FT": "max_steps", "LoRA": "max_steps"}
 #: prompts in ASAM's memory bank when its YAML's ``memory_data`` is replaced by the world's
-ASAM_BANK_PROMPTS = 32
+ASAM_BANK_PROMPTS = 16
 #: training-split queries whose triplets form the untrained UniKE archive's knowledge bank
 UNIKE_BANK_QUERIES = 8
 
