@@ -94,8 +94,8 @@ def _asam(hparams: Any, user: dict[str, Any], ctx: PrepContext) -> Prepared:
         return Prepared("lambda_mem 0: no memory bank")
     where = "its memory_data"
     if "memory_data" not in user and not Path(str(hparams.memory_data)).expanduser().exists():
-        hparams.memory_data = resolve_special("@world-data")
         where = f"the world's training split (the YAML's {Path(str(hparams.memory_data)).name} is absent)"
+        hparams.memory_data = resolve_special("@world-data")
         if "memory_size" not in user:
             hparams.memory_size = min(int(hparams.memory_size), ASAM_BANK_PROMPTS)
     layers = resolve_layers(hparams.edit_layers, len(ctx.adapter.layers(ctx.model)), key="edit_layers")
