@@ -6,12 +6,17 @@ depends on the model's shapes, not on its trained weights. This command builds a
 Qwen2.5-VL model of a published size from its config alone (random init, seeded), with the tiny
 test tokenizer and processor (its token ids fit any vocabulary), takes the first bundled world
 edit case with its pictures scaled up to a realistic size, and runs one single edit of each
-method through the same apply-and-restore path as ``mke-plugins bench``. It reports wall time,
-peak memory, the method's own statistics (steps per stage), one no-grad forward pass as the unit
-of work, and whether the restore left every parameter bit-identical (checked by per-parameter
-digests, so no second copy of the weights is held). Quality numbers on random weights mean
-nothing and are not reported. Methods with an offline stage (a trained archive per model) are
-refused: random weights have no archive.
+method through the same apply-and-restore path as ``mke-plugins bench``, capped at ``--max-steps``
+optimisation steps so that a CPU can afford it. Per method it reports seconds per step, the
+capped edit's seconds, the full edit's estimate (seconds per step x the step count of the
+method's uncapped YAML), each as a ratio to one forward+backward pass of the same request (every
+weight gradient computed and freed as it is made, so no second copy of the weights is held; a
+no-grad forward where even that runs out of memory, and the report says so), peak memory, the
+method's own statistics, and whether the restore left every parameter bit-identical (checked by
+per-parameter digests). Quality numbers on random weights mean nothing and are not reported.
+Methods with an offline stage get an untrained stand-in for its output built at the model's
+shapes through the method's own code (:mod:`.scale_prep`): timing does not depend on trained
+values.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mke_hooks import MKEError
 
 EXAMPLES = """examples:
-  mke-plugins scale --methods DECODE --family qwen2-vl --size 7b --device cuda --dtype bfloat16
-  mke-plugins scale --methods "DECODE[max_steps=2],FT[max_steps=2]" --size 7b --image-size 224   # CPU
+  mke-plugins scale --methods DECODE,ASAM,LDKE,UniKE,FT,LoRA --size 7b --device cuda --max-steps 5
+  mke-plugins scale --methods DECODE,ASAM,LDKE,UniKE,FT,LoRA --size 2b --dtype float32 --max-steps 2 \\
+      --image-size 56 --json scale-2b.json                                                 # CPU
+  mke-plugins scale --methods "DECODE[max_steps=2],FT[max_steps=2]" --size 7b --image-size 224
 """
 
 _QWEN_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -141,34 +148,106 @@ def param_digests(model: Any) -> dict[str, str]:
     return out
 
 
+#: untimed passes before each unit is timed, then the median of this many timed ones
+UNIT_WARMUP, UNIT_REPEATS = 1, 3
+
+
+def _oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def measure_units(adapter: Any, model: Any, batch: Any, device: Any, unit: str) -> dict[str, Any]:
+    """The no-grad forward and, unless ``unit`` is ``forward`` or memory runs out, one forward+backward
+    (every weight gradient computed, each freed as it is accumulated); ``kind`` says which is the unit."""
+    import statistics
+
+    import torch
+
+    from .cost import fwd_bwd_seconds, sync
+
+    def forward() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        adapter.forward(model, batch)
+        sync(device)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        for _ in range(UNIT_WARMUP):
+            forward()
+        out: dict[str, Any] = {"forward_seconds": statistics.median(forward() for _ in range(UNIT_REPEATS)),
+                               "fwdbwd_seconds": None, "kind": "forward", "why": "--unit forward"}
+    if unit == "forward":
+        return out
+    try:
+        out["fwdbwd_seconds"] = fwd_bwd_seconds(adapter, model, batch, warmup=UNIT_WARMUP, repeats=UNIT_REPEATS,
+                                                drop_grads=True)
+        out.update(kind="fwd+bwd", why="")
+    except (RuntimeError, MemoryError) as exc:
+        if not _oom(exc):
+            raise
+        out["why"] = f"forward+backward ran out of memory ({str(exc).splitlines()[0][:120]})"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def step_costs(seconds: float, stats: dict[str, Any], cap: int | None, full_cap: int | None) -> dict[str, Any]:
+    """Seconds per step and the full edit's estimate: seconds per step x the uncapped step count.
+
+    The uncapped count is the steps taken scaled by ``full_cap / cap`` (DECODE's two stages each
+    run ``max_steps``); an edit that stopped on its own rule ran in full already. The per-step
+    time spreads the edit's fixed work (localisation, setup passes) over the steps taken, so with a
+    small cap the estimate leans high.
+    """
+    steps = stats.get("steps")
+    if not isinstance(steps, int) or steps <= 0:
+        return {"steps": steps, "full_steps": None, "seconds_per_step": None, "full_edit_seconds_est": None}
+    full = steps
+    if cap and full_cap and not stats.get("converged"):
+        full = round(steps * full_cap / cap)
+    per = seconds / steps
+    return {"steps": steps, "full_steps": full, "seconds_per_step": per, "full_edit_seconds_est": per * full}
+
+
 def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", device: str = "cpu",
               dtype: str = "bfloat16", image_size: int = 448, hparams_key: str | None = None, seed: int = 0,
-              verify_restore: bool = True) -> dict[str, Any]:
-    """One single edit per method on a random-init ``family``/``size`` model; the cost report."""
+              verify_restore: bool = True, max_steps: int | None = None, unit: str = "auto",
+              progress: Callable[[dict[str, Any], str | None], None] | None = None) -> dict[str, Any]:
+    """One single edit per method on a random-init ``family``/``size`` model; the cost report.
+
+    ``progress(report, label)`` is called once the unit is measured (``label`` None) and after
+    each method, so a long run shows and keeps what it has measured so far.
+    """
     import torch
     import transformers
 
     from mke_plugins.adapters import get_adapter
     from mke_plugins.adapters.base import Query
     from mke_plugins.adapters.loading import seed_all
-    from mke_plugins.registry import get_registry
 
     from .cost import PeakMemory, sync
-    from .methods import bind_ours, parse_methods
+    from .methods import MethodRequest, bind_ours, parse_methods
     from .restore import restore_like_easyedit
     from .runner import hparams_json, method_extra
+    from .scale_prep import PrepContext, check_preparable, prepare, step_cap, step_field
 
     reqs = parse_methods(methods)
     for r in reqs:
         if r.easyedit:
             raise MKEError(f"{r.label}: scale runs this project's registered methods only")
-        if get_registry().get(r.name).spec.offline is not None:
-            raise MKEError(f"{r.label}: {r.name} needs its offline stage's archive for the model, and a random-init "
-                           f"model has none; scale times methods without an offline stage")
+        check_preparable(r.name, r.label)
     name = f"random-init-{family}-{size}"
     key = hparams_key or HPARAMS_KEY.get(family, "")
     common = {"device": device, "dtype": dtype, "model_name": name, "name": name}
-    bound = [bind_ours(r, key, common) for r in reqs]
+    bound, caps = [], {}
+    for r in reqs:
+        capped = MethodRequest(r.label, r.name, r.easyedit, {**step_cap(r.name, r.overrides, max_steps), **r.overrides})
+        fld = step_field(r.name)
+        full = getattr(bind_ours(MethodRequest(r.label, r.name), key, common).hparams, fld) if fld else None
+        m = bind_ours(capped, key, common)
+        caps[r.label] = (fld, getattr(m.hparams, fld) if fld else None, full)
+        bound.append(m)
     with tempfile.TemporaryDirectory(prefix="mke-scale-") as tmp:
         t0 = time.perf_counter()
         model, proc = build_random_model(family, size, device=device, dtype=dtype, seed=seed, workdir=Path(tmp))
@@ -177,13 +256,8 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
         request = scaled_request(adapter, image_size, Path(tmp))
         batch = adapter.batch(model, proc, [Query(request["image"], request["prompt"], request["target"])])
         dev = torch.device(device)
-        with torch.no_grad():
-            adapter.forward(model, batch)  # warm-up
-            sync(dev)
-            t1 = time.perf_counter()
-            adapter.forward(model, batch)
-            sync(dev)
-            forward_s = time.perf_counter() - t1
+        units = measure_units(adapter, model, batch, dev, unit)
+        unit_s = units["fwdbwd_seconds"] if units["kind"] == "fwd+bwd" else units["forward_seconds"]
         report: dict[str, Any] = {
             "family": family, "size": size, "device": device,
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -191,10 +265,16 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
             "decoder_layers": model.config.text_config.num_hidden_layers,
             "image_size": image_size, "paired_tokens": int(batch.attention_mask.sum()),
             "image_tokens": int(batch.image_mask.sum()),
-            "build_seconds": build_s, "forward_seconds": forward_s, "seed": seed, "hparams_key": key,
+            "build_seconds": build_s, "forward_seconds": units["forward_seconds"],
+            "fwdbwd_seconds": units["fwdbwd_seconds"], "unit": units["kind"], "unit_seconds": unit_s,
+            "unit_note": units["why"], "max_steps": max_steps, "seed": seed, "hparams_key": key,
             "torch": torch.__version__, "transformers": transformers.__version__, "methods": {}}
+        if progress is not None:
+            progress(report, None)
         before = param_digests(model) if verify_restore else None
-        for m in bound:
+        ctx = PrepContext(model, proc, adapter, Path(tmp), key, seed)
+        for r, m in zip(reqs, bound, strict=True):
+            prep = prepare(r.name, m.hparams, r.overrides, ctx)
             seed_all(seed)
             with PeakMemory(dev) as mem:
                 sync(dev)
@@ -207,10 +287,18 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
             model = restore_like_easyedit(m.restore, model, edited, wc)
             del edited, wc
             exact = None if before is None else param_digests(model) == before
+            fld, cap, full = caps[m.label]
+            costs = step_costs(seconds, stats, cap, full)
+            est = costs["full_edit_seconds_est"]
             report["methods"][m.label] = {
-                "edit_seconds": seconds, "x_forward": seconds / forward_s, "peak_memory_mb": mem.peak_mb,
-                "peak_memory_delta_mb": mem.delta_mb, "memory_source": mem.source,
+                "edit_seconds": seconds, "ratio": seconds / unit_s, "unit": units["kind"], **costs,
+                "full_ratio_est": None if est is None else est / unit_s,
+                "step_field": fld, "step_cap": cap, "full_step_cap": full,
+                "peak_memory_mb": mem.peak_mb, "peak_memory_delta_mb": mem.delta_mb, "memory_source": mem.source,
+                "prepared": None if prep is None else {"note": prep.note, "seconds": prep.seconds},
                 "restore_bit_exact": exact, "stats": stats, "hparams": hparams_json(m.hparams)}
+            if progress is not None:
+                progress(report, m.label)
     return report
 
 
@@ -231,27 +319,65 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the edit (default 0)")
     p.add_argument("--no-verify-restore", dest="verify_restore", action="store_false",
                    help="skip the per-parameter digest check after the restore")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap every method's optimisation steps per edit (its step field, e.g. DECODE max_steps, "
+                        "LDKE edit_steps; a NAME[field=N] override wins); the full edit is estimated from it")
+    p.add_argument("--unit", default="auto", choices=("auto", "forward"),
+                   help="unit of the ratio: auto = one forward+backward of the request (a no-grad forward where "
+                        "that runs out of memory), forward = a no-grad forward (default auto)")
     p.add_argument("--json", default="scale-results.json", help="result file (default scale-results.json)")
     p.set_defaults(func=cmd_scale)
     return p
 
 
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_header(report: dict[str, Any]) -> None:
+    n = report["parameters"]
+    count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+    print(f"{report['family']} {report['size']} random init ({count} parameters, {report['dtype']}, "
+          f"{report['device_name']}): paired query {report['paired_tokens']} tokens ({report['image_tokens']} image), "
+          f"built in {report['build_seconds']:.0f} s")
+    print(f"unit = one {report['unit']} of the edit request: {report['unit_seconds']:.3f} s (no-grad forward "
+          f"{report['forward_seconds']:.3f} s){'; ' + report['unit_note'] if report['unit_note'] else ''}")
+    print("random weights: quality means nothing; untrained stand-ins replace offline stages (timing does not "
+          "depend on trained values)")
+    print("per method: steps taken (cap), s/step, capped edit s and x unit, full steps, estimated full edit s and "
+          "x unit (s/step x full steps), peak memory, restore")
+
+
+def _print_method(label: str, r: dict[str, Any]) -> None:
+    print(f"  {label}: {r['steps']} steps ({r['step_field'] or 'no step field'}={r['step_cap']}), "
+          f"{_fmt(r['seconds_per_step'])} s/step, edit {r['edit_seconds']:.2f} s = x{r['ratio']:.1f} "
+          f"{r['unit']}; full {r['full_steps']} steps ~ {_fmt(r['full_edit_seconds_est'], '.1f')} s = "
+          f"x{_fmt(r['full_ratio_est'], '.1f')}; peak {_fmt(r['peak_memory_mb'], '.0f')} MB "
+          f"(+{_fmt(r['peak_memory_delta_mb'], '.0f')} over the loaded model, {r['memory_source']}); "
+          f"restore bit-exact: {r['restore_bit_exact']}")
+    if r["prepared"]:
+        print(f"    before the edit ({r['prepared']['seconds']:.1f} s, untimed): {r['prepared']['note']}")
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     if args.image_size < 28:
         raise MKEError(f"--image-size must be at least 28 pixels, got {args.image_size}")
-    report = run_scale(args.methods, family=args.family, size=args.size, device=args.device, dtype=args.dtype,
-                       image_size=args.image_size, hparams_key=args.hparams, seed=args.seed,
-                       verify_restore=args.verify_restore)
-    n = report["parameters"]
-    count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-    print(f"{report['family']} {report['size']} ({count} parameters, {report['dtype']}, "
-          f"{report['device_name']}): paired query {report['paired_tokens']} tokens ({report['image_tokens']} image), "
-          f"one forward {report['forward_seconds']:.2f} s, built in {report['build_seconds']:.0f} s")
-    for label, r in report["methods"].items():
-        print(f"  {label}: edit {r['edit_seconds']:.2f} s (x{r['x_forward']:.1f} forward), peak memory "
-              f"{r['peak_memory_mb']:.0f} MB ({r['memory_source']}), restore bit-exact: {r['restore_bit_exact']}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise MKEError(f"--max-steps must be at least 1, got {args.max_steps}")
+
+    def progress(report: dict[str, Any], label: str | None) -> None:
+        if label is None:
+            _print_header(report)
+        else:
+            _print_method(label, report["methods"][label])
+        if args.json:  # after every method, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        sys.stdout.flush()
+
+    run_scale(args.methods, family=args.family, size=args.size, device=args.device, dtype=args.dtype,
+              image_size=args.image_size, hparams_key=args.hparams, seed=args.seed,
+              verify_restore=args.verify_restore, max_steps=args.max_steps, unit=args.unit, progress=progress)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {args.json}")
     sys.stdout.flush()
     return 0

@@ -16,6 +16,10 @@ archive::
 The bundled world archive is rebuilt, bit for bit on the same machine, with
 ``mke-plugins train LDKE --out mke_plugins/methods/ldke/archives/world.pt`` (seeded everywhere;
 ``OMP_NUM_THREADS=1`` for identical float reductions).
+
+:func:`untrained_archive` writes an archive of the right shapes that was never trained, for
+timing an edit on a random-init model (``mke-plugins scale``); it routes and localises nothing
+meaningful.
 """
 
 from __future__ import annotations
@@ -116,6 +120,30 @@ def train_archive(hp: Any, *, model: Any, tok: Any, records: Sequence[dict[str, 
     if out is not None:
         save_archive(archive, out)
     log.info("LDKE archive: best epoch %d, tau %.2f, validation %s", best[1], cal["tau"], cal)
+    return archive
+
+
+def untrained_archive(hp: Any, *, model: Any, out: str | Path) -> dict[str, Any]:
+    """An archive at ``model``'s shapes that was never trained, written to ``out``, for timing only.
+
+    The head is the one training starts from (built by ``LDKERouterTrainable``, seeded by
+    ``hp.seed``), tau is 0.5 and the layer baseline mu is uniform (1/L per layer: no training edit
+    was localised). Routing and layer choice on it mean nothing; what an edit costs (its passes and
+    their shapes) does not depend on them. ``meta["untrained"]`` says so.
+    """
+    import torch
+
+    from .router import save_archive
+    from .trainable import LDKERouterTrainable
+
+    trainable = LDKERouterTrainable(model, hp)
+    n = trainable.n_layers
+    trainable.mu_sum = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    trainable.mu_count = 1
+    trainable.meta = {"untrained": True, "seed": int(hp.seed),
+                      "note": "freshly initialised head, tau 0.5, uniform mu: for timing only"}
+    archive = trainable.state_dict()
+    save_archive(archive, out)
     return archive
 
 

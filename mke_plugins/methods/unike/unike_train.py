@@ -11,6 +11,9 @@ with ``patience``, then ``payload`` → one archive file.
 
 The bundled world archive is rebuilt, bit-identically, by
 ``mke-plugins train UniKE --hparams world --out mke_plugins/methods/unike/archives/world.pt``.
+
+:func:`untrained_archive` runs the extraction alone on a few queries and saves the freshly
+initialised encoders untrained, for timing an edit on a random-init model (``mke-plugins scale``).
 """
 
 from __future__ import annotations
@@ -153,6 +156,30 @@ def build_archive(hparams: Any, model: Any, tok: Any, records: list[dict[str, An
             "triplets": off.n_triplets, "skipped": off.n_skipped, "holdout": int(len(hold)),
             "best_epoch": best[1], "epochs_run": len(history), "sep_acc": final["sep_acc"],
             "sem_r1": final["sem_r1"], "layers": off.layers, "d": off.d, "d_t": off.d_t}
+
+
+def untrained_archive(hparams: Any, model: Any, tok: Any, queries: list[Any], out: str | Path) -> str:
+    """An archive at ``model``'s shapes whose encoders were never trained, written to ``out``; its path.
+
+    The extraction of :func:`build_archive` on ``queries`` (adapter Queries; their triplets form
+    the bank, their states mu and the W_zeta fit), then the payload with the encoders as
+    initialised (seeded by ``hparams.seed``): no epochs, no held-out selection, no record hashes.
+    What an edit on it costs (retrieval, memory mixing, the training loop) does not depend on the
+    trained values; its answers mean nothing. The archive's ``split`` is ``"untrained"``.
+    """
+    from mke_plugins.adapters import get_adapter
+
+    from .offline import UniKEOffline
+
+    adapter = get_adapter(model, hparams)
+    off = UniKEOffline(model, tok, hparams, adapter, dataset="untrained", split="untrained")
+    for s in range(0, len(queries), EXTRACT_BATCH):
+        off.observe(adapter.batch(model, tok, list(queries[s:s + EXTRACT_BATCH])), add_to_bank=True)
+    if off.bank_size == 0:
+        raise MKEError("UniKE untrained archive: the model already predicts every query's target, so no triplet "
+                       "was banked; pass queries whose targets it gets wrong")
+    off.eval()
+    return off.save(str(out))
 
 
 def evaluate_holdout(off: Any, hold: Any, train: Any, bs: int) -> dict[str, float]:
