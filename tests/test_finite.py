@@ -47,6 +47,7 @@ def test_a_nan_loss_stops_every_method_naming_method_step_and_term(world_case, m
                                                                    step):
     """The target loss turns nan (still differentiable, so nothing else stops the loop)."""
     from mke_plugins.adapters import get_adapter
+    from mke_plugins.adapters.base import AnswerLogits
     from mke_plugins.hparams import load_hparams
     from mke_plugins.registry import get_registry
 
@@ -56,6 +57,8 @@ def test_a_nan_loss_stops_every_method_naming_method_step_and_term(world_case, m
     cls = type(get_adapter(model, hparams))
     loss = cls.loss
     monkeypatch.setattr(cls, "loss", lambda self, *a, **k: loss(self, *a, **k) * NAN)
+    answers_loss = AnswerLogits.loss  # the losses read from answer-position logits
+    monkeypatch.setattr(AnswerLogits, "loss", lambda self, *a, **k: answers_loss(self, *a, **k) * NAN)
     apply = get_registry().get(method).spec.resolved("apply_multimodal")
     with pytest.raises(NonFiniteLossError, match=rf"^{label}: the loss term '{term}' is not finite at {step} "
                                                  r"\(it is nan\)\. Fix: lower `(edit_)?lr`"):
@@ -63,7 +66,7 @@ def test_a_nan_loss_stops_every_method_naming_method_step_and_term(world_case, m
 
 
 def test_ft_stops_before_writing_nan_into_the_weight(world_case, monkeypatch):
-    from mke_plugins.adapters import get_adapter
+    from mke_plugins.adapters.base import AnswerLogits
     from mke_plugins.hparams import load_hparams
     from mke_plugins.methods.baselines.ft.ft_main import apply_ft_to_multimodal_model
 
@@ -71,14 +74,13 @@ def test_ft_stops_before_writing_nan_into_the_weight(world_case, monkeypatch):
     model = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hparams = load_hparams("FT", "world")
-    cls = type(get_adapter(model, hparams))
-    loss, calls = cls.loss, []
+    loss, calls = AnswerLogits.loss, []  # FT's loss reads the answer-position logits
 
     def nan_on_second_step(self, *a, **k):
         calls.append(1)
         return loss(self, *a, **k) * (NAN if len(calls) > 1 else 1.0)
 
-    monkeypatch.setattr(cls, "loss", nan_on_second_step)
+    monkeypatch.setattr(AnswerLogits, "loss", nan_on_second_step)
     with pytest.raises(NonFiniteLossError, match=r"^FT: the loss term 'nll' is not finite at step 2"):
         apply_ft_to_multimodal_model(model, tok, reqs, hparams)
     assert all(torch.isfinite(p).all() for p in model.parameters())
