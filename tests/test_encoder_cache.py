@@ -203,3 +203,30 @@ def test_an_apply_runs_inside_the_cache_and_leaves_the_model_as_it_was(setup):
     assert steps > 1 and counter.calls == 1, (steps, counter.calls)
     assert_same_state(before, state_of(model))
     assert active_cache(unwrap_model(model)) is None
+
+
+@pytest.mark.parametrize("family", HF)
+def test_older_transformers_fall_back_to_the_plain_passes(family, setup, monkeypatch):
+    """A transformers release without ``mm_encoder_outputs`` or boolean ``logits_to_keep`` (EasyEdit
+    pins such a one): the cache runs the tower as usual and ``answer_logits`` gathers from the full
+    logits, with the same values as the plain passes."""
+    from mke_plugins.adapters import hf
+
+    monkeypatch.setattr(hf, "_takes_encoder_outputs", lambda cls: False)
+    monkeypatch.setattr(hf, "_takes_mask_logits_to_keep", lambda cls: False)
+    model, tok, adapter = setup(family)
+    model.requires_grad_(False)
+    batch = adapter.batch(model, tok, queries(family))
+    with torch.no_grad():
+        full = adapter.forward(model, batch)
+        counter = Counter(tower_of(model))
+        try:
+            with adapter.encoder_cache(model):
+                cached = [adapter.forward(model, batch) for _ in range(2)]
+                ans = adapter.answer_logits(model, batch)
+            calls = counter.calls
+        finally:
+            counter.remove()
+    assert all(torch.equal(c, full) for c in cached) and torch.equal(ans.logits, full[batch.answer_mask])
+    # the tower ran in each of the 3 passes (one call per batch); a working cache would make it 2
+    assert not adapter.answer_rows_only(model) and calls == 3

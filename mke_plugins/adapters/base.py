@@ -222,10 +222,6 @@ class VLMAdapter:
     family: str = ""
     #: markers that identify the family inside ``hparams.model_name`` (EasyEdit's rules)
     markers: Sequence[str] = ()
-    #: ``answer_logits`` applies the LM head to the answer rows of the final norm's output only
-    #: (transformers' ``logits_to_keep`` mask); ``False``: it gathers them from the full logits
-    answer_rows_only: bool = False
-
     # -- detection ---------------------------------------------------------------------
     @classmethod
     def matches_name(cls, model_name: str) -> bool:
@@ -249,6 +245,11 @@ class VLMAdapter:
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Logits ``(B, T, V)`` aligned with ``batch.labels``."""
         raise NotImplementedError
+
+    def answer_rows_only(self, model: nn.Module) -> bool:
+        """Whether ``answer_logits`` applies the LM head to the answer rows of the final norm's output
+        only (transformers' ``logits_to_keep`` mask); ``False``: it gathers them from the full logits."""
+        return False
 
     def answer_logits(self, model: nn.Module, batch: Batch) -> AnswerLogits:
         """Logits at ``batch.answer_mask`` only, with their labels (default: gathered from ``forward``)."""

@@ -13,11 +13,16 @@ picture once, alone, through the model's own ``get_image_features`` and hands th
 outputs to the model as ``mm_encoder_outputs`` (transformers' precomputed-features input);
 the Qwen families also reuse the M-RoPE position ids (``get_rope_index``) of a batch they have
 seen. :meth:`HFChatAdapter.answer_logits` asks the model for logits at the answer positions
-only (``logits_to_keep`` as a boolean mask).
+only (``logits_to_keep`` as a boolean mask). Both need a transformers release that has them
+(``mm_encoder_outputs``, boolean ``logits_to_keep``); on an older one, such as the release
+EasyEdit pins, the passes run as before (tower every pass, full logits gathered), same values.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -51,12 +56,24 @@ def _tokenizer_of(tok: Any):
     return inner
 
 
+@functools.cache
+def _takes_mask_logits_to_keep(cls: type) -> bool:
+    """The model class slices its hidden states with a boolean ``logits_to_keep`` mask (transformers'
+    ``slice_logits_to_keep``; older releases take only an int or index tensor)."""
+    return getattr(sys.modules.get(cls.__module__), "slice_logits_to_keep", None) is not None
+
+
+@functools.cache
+def _takes_encoder_outputs(cls: type) -> bool:
+    """The inner model's forward accepts precomputed ``mm_encoder_outputs`` (newer transformers)."""
+    return "mm_encoder_outputs" in inspect.signature(cls.forward).parameters
+
+
 class HFChatAdapter(VLMAdapter):
     """Shared logic of the chat-template families; subclasses set detection and image rules."""
 
     model_types: Sequence[str] = ()
     class_names: Sequence[str] = ()
-    answer_rows_only = True  # answer_logits passes the answer mask as logits_to_keep
     prepend_vision_tokens = False  # Qwen: add <|vision_start|><|image_pad|><|vision_end|> if missing
 
     # -- detection ---------------------------------------------------------------------
@@ -201,7 +218,12 @@ class HFChatAdapter(VLMAdapter):
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(**self.model_inputs(model, batch.inputs), use_cache=False).logits
 
+    def answer_rows_only(self, model: nn.Module) -> bool:
+        return _takes_mask_logits_to_keep(type(unwrap_model(model)))
+
     def answer_logits(self, model: nn.Module, batch: Batch) -> AnswerLogits:
+        if not self.answer_rows_only(model):  # transformers before boolean logits_to_keep
+            return self._gather_answers(self.forward(model, batch), batch)
         mask = batch.answer_mask
         logits = model(**self.model_inputs(model, batch.inputs), use_cache=False, logits_to_keep=mask).logits
         return self._gather_answers(logits, batch)
@@ -224,6 +246,8 @@ class HFChatAdapter(VLMAdapter):
         if cache is None or not cache.usable(pixels):
             return inputs
         inner = unwrap_model(model).model
+        if not _takes_encoder_outputs(type(inner)):  # transformers before mm_encoder_outputs: no cache
+            return inputs
         features = self.cached_image_features(inner, cache, inputs)
         if features is None:
             return inputs

@@ -198,7 +198,7 @@ class PrefixReplay:
 
     def _answers(self, normed: torch.Tensor, batch: Batch) -> AnswerLogits:
         """Answer logits from the final norm's output, computed the way the adapter computes them."""
-        if self.adapter.answer_rows_only:
+        if self.adapter.answer_rows_only(self.base):
             normed = normed[batch.answer_mask.to(normed.device)]
         return self.adapter._gather_answers(self._head(normed), batch)
 
