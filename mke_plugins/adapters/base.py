@@ -253,10 +253,12 @@ class VLMAdapter:
 
     def answer_logits(self, model: nn.Module, batch: Batch) -> AnswerLogits:
         """Logits at ``batch.answer_mask`` only, with their labels (default: gathered from ``forward``)."""
-        return self._gather_answers(self.forward(model, batch), batch)
+        return self.gather_answers(self.forward(model, batch), batch)
 
     @staticmethod
-    def _gather_answers(logits: torch.Tensor, batch: Batch) -> AnswerLogits:
+    def gather_answers(logits: torch.Tensor, batch: Batch) -> AnswerLogits:
+        """``AnswerLogits`` from ``logits`` at every position ``(B, T, V)`` (gathered at the answer
+        positions) or already at the answer positions only ``(N, V)``."""
         mask = batch.answer_mask
         labels = batch.labels[:, 1:][mask[:, :-1]]
         if logits.dim() == 3:

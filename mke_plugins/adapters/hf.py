@@ -223,14 +223,16 @@ class HFChatAdapter(VLMAdapter):
 
     def answer_logits(self, model: nn.Module, batch: Batch) -> AnswerLogits:
         if not self.answer_rows_only(model):  # transformers before boolean logits_to_keep
-            return self._gather_answers(self.forward(model, batch), batch)
+            return super().answer_logits(model, batch)
         mask = batch.answer_mask
         logits = model(**self.model_inputs(model, batch.inputs), use_cache=False, logits_to_keep=mask).logits
-        return self._gather_answers(logits, batch)
+        return self.gather_answers(logits, batch)
 
     # -- encoder cache -------------------------------------------------------------------
     def encoder_towers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
         inner = getattr(unwrap_model(model), "model", None)
+        if inner is None or not _takes_encoder_outputs(type(inner)):  # older transformers: no cache
+            return [], []
         towers = [m for m in (getattr(inner, n, None) for n in ("visual", "vision_tower", "multi_modal_projector"))
                   if isinstance(m, nn.Module)]
         newline = getattr(inner, "image_newline", None)
@@ -246,8 +248,6 @@ class HFChatAdapter(VLMAdapter):
         if cache is None or not cache.usable(pixels):
             return inputs
         inner = unwrap_model(model).model
-        if not _takes_encoder_outputs(type(inner)):  # transformers before mm_encoder_outputs: no cache
-            return inputs
         features = self.cached_image_features(inner, cache, inputs)
         if features is None:
             return inputs

@@ -27,6 +27,8 @@ from typing import Any
 from mke_hooks import MKEError
 from mke_hooks.errors import RequestError
 
+from .formats.common import absent
+
 #: MMEdit record field -> EasyEdit request key (text fields)
 TEXT_FIELDS = {
     "src": "prompt", "alt": "target", "pred": "pred", "rephrase": "rephrase_prompt",
@@ -59,10 +61,6 @@ def find_json(data: str | Path) -> Path:
                    f"{[x.name for x in found] or 'none'}; pass the JSON file itself")
 
 
-def _absent(value: Any) -> bool:
-    return value is None or (isinstance(value, (str, list, dict)) and len(value) == 0)
-
-
 def record_to_request(record: dict[str, Any], image_root: Path, index: int, *,
                       rephrase_root: Path | None = None) -> dict[str, Any]:
     """One MMEdit record as an EasyEdit request dict, images still as absolute paths.
@@ -73,17 +71,17 @@ def record_to_request(record: dict[str, Any], image_root: Path, index: int, *,
         raise MKEError(f"record {index}: expected a JSON object with src, alt and image, got "
                        f"{type(record).__name__} {json.dumps(record)[:40]}")
     for key in ("src", "alt", "image"):
-        if _absent(record.get(key)):
+        if absent(record.get(key)):
             raise MKEError(f"record {index}: field {key!r} is missing or empty (MMEdit records need src, alt "
                            f"and image)")
         if isinstance(record[key], str) and not record[key].strip():
             raise MKEError(f"record {index}: field {key!r} is blank ({record[key]!r}); write the text")
     req: dict[str, Any] = {"file_type": "image"}
     for src, dst in TEXT_FIELDS.items():
-        if not _absent(record.get(src)):
+        if not absent(record.get(src)):
             req[dst] = str(record[src])
     for src, dst in IMAGE_FIELDS.items():
-        if not _absent(record.get(src)):
+        if not absent(record.get(src)):
             if not isinstance(record[src], str):
                 raise MKEError(f"record {index}: field {src!r} must be an image path, got "
                                f"{type(record[src]).__name__} {json.dumps(record[src])[:40]}")
@@ -91,19 +89,19 @@ def record_to_request(record: dict[str, Any], image_root: Path, index: int, *,
             req[dst] = str(root / record[src])
     for key in PROBE_LISTS:
         items = record.get(key)
-        if _absent(items):
+        if absent(items):
             continue
         if isinstance(items, dict):
             items = [items]
         out = []
         for j, item in enumerate(items):
-            if not isinstance(item, dict) or _absent(item.get("prompt")) or _absent(item.get("answer")):
+            if not isinstance(item, dict) or absent(item.get("prompt")) or absent(item.get("answer")):
                 raise MKEError(f"record {index}: {key}[{j}] needs non-empty 'prompt' and 'answer'")
-            if not _absent(item.get("image")) and not isinstance(item["image"], str):
+            if not absent(item.get("image")) and not isinstance(item["image"], str):
                 raise MKEError(f"record {index}: {key}[{j}].image must be an image path, got "
                                f"{type(item['image']).__name__}")
             item = dict(item)
-            item["image"] = None if _absent(item.get("image")) else str(image_root / item["image"])
+            item["image"] = None if absent(item.get("image")) else str(image_root / item["image"])
             out.append(item)
         req[key] = out
     for key in PASSTHROUGH:

@@ -193,14 +193,14 @@ class PrefixReplay:
         if isinstance(found, _Captured):
             if found.normed is not None:
                 return self._answers(found.normed, batch)
-            return self.adapter._gather_answers(found.logits, batch)
+            return self.adapter.gather_answers(found.logits, batch)
         return found
 
     def _answers(self, normed: torch.Tensor, batch: Batch) -> AnswerLogits:
         """Answer logits from the final norm's output, computed the way the adapter computes them."""
         if self.adapter.answer_rows_only(self.base):
             normed = normed[batch.answer_mask.to(normed.device)]
-        return self.adapter._gather_answers(self._head(normed), batch)
+        return self.adapter.gather_answers(self._head(normed), batch)
 
     def _lookup(self, model: Any, batch: Batch, plain: Callable[[Any, Batch], Any]) -> Any:
         """A fresh cache entry to replay, a capture pass's result, or ``plain``'s (declined)."""
