@@ -26,9 +26,15 @@ from .check import accuracy, check_sets, run_check, sample_items
 from .data import Encoder, Item, check_against_processor
 from .modeling import build_config, build_processor, build_tokenizer, save_processor
 from .queries import prompt
-from .spec import DEFAULT_ENTITIES, DEFAULT_SEED, DERIVED, THING, make_world, split_words
+from .spec import DEFAULT_SEED, DERIVED, THING, get_layout, make_world, split_words
 
 FORM_WEIGHTS = {"paired": 1, "text": 1, "image": 2, "ident": 2}
+#: the composition curriculum (``lifelong`` layout): facts mostly from text, pictures aligned to
+#: names, the picture question forms for the layout's direct entities only
+COMPOSITION_WEIGHTS = {"paired": 1, "text": 3, "image": 1.5, "ident": 1.5}
+#: weight of the picture-to-name alignment term (composition curriculum): 1 - cosine between
+#: each merged picture token and the input embedding of the pictured entity's name
+ALIGN_WEIGHT = 1.0
 #: word-level augmentation of training questions, so held-out phrasings generalise: in
 #: AUG_RATE of the questions, each word other than the subject is dropped with WORD_DROP, and
 #: one known template word is inserted at a random place with INSERT_RATE
@@ -60,7 +66,7 @@ def augment(world, item: Item, rng: np.random.Generator, fillers: list[str]) -> 
     return Item(q, item.rendering, " ".join(kept) if kept else words[-1])
 
 
-def form_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
+def form_weights(spec: str | dict[str, float] | None, base: dict[str, float] | None = None) -> dict[str, float]:
     """``FORM_WEIGHTS`` with the forms ``spec`` names reweighted (``"paired=0.25,text=1"`` or a dict)."""
     if isinstance(spec, dict):
         given = dict(spec)
@@ -77,36 +83,71 @@ def form_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
     unknown = sorted(set(given) - set(FORM_WEIGHTS))
     if unknown:
         raise ValueError(f"unknown query forms {unknown}; the forms are {list(FORM_WEIGHTS)}")
-    weights = {**FORM_WEIGHTS, **{k: float(v) for k, v in given.items()}}
+    weights = {**(base or FORM_WEIGHTS), **{k: float(v) for k, v in given.items()}}
     if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
         raise ValueError(f"form weights must be >= 0 and not all 0, got {weights}")
     return weights
 
 
-def check_variant(forms: str | dict[str, float] | None, n_layers: int | None) -> dict[str, float]:
+def check_variant(forms: str | dict[str, float] | None, n_layers: int | None,
+                  layout: str = "v2") -> dict[str, float]:
     """The form weights of a world variant; ``ValueError`` naming the option for what cannot train."""
     if n_layers is not None and n_layers < 1:
         raise ValueError(f"--layers {n_layers}: need at least 1 decoder layer")
+    base = COMPOSITION_WEIGHTS if get_layout(layout).curriculum == "composition" else FORM_WEIGHTS
     try:
-        return form_weights(forms)
+        return form_weights(forms, base)
     except ValueError as exc:
         raise ValueError(f"--forms {forms!r}: {exc}") from None
 
 
 def sample_batch(world, split, seed: int, step: int, batch_size: int,
                  augmented: bool = True, weights: dict[str, float] | None = None) -> list[Item]:
-    """The training batch of ``step`` (a pure function of seed, step and the form weights)."""
+    """The training batch of ``step`` (a pure function of seed, step and the form weights).
+
+    Under the composition curriculum the paired and image-only forms ask the split's direct
+    entities only.
+    """
     rng = np.random.default_rng([seed, 6, step])
-    weights = weights or FORM_WEIGHTS
+    composition = world.layout.curriculum == "composition"
+    weights = weights or (COMPOSITION_WEIGHTS if composition else FORM_WEIGHTS)
+    direct = [e for e in range(len(world.entities)) if split.direct(e)] if composition else None
     forms = list(weights)
     p = np.array([weights[f] for f in forms], dtype=np.float64)
     picks = rng.choice(len(forms), size=batch_size, p=p / p.sum())
     fillers = _filler_words(world)
     items: list[Item] = []
     for k in picks:
-        item = sample_items(world, split, rng, forms[int(k)], 1)[0]
+        form = forms[int(k)]
+        item = sample_items(world, split, rng, form, 1,
+                            entities=direct if form in ("paired", "image") else None)[0]
         items.append(augment(world, item, rng, fillers) if augmented else item)
     return items
+
+
+class _Alignment:
+    """Pictures aligned to names: captures the merged picture tokens of each forward and scores
+    them against the input embedding of the pictured entity's name (the stand-in for an MLLM's
+    projector pre-training, which maps pictures into the word-embedding space)."""
+
+    def __init__(self, model: Any, enc: Encoder, world: Any) -> None:
+        self.embed = model.get_input_embeddings()
+        self.name_ids = torch.tensor([enc.target_id(e.name) for e in world.entities])
+        self.per_image = enc.n_image_tokens
+        self.out: torch.Tensor | None = None
+        model.model.visual.register_forward_hook(self._capture)
+
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        self.out = output.pooler_output
+
+    def loss(self, items: list[Item]) -> torch.Tensor:
+        ents = [it.question.entity for it in items if it.question.has_image]
+        if not ents or self.out is None:
+            return torch.zeros(())
+        tokens = self.out.view(len(ents), self.per_image, -1)
+        target = self.embed.weight[self.name_ids[ents]].detach().unsqueeze(1)
+        self.out = None
+        return (1 - torch.nn.functional.cosine_similarity(tokens, target, dim=-1)).mean()
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -118,9 +159,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_size: int = 64,
           lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
-          log: Callable[[str], None] = print, n_entities: int = DEFAULT_ENTITIES,
+          log: Callable[[str], None] = print, n_entities: int | None = None,
           check: bool = True, forms: str | dict[str, float] | None = None,
-          n_layers: int | None = None) -> dict[str, Any]:
+          n_layers: int | None = None, layout: str = "v2") -> dict[str, Any]:
     """Train, save with ``save_pretrained`` into ``out`` and return its metadata (with the
     final check report under ``check`` unless ``check=False``).
 
@@ -128,14 +169,14 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     decoder depth: both exist to train world *variants* for diagnosis; the bundled model uses
     the defaults, and the metadata records what was used.
     """
-    weights = check_variant(forms, n_layers)
+    weights = check_variant(forms, n_layers, layout)
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(out)
-    world = make_world(seed, n_entities)
+    world = make_world(seed, n_entities, layout)
     split = make_split(world)
     tok = build_tokenizer(world.vocabulary())
     processor = build_processor(tok)
@@ -152,15 +193,19 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     probe = {k: v for k, v in check_sets(world, split, 64, seed_offset=8).items()}
+    align = _Alignment(model, enc, world) if world.layout.curriculum == "composition" else None
     t0 = time.time()
     running = 0.0
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        b = enc.encode(sample_batch(world, split, seed, step, batch_size, weights=weights))
+        items = sample_batch(world, split, seed, step, batch_size, weights=weights)
+        b = enc.encode(items)
         tids = b.pop("target_ids")
         logits = model(**b, logits_to_keep=2).logits[:, 0]
         loss = torch.nn.functional.cross_entropy(logits.float(), tids)
+        if align is not None:
+            loss = loss + ALIGN_WEIGHT * align.loss(items)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -182,7 +227,8 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     save_processor(processor, out)
     report = run_check(model, processor, world, split) if check else None
     meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-            "threads": threads, "n_entities": n_entities, "parameters": n_params,
+            "threads": threads, "n_entities": len(world.entities), "layout": world.layout.name,
+            "curriculum": world.layout.curriculum, "parameters": n_params,
             "form_weights": weights, "decoder_layers": model.config.text_config.num_hidden_layers,
             "train_seconds": round(elapsed, 1), "check": report}
     (out / "world_model.json").write_text(json.dumps(meta, indent=2) + "\n")
