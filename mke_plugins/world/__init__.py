@@ -30,7 +30,7 @@ __all__ = ["build", "data_dir", "load", "load_image", "locality_pool", "model_pa
 
 MODEL_DIRNAME = "world-qwen2-vl"
 #: the bundled model of each layout (directory names carry EasyEdit's ``qwen2-vl`` marker)
-MODEL_DIRNAMES = {"v2": MODEL_DIRNAME, "lifelong": "world-lifelong-qwen2-vl"}
+MODEL_DIRNAMES = {"single": MODEL_DIRNAME, "lifelong": "world-lifelong-qwen2-vl"}
 #: the record files a built world can have (``dev`` only in the lifelong layout)
 SPLITS = ("edit", "train", "dev")
 
@@ -93,6 +93,16 @@ def data_dir(seed: int = DEFAULT_SEED, root: str | Path | None = None, layout: s
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def lifelong_model_path() -> Path:
+    """The lifelong world's bundled model (``@lifelong-model`` in hyperparameters)."""
+    return model_path("lifelong")
+
+
+def lifelong_data_dir() -> Path:
+    """The lifelong world's data, built on first use (``@lifelong-data`` in hyperparameters)."""
+    return data_dir(layout="lifelong")
 
 
 def _resolve_dir(root: str | Path | None) -> Path:

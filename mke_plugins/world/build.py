@@ -6,7 +6,7 @@ world itself: names, identities, facts, which entities had their derived fact tr
 ``VQADataset`` loads ``edit.json`` with ``coco_image = rephrase_image = out``. Everything is a
 pure function of the seed and the layout: building twice gives identical bytes.
 
-Split rule (``v2`` layout): the edit split holds ``n_edits`` facts; its ``lives_in`` edits are few
+Split rule (``single`` layout): the edit split holds ``n_edits`` facts; its ``lives_in`` edits are few
 (a quarter of the entities), and exactly those entities never see the derived ``country``
 question in the world model's training, so portability measures composition. The ``train``
 split holds every other fact, never an edit-split fact.
@@ -278,10 +278,10 @@ def _dump(obj: Any, path: Path) -> None:
 
 
 def build(out: str | Path, seed: int = DEFAULT_SEED, n_entities: int | None = None,
-          n_edits: int | None = None, layout: str = "v2") -> Path:
+          n_edits: int | None = None, layout: str = "single") -> Path:
     """Write the world for ``seed`` and ``layout`` into ``out`` (created if needed); return ``out``.
 
-    ``n_entities`` / ``n_edits`` override the ``v2`` layout's sizes (small test worlds); the
+    ``n_entities`` / ``n_edits`` override the ``single`` layout's sizes (small test worlds); the
     ``lifelong`` layout's sizes are fixed by :data:`~.spec.LAYOUTS`.
     """
     out = Path(out)

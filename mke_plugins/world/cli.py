@@ -95,8 +95,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"world seed (default {DEFAULT_SEED}: the bundled model's world)")
     p.add_argument("--out", required=True, help="output directory")
     _layout_arg(p)
-    p.add_argument("--entities", type=int, default=None, help="entities (v2 layout; default 64)")
-    p.add_argument("--edits", type=int, default=None, help="edit cases (v2 layout; default 200)")
+    p.add_argument("--entities", type=int, default=None, help="entities (single layout; default 64)")
+    p.add_argument("--edits", type=int, default=None, help="edit cases (single layout; default 200)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("train", help="train a world model from scratch on CPU (deterministic)")
@@ -121,7 +121,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=512, help="queries per set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
-    _layout_arg(p, default=None, extra=" (default: the model's, else v2)")
+    _layout_arg(p, default=None, extra=" (default: the model's, else single)")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("path", help="print the bundled model directory (--data: the world data)")
@@ -132,6 +132,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _layout_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_LAYOUT, extra: str = "") -> None:
     p.add_argument("--layout", choices=sorted(LAYOUTS), default=default,
-                   help=f"v2: the single-edit world (64 entities, 5 relations); lifelong: 160 entities, "
+                   help=f"single: the single-edit world (64 entities, 5 relations); lifelong: 160 entities, "
                         f"10 relations, a locality pool, 1,000-edit and development sequences, learnt by "
-                        f"composition{extra or ' (default v2)'}")
+                        f"composition{extra or ' (default single)'}")

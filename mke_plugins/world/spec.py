@@ -16,7 +16,7 @@ import numpy as np
 DEFAULT_SEED = 0
 DEFAULT_ENTITIES = 64
 DEFAULT_EDITS = 200
-DEFAULT_LAYOUT = "v2"
+DEFAULT_LAYOUT = "single"
 #: renderings 0..TRAIN_RENDERINGS-1 are for training; the next HELDOUT_RENDERINGS are held out
 TRAIN_RENDERINGS = 512
 HELDOUT_RENDERINGS = 64
@@ -129,7 +129,7 @@ COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("yellow", (245, 225, 30)), ("cyan", (30, 215, 225)), ("magenta", (215, 40, 205)),
     ("orange", (250, 140, 20)), ("purple", (115, 35, 160)), ("white", (250, 250, 250)),
     ("black", (12, 12, 12)), ("brown", (120, 70, 20)), ("pink", (250, 160, 195)),
-    # the lifelong layout's extra colours (the v2 layout uses the first 12 only)
+    # the lifelong layout's extra colours (the single layout uses the first 12 only)
     ("grey", (128, 128, 128)), ("navy", (15, 20, 110)), ("olive", (120, 125, 10)),
     ("teal", (0, 120, 120)), ("maroon", (120, 0, 30)), ("lime", (170, 250, 60)),
     ("beige", (220, 200, 150)),
@@ -140,7 +140,7 @@ COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
 class Layout:
     """How big a world is and how it is split and learnt.
 
-    ``v2`` is the bundled single-edit world: every fact of 64 entities outside the 200 edits is
+    ``single`` is the bundled single-edit world: every fact of 64 entities outside the 200 edits is
     the train split, and every query form of every fact is trained. ``lifelong`` is sized for long
     edit sequences: entities of a *locality pool* that no edit or train fact touches, an
     acceptance sequence of ``n_edits`` facts, a separate development sequence of ``n_dev`` facts
@@ -167,7 +167,7 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "v2": Layout("v2", DEFAULT_ENTITIES, 5, 12, DEFAULT_EDITS),
+    "single": Layout("single", DEFAULT_ENTITIES, 5, 12, DEFAULT_EDITS),
     "lifelong": Layout("lifelong", 160, 10, 19, 1000, n_dev=120, n_locality_entities=32, n_train=160,
                        curriculum="composition", direct_share=0.25, fine_relations=4),
 }

@@ -90,7 +90,7 @@ def form_weights(spec: str | dict[str, float] | None, base: dict[str, float] | N
 
 
 def check_variant(forms: str | dict[str, float] | None, n_layers: int | None,
-                  layout: str = "v2") -> dict[str, float]:
+                  layout: str = "single") -> dict[str, float]:
     """The form weights of a world variant; ``ValueError`` naming the option for what cannot train."""
     if n_layers is not None and n_layers < 1:
         raise ValueError(f"--layers {n_layers}: need at least 1 decoder layer")
@@ -161,7 +161,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
           lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
           log: Callable[[str], None] = print, n_entities: int | None = None,
           check: bool = True, forms: str | dict[str, float] | None = None,
-          n_layers: int | None = None, layout: str = "v2") -> dict[str, Any]:
+          n_layers: int | None = None, layout: str = "single") -> dict[str, Any]:
     """Train, save with ``save_pretrained`` into ``out`` and return its metadata (with the
     final check report under ``check`` unless ``check=False``).
 
