@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,18 +24,18 @@ import torch
 
 from .build import make_split
 from .check import accuracy, check_sets, run_check, sample_items
-from .data import Encoder, Item, check_against_processor
+from .data import PATCH, Encoder, Item, check_against_processor
 from .modeling import build_config, build_processor, build_tokenizer, save_processor
 from .queries import prompt
-from .spec import DEFAULT_SEED, DERIVED, THING, get_layout, make_world, split_words
+from .render import SIZE
+from .spec import DEFAULT_SEED, DERIVED, THING, TRAIN_RENDERINGS, get_layout, make_world, split_words
 
 FORM_WEIGHTS = {"paired": 1, "text": 1, "image": 2, "ident": 2}
 #: the composition curriculum (``lifelong`` layout): facts mostly from text, pictures aligned to
 #: names, the picture question forms for the layout's direct entities only
 COMPOSITION_WEIGHTS = {"paired": 1, "text": 3, "image": 1.5, "ident": 1.5}
-#: weight of the picture-to-name alignment term (composition curriculum): 1 - cosine between
-#: each merged picture token and the input embedding of the pictured entity's name
-ALIGN_WEIGHT = 1.0
+#: temperature of the CLIP-style picture-to-name alignment term (composition curriculum)
+ALIGN_TEMPERATURE = 0.1
 #: word-level augmentation of training questions, so held-out phrasings generalise: in
 #: AUG_RATE of the questions, each word other than the subject is dropped with WORD_DROP, and
 #: one known template word is inserted at a random place with INSERT_RATE
@@ -127,10 +128,13 @@ def sample_batch(world, split, seed: int, step: int, batch_size: int,
 
 class _Alignment:
     """Pictures aligned to names: captures the merged picture tokens of each forward and scores
-    them against the input embedding of the pictured entity's name (the stand-in for an MLLM's
-    projector pre-training, which maps pictures into the word-embedding space)."""
+    them against the input embeddings of every entity's name, CLIP-style (cross-entropy of the
+    cosine similarities at temperature :data:`ALIGN_TEMPERATURE`, plus one minus the cosine to the
+    right name): the stand-in for an MLLM's projector pre-training, which maps pictures into the
+    word-embedding space."""
 
     def __init__(self, model: Any, enc: Encoder, world: Any) -> None:
+        self.model, self.enc, self.world = model, enc, world
         self.embed = model.get_input_embeddings()
         self.name_ids = torch.tensor([enc.target_id(e.name) for e in world.entities])
         self.per_image = enc.n_image_tokens
@@ -140,14 +144,33 @@ class _Alignment:
     def _capture(self, module: Any, args: Any, output: Any) -> None:
         self.out = output.pooler_output
 
+    def _score(self, tokens: torch.Tensor, ents: list[int]) -> torch.Tensor:
+        names = torch.nn.functional.normalize(self.embed.weight[self.name_ids].detach(), dim=-1)
+        toks = torch.nn.functional.normalize(tokens.view(len(ents), self.per_image, -1), dim=-1)
+        sims = toks @ names.T  # (images, tokens, entities)
+        target = torch.tensor(ents).repeat_interleave(self.per_image)
+        ce = torch.nn.functional.cross_entropy(sims.reshape(-1, sims.shape[-1]) / ALIGN_TEMPERATURE, target)
+        right = sims.gather(-1, torch.tensor(ents).view(-1, 1, 1).expand(-1, self.per_image, 1))
+        return ce + (1 - right).mean()
+
     def loss(self, items: list[Item]) -> torch.Tensor:
+        """The term for the pictures of the batch just run (zero when it had none)."""
         ents = [it.question.entity for it in items if it.question.has_image]
-        if not ents or self.out is None:
+        out, self.out = self.out, None
+        if not ents or out is None:
             return torch.zeros(())
-        tokens = self.out.view(len(ents), self.per_image, -1)
-        target = self.embed.weight[self.name_ids[ents]].detach().unsqueeze(1)
-        self.out = None
-        return (1 - torch.nn.functional.cosine_similarity(tokens, target, dim=-1)).mean()
+        return self._score(out, ents)
+
+    def pictures(self, seed: int, step: int, batch_size: int) -> torch.Tensor:
+        """The term on a batch of training renderings of random entities (vision tower only)."""
+        rng = np.random.default_rng([seed, 11, step])
+        ents = [int(e) for e in rng.integers(len(self.world.entities), size=batch_size)]
+        pics = [self.enc.picture(e, int(rng.integers(TRAIN_RENDERINGS))) for e in ents]
+        g = SIZE // PATCH
+        pix = self.enc.patchify(pics)
+        self.model.model.visual(pix, grid_thw=torch.tensor([[1, g, g]] * len(pics)))
+        out, self.out = self.out, None
+        return self._score(out, ents)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -155,6 +178,52 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a curriculum: its share of the steps, its query-form mix (``None``: picture
+    batches for the alignment term only), what it trains, its learning-rate scale and the weight
+    of the picture-to-name alignment term."""
+
+    name: str
+    share: float
+    weights: dict[str, float] | None
+    trainable: str  # "all" or "vision" (the vision tower and merger; the language model frozen)
+    lr_scale: float = 1.0
+    align: float = 0.0
+
+
+#: the composition curriculum, staged the way MLLMs are trained: facts from text (language-model
+#: pre-training), then pictures aligned to names with the language model frozen (projector
+#: pre-training), then every question form with the picture forms for direct entities only
+#: (instruction tuning), short and at a lower learning rate so that routing, not memorising,
+#: answers the picture questions
+COMPOSITION_STAGES = (
+    Stage("text", 0.5, {"text": 1.0}, "all"),
+    Stage("align", 0.25, None, "vision", align=1.0),
+    Stage("tune", 0.25, COMPOSITION_WEIGHTS, "all", lr_scale=0.5, align=1.0),
+)
+
+
+def _stages(world: Any, weights: dict[str, float]) -> tuple[Stage, ...]:
+    if world.layout.curriculum == "composition":
+        return tuple(Stage(s.name, s.share, weights if s.name == "tune" else s.weights, s.trainable,
+                           s.lr_scale, s.align) for s in COMPOSITION_STAGES)
+    return (Stage("forms", 1.0, weights, "all"),)
+
+
+def _optimizer(model: Any, trainable: str, lr: float) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in model.named_parameters()
+             if trainable == "all" or n.startswith(("model.visual.", "visual."))]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in named:
+        p.requires_grad_(True)
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
 
 
 def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_size: int = 64,
@@ -167,7 +236,8 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
 
     ``forms`` reweights the query-form mix (:func:`form_weights`) and ``n_layers`` sets the
     decoder depth: both exist to train world *variants* for diagnosis; the bundled model uses
-    the defaults, and the metadata records what was used.
+    the defaults, and the metadata records what was used. A layout with the composition
+    curriculum trains in :data:`COMPOSITION_STAGES` (``forms`` reweights its last stage).
     """
     weights = check_variant(forms, n_layers, layout)
     from transformers import Qwen2VLForConditionalGeneration
@@ -188,36 +258,48 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"world model: {n_params} parameters, vocab {len(tok)}, {steps} steps x {batch_size}")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     probe = {k: v for k, v in check_sets(world, split, 64, seed_offset=8).items()}
-    align = _Alignment(model, enc, world) if world.layout.curriculum == "composition" else None
+    stages = _stages(world, weights)
+    align = _Alignment(model, enc, world) if any(s.align for s in stages) else None
     t0 = time.time()
     running = 0.0
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        items = sample_batch(world, split, seed, step, batch_size, weights=weights)
-        b = enc.encode(items)
-        tids = b.pop("target_ids")
-        logits = model(**b, logits_to_keep=2).logits[:, 0]
-        loss = torch.nn.functional.cross_entropy(logits.float(), tids)
-        if align is not None:
-            loss = loss + ALIGN_WEIGHT * align.loss(items)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lv = float(loss.detach())
-        running = 0.98 * running + 0.02 * lv if step else lv
-        if (step + 1) % 50 == 0:
-            log(f"step {step + 1} loss {running:.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
-                f"{time.time() - t0:.0f}s")
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            accs = {k: round(accuracy(model, enc, v), 3) for k, v in probe.items()}
-            log(f"eval step {step + 1}: {json.dumps(accs)}")
+    step = 0
+    for k, stage in enumerate(stages):
+        n = steps - step if k == len(stages) - 1 else int(round(stage.share * steps))
+        if len(stages) > 1:
+            log(f"stage {stage.name}: {n} steps, trains {stage.trainable}")
+        opt = _optimizer(model, stage.trainable, lr * stage.lr_scale)
+        stage_warmup = warmup if len(stages) == 1 else min(warmup, max(1, n // 10))
+        for local in range(n):
+            rate = lr_at(local, n, lr * stage.lr_scale, stage_warmup)
+            for g in opt.param_groups:
+                g["lr"] = rate
+            if stage.weights is None:
+                loss = align.pictures(seed, step, batch_size)
+            else:
+                items = sample_batch(world, split, seed, step, batch_size, weights=stage.weights)
+                b = enc.encode(items)
+                tids = b.pop("target_ids")
+                logits = model(**b, logits_to_keep=2).logits[:, 0]
+                loss = torch.nn.functional.cross_entropy(logits.float(), tids)
+                if align is not None:
+                    aligned = align.loss(items)
+                    if stage.align:
+                        loss = loss + stage.align * aligned
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            lv = float(loss.detach())
+            running = 0.98 * running + 0.02 * lv if step else lv
+            step += 1
+            if step % 50 == 0:
+                log(f"step {step} loss {running:.4f} lr {rate:.2e} {time.time() - t0:.0f}s")
+            if eval_every and step % eval_every == 0 and step < steps:
+                accs = {k: round(accuracy(model, enc, v), 3) for k, v in probe.items()}
+                log(f"eval step {step}: {json.dumps(accs)}")
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     elapsed = time.time() - t0
     log(f"trained in {elapsed:.0f}s")
@@ -229,6 +311,8 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
             "threads": threads, "n_entities": len(world.entities), "layout": world.layout.name,
             "curriculum": world.layout.curriculum, "parameters": n_params,
+            "stages": [{"name": s.name, "share": s.share, "forms": s.weights, "trains": s.trainable,
+                        "lr_scale": s.lr_scale, "align": s.align} for s in stages] if len(stages) > 1 else None,
             "form_weights": weights, "decoder_layers": model.config.text_config.num_hidden_layers,
             "train_seconds": round(elapsed, 1), "check": report}
     (out / "world_model.json").write_text(json.dumps(meta, indent=2) + "\n")
