@@ -163,27 +163,36 @@ def _easyedit_hparams_class(fn: Callable[..., Any], name: str) -> type:
     owner = getattr(fn, "__self__", None)
     module_name = (type(owner).__module__ if owner is not None else getattr(fn, "__module__", "")) or ""
     parts = module_name.split(".")
-    candidates: list[type] = []
+    found: list[list[type]] = []  # the apply's module, then its package (WISE keeps its multimodal class there)
     for depth in range(len(parts), 1, -1):
+        if len(found) == 2:
+            break
         try:
             mod = importlib.import_module(".".join(parts[:depth]))
         except ImportError:
             continue
-        candidates = [v for k, v in vars(mod).items() if isinstance(v, type) and re.search(r"H(yper)?[Pp]arams$", k)
-                      and hasattr(v, "from_hparams")]
-        if candidates:
-            break
-    multimodal = [c for c in candidates if "multimodal" in c.__name__.lower()]
-    chosen = multimodal or candidates
+        classes = [v for k, v in vars(mod).items() if isinstance(v, type) and re.search(r"H(yper)?[Pp]arams$", k)
+                   and hasattr(v, "from_hparams")]
+        if classes:
+            found.append(classes)
+    multimodal = next(([c for c in classes if "multimodal" in c.__name__.lower()] for classes in found
+                       if any("multimodal" in c.__name__.lower() for c in classes)), [])
+    chosen = multimodal or (found[0] if found else [])
     if len(chosen) != 1:
         raise MKEError(f"easyedit:{name}: cannot tell its hyperparameter class from {module_name!r} "
                        f"(found {[c.__name__ for c in chosen]})")
     return chosen[0]
 
 
-def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[str, Any]) -> BoundMethod:
-    """One of EasyEdit's own multimodal methods, called with a list of requests."""
+def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[str, Any],
+                  hparams_key: str = "world") -> BoundMethod:
+    """One of EasyEdit's own multimodal methods, called with a list of requests.
+
+    Its YAML is ``yaml_paths[NAME]`` (``--easyedit-hparams``), else the bundled one for ``hparams_key``.
+    """
     from mke_plugins.easyedit import easyedit_importable
+
+    from .easyedit_rows import resolve_values, wrap_apply, yaml_for
 
     name = req.name
     if name in EASYEDIT_REFUSED:
@@ -196,11 +205,10 @@ def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[s
     if name not in table:
         raise MKEError(f"easyedit:{name}: EasyEdit's ALG_MULTIMODAL_DICT has no {name!r}; it has "
                        f"{sorted(table)}")
-    if name not in yaml_paths:
-        raise MKEError(f"easyedit:{name}: pass its EasyEdit YAML with --easyedit-hparams {name}=PATH")
     fn = table[name]
     cls = _easyedit_hparams_class(fn, name)
-    hparams = cls.from_hparams(yaml_paths[name])
+    hparams = cls.from_hparams(yaml_for(name, hparams_key, yaml_paths))
+    resolve_values(hparams)
     if "dtype" in common:
         from mke_plugins.hparams import to_dtype
 
@@ -216,20 +224,12 @@ def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[s
                       ("KEEP_EDITED_MODEL_ALGS", "keep")):
         if utils is not None and name in getattr(utils, attr, ()):
             policy = pol
-
-    def apply(model, tok, requests, hparams, copy=False, return_orig_weights=False,
-              keep_original_weight=False, **kwargs):
-        if isinstance(requests, dict):
-            requests = [requests]
-        return fn(model, tok, list(requests), hparams, copy=copy, return_orig_weights=return_orig_weights,
-                  keep_original_weight=keep_original_weight, **kwargs)
-
-    return BoundMethod(req, apply, hparams, policy, "EasyEdit")
+    return BoundMethod(req, wrap_apply(fn), hparams, policy, "EasyEdit")
 
 
 def bind(req: MethodRequest, *, hparams_key: str, common: dict[str, Any],
          easyedit_yaml: dict[str, str] | None = None) -> BoundMethod:
     """Resolve a :class:`MethodRequest` (``common`` overrides go first, the row's own win)."""
     if req.easyedit:
-        return bind_easyedit(req, easyedit_yaml or {}, common)
+        return bind_easyedit(req, easyedit_yaml or {}, common, hparams_key)
     return bind_ours(req, hparams_key, common)
