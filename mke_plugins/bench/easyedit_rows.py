@@ -12,7 +12,8 @@ restore and then:
 
 - puts back what EasyEdit changes besides weights and leaves changed: every parameter's
   ``requires_grad`` (GRACE, WISE and LoRA freeze the whole model), each module's train/eval mode,
-  ``config.use_cache``, gradient checkpointing and the input-gradient hook (LoRA turns them on);
+  gradient checkpointing, the input-gradient hooks and the plain attributes LoRA sets on the model
+  and its config (``use_cache``, ``model_parallel``, ...);
 - in a sequence, does not undo alone an edit that reused the adapter an earlier edit of the
   sequence installed (GRACE's second edit has no layer to put back and fails; WISE's would
   unwrap the adapter; LoRA's returns the bare model, which has no ``unload``): removing the
@@ -30,6 +31,10 @@ from typing import Any, Callable
 from torch import nn
 
 from mke_hooks import MKEError
+
+#: EasyEdit's evaluator runs one unpadded row per forward pass, and its methods rely on it
+ONE_ROW_NOTE = ("easyedit rows: probes run one unpadded row per pass, as EasyEdit's evaluator does (GRACE looks "
+                "its key up at a fixed token index, WISE routes on the whole batch's activations)")
 
 #: folder of the bundled EasyEdit YAMLs: ``<NAME>/<hparams key>.yaml``
 BUNDLED_DIR = Path(__file__).resolve().parent / "easyedit_hparams"
@@ -69,40 +74,59 @@ def resolve_values(hparams: Any) -> None:
             setattr(hparams, key, resolve_bundled(value, key=key))
 
 
+def _public(obj: Any) -> dict[str, Any]:
+    """An object's plain instance attributes (``config.use_cache``, ``model.model_parallel``), not torch's own."""
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")} if obj is not None else {}
+
+
+def _put_attrs(obj: Any, saved: dict[str, Any]) -> None:
+    """Drop the plain attributes set since ``saved`` was taken and put changed ones back."""
+    for key, value in _public(obj).items():
+        if key not in saved:
+            delattr(obj, key)
+        elif value is not saved[key]:
+            setattr(obj, key, saved[key])
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Gradient checkpointing on? (transformers 5.25 renamed the property; read it without the warning)."""
+    prop = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, prop, False))
+
+
 @dataclass
 class SideState:
     """What an EasyEdit method may change besides weights, recorded before its edit."""
 
     requires_grad: dict[str, bool]
     training: dict[str, bool]
-    use_cache: Any
-    checkpointing: bool
     hooks: dict[str, set[int]]  # module name -> ids of its forward, forward-pre and backward hooks
+    model_attrs: dict[str, Any]
+    config_attrs: dict[str, Any]
+    checkpointing: bool
     input_grads_hook: bool
 
     @classmethod
     def record(cls, model: nn.Module) -> SideState:
-        config = getattr(model, "config", None)
         return cls(requires_grad={n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
                    training={n: m.training for n, m in model.named_modules()},
-                   use_cache=getattr(config, "use_cache", None),
-                   checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
                    hooks={n: set(_hook_ids(m)) for n, m in model.named_modules()},
-                   input_grads_hook=hasattr(model, "_require_grads_hook"))
+                   model_attrs=_public(model), config_attrs=_public(getattr(model, "config", None)),
+                   checkpointing=_checkpointing(model), input_grads_hook=hasattr(model, "_require_grads_hook"))
 
     def put_back(self, model: nn.Module) -> None:
-        """Restore the recorded flags on ``model`` (parameters and modules matched by name)."""
+        """Restore the recorded state on ``model`` (parameters and modules matched by name)."""
+        if not self.checkpointing and _checkpointing(model):
+            model.gradient_checkpointing_disable()
         for name, m in model.named_modules():  # enable_input_require_grads' hooks (LoRA adds them repeatedly)
             for hid in set(_hook_ids(m)) - self.hooks.get(name, set()):
                 for table in _HOOK_TABLES:
                     getattr(m, table, {}).pop(hid, None)
         if not self.input_grads_hook and hasattr(model, "_require_grads_hook"):
             del model._require_grads_hook
-        if not self.checkpointing and getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
-        config = getattr(model, "config", None)
-        if config is not None and self.use_cache is not None:
-            config.use_cache = self.use_cache
+        _put_attrs(getattr(model, "config", None), self.config_attrs)
+        _put_attrs(model, self.model_attrs)
         for name, p in model.named_parameters(remove_duplicate=False):
             if name in self.requires_grad:
                 p.requires_grad_(self.requires_grad[name])

@@ -4,7 +4,8 @@ A method string is a registered name (``FT``), optionally with hyperparameter ov
 ablation row (``DECODE[group_mode=disjoint]``, ``ASAM[lar=false,rcsl=false]``; values parsed as
 YAML scalars; the row is named exactly as written), or ``easyedit:NAME`` for a method from
 EasyEdit's own ``ALG_MULTIMODAL_DICT`` (EasyEdit must be importable; its YAML comes from
-``--easyedit-hparams NAME=PATH``).
+``--easyedit-hparams NAME=PATH``, else from the bench's bundled ones, :mod:`.easyedit_rows`). A
+method the bench cannot run as asked (IKE) is left out with a one-line reason, and the run goes on.
 
 Our methods are called through :func:`mke_plugins.easyedit.make_apply`, the same wrapper
 EasyEdit's editor gets; EasyEdit's through their registry entry, always with a list of requests.
@@ -24,6 +25,11 @@ import yaml
 from mke_hooks import HparamsError, MKEError
 
 EASYEDIT_PREFIX = "easyedit:"
+
+
+class MethodRefused(MKEError):
+    """A method the bench cannot run as asked; the run goes on without its row and says why in one line."""
+
 #: EasyEdit methods the bench cannot run as editors (why)
 EASYEDIT_REFUSED = {
     "IKE": "its apply returns in-context examples, not an edited model",
@@ -129,6 +135,8 @@ class BoundMethod:
     hparams: Any
     restore: str  # "snapshot" | "callable" | "peft" | "keep"
     source: str  # plugin label or "EasyEdit"
+    probe_rows: int | None = None  # most probe rows its edited model takes in one pass (None: any)
+    notes: list[str] = field(default_factory=list)  # one line each, printed under the table
 
     @property
     def label(self) -> str:
@@ -192,11 +200,11 @@ def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[s
     """
     from mke_plugins.easyedit import easyedit_importable
 
-    from .easyedit_rows import resolve_values, wrap_apply, yaml_for
+    from .easyedit_rows import ONE_ROW_NOTE, resolve_values, wrap_apply, yaml_for
 
     name = req.name
     if name in EASYEDIT_REFUSED:
-        raise MKEError(f"easyedit:{name} cannot be benched: {EASYEDIT_REFUSED[name]}")
+        raise MethodRefused(f"easyedit:{name} cannot be benched: {EASYEDIT_REFUSED[name]}")
     if not easyedit_importable():
         raise MKEError(f"easyedit:{name} needs EasyEdit (easyeditor) on PYTHONPATH; see README, 'Using a method "
                        f"from EasyEdit'")
@@ -224,7 +232,7 @@ def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[s
                       ("KEEP_EDITED_MODEL_ALGS", "keep")):
         if utils is not None and name in getattr(utils, attr, ()):
             policy = pol
-    return BoundMethod(req, wrap_apply(fn), hparams, policy, "EasyEdit")
+    return BoundMethod(req, wrap_apply(fn), hparams, policy, "EasyEdit", probe_rows=1, notes=[ONE_ROW_NOTE])
 
 
 def bind(req: MethodRequest, *, hparams_key: str, common: dict[str, Any],
@@ -233,3 +241,21 @@ def bind(req: MethodRequest, *, hparams_key: str, common: dict[str, Any],
     if req.easyedit:
         return bind_easyedit(req, easyedit_yaml or {}, common, hparams_key)
     return bind_ours(req, hparams_key, common)
+
+
+def bind_rows(reqs: list[MethodRequest], bind_one: Callable[[MethodRequest], BoundMethod]
+              ) -> tuple[list[BoundMethod], list[str]]:
+    """Bind every row; a refused one (:class:`MethodRefused`) is left out with its one-line reason.
+
+    Returns the bound methods and the lines to print under the table: the refusals, then the
+    bound methods' notes (each once).
+    """
+    bound, lines = [], []
+    for req in reqs:
+        try:
+            bound.append(bind_one(req))
+        except MethodRefused as exc:
+            lines.append(str(exc))
+    for m in bound:
+        lines.extend(n for n in m.notes if n not in lines)
+    return bound, lines
