@@ -19,11 +19,15 @@ restore and then:
   unwrap the adapter; LoRA's returns the bare model, which has no ``unload``): removing the
   adapter with the edit that installed it undoes them all.
 
-The bench still checks the result bit for bit (:class:`~.restore.StateCheck`).
+The bench still checks the result bit for bit (:class:`~.restore.StateCheck`). What EasyEdit's
+methods print during an edit goes to this module's logger (debug level), not to the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +35,8 @@ from typing import Any, Callable
 from torch import nn
 
 from mke_hooks import MKEError
+
+log = logging.getLogger(__name__)
 
 #: EasyEdit's evaluator runs one unpadded row per forward pass, and its methods rely on it
 ONE_ROW_NOTE = ("easyedit rows: probes run one unpadded row per pass, as EasyEdit's evaluator does (GRACE looks "
@@ -179,9 +185,13 @@ def wrap_apply(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not clean:
             clean.update(before)
         side = SideState.record(model)
-        edited, weights_copy = fn(model, tok, list(requests), hparams, copy=copy,
-                                  return_orig_weights=return_orig_weights,
-                                  keep_original_weight=keep_original_weight, **kwargs)
+        printed = io.StringIO()  # EasyEdit prints every loss; a 1,000-edit run would bury the table
+        with contextlib.redirect_stdout(printed):
+            edited, weights_copy = fn(model, tok, list(requests), hparams, copy=copy,
+                                      return_orig_weights=return_orig_weights,
+                                      keep_original_weight=keep_original_weight, **kwargs)
+        if printed.getvalue():
+            log.debug("%s printed:\n%s", getattr(hparams, "alg_name", "EasyEdit"), printed.getvalue())
         reused = set(before) != clean and _modules(model) == before
         return edited, EasyEditUndo(weights_copy, side, reused)
 
