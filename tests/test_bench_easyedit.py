@@ -166,9 +166,8 @@ def test_adapter_method_row_restores_and_a_refused_row_is_one_line(fake_easyedit
     assert len(refused) == 1 and "in-context examples" in refused[0] and "\n" not in refused[0]
     assert any("one unpadded row per pass" in n for n in r["notes"])
     assert all(p.requires_grad for p in bench.model.parameters()) and bench.model is model
-    assert getattr(bench.model.config, "use_cache", "absent") == use_cache and hasattr(bench.model.get_submodule(LAYER), "weight")
-    stack = r["methods"]["easyedit:STACK"]
-    assert stack["rewrite_acc"] is not None
+    assert getattr(bench.model.config, "use_cache", "absent") == use_cache
+    assert not isinstance(bench.model.get_submodule(LAYER), _Adapter)
 
 
 def test_reused_adapter_cannot_be_reset_alone(fake_easyedit):
