@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   mke-plugins bench --mode sequential --sequential-n 50 --cases 200
   mke-plugins bench --data path/to/mmedit --model path/to/qwen2-vl-dir --hparams world
   mke-plugins bench --data vqa_eval.json --format mmedit-vqa --image-root coco --rephrase-image-root rephrase
+  mke-plugins bench --methods FT,easyedit:WISE,easyedit:GRACE,easyedit:LoRA --mode sequential
   mke-plugins bench --methods FT,easyedit:GRACE --easyedit-hparams GRACE=hparams/GRACE/qwen2vl-7b.yaml
 """
 
@@ -82,7 +83,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--per-case", action="store_true", help="also write every case's results into the JSON")
     p.add_argument("--probe-batch", type=int, default=64, help="probe rows per forward pass (default 64)")
     p.add_argument("--easyedit-hparams", action="append", metavar="NAME=PATH",
-                   help="YAML for an easyedit:NAME method (repeatable)")
+                   help="YAML for an easyedit:NAME method (repeatable; default: the bench's bundled "
+                        "YAML for --hparams, shipped for WISE, GRACE and LoRA on the world)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 50M parameters on CPU, else torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

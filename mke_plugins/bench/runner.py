@@ -39,7 +39,7 @@ from . import DEFAULT_CASES
 from .checks import check_config
 from .cost import PeakMemory, fwd_bwd_seconds, sync
 from .data import check_text, load_data, with_images
-from .methods import BoundMethod, MethodRequest, bind
+from .methods import BoundMethod, MethodRequest, bind, bind_rows
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
 from .restore import StateCheck, restore_like_easyedit
 from .score import SCHEMA_KEYS, aggregate, score_case
@@ -136,10 +136,11 @@ class Bench:
             data = str(world.data_dir())
         self.model_path = None if cfg.model is None else str(Path(cfg.model))
         # hparams and overrides are checked before the model loads (minutes at 7B)
-        self.methods = [self._bind(r) for r in (cfg.methods or self.default_methods(cfg.hparams))]
+        self.methods, bind_notes = bind_rows(cfg.methods or self.default_methods(cfg.hparams), self._bind)
         if not self.methods:
-            raise MKEError("no methods to run: nothing is registered with hyperparameters for "
-                           f"{cfg.hparams!r}; see `mke-plugins methods`")
+            raise MKEError("; ".join(bind_notes) or "no methods to run: nothing is registered with hyperparameters "
+                           f"for {cfg.hparams!r}; see `mke-plugins methods`")
+        self.probe_batch = min([cfg.probe_batch] + [m.probe_rows for m in self.methods if m.probe_rows])
         self.dataset = load_data(data, cases=cfg.cases, image_root=cfg.image_root, fmt=cfg.format,
                                  rephrase_image_root=cfg.rephrase_image_root, hparams=[m.hparams for m in self.methods])
         self.data_path, raw = self.dataset.path, self.dataset.requests
@@ -153,7 +154,7 @@ class Bench:
         check_text(self.requests, self.tok, self.model, self.data_path, self.dataset)
         self._pre: dict[int, list[ProbeOutput]] = {}
         self._check: StateCheck | None = None
-        self.notes: list[str] = list(self.dataset.notes)
+        self.notes: list[str] = list(self.dataset.notes) + bind_notes
 
     @staticmethod
     def default_methods(hparams_key: str) -> list[MethodRequest]:
@@ -183,7 +184,7 @@ class Bench:
 
     def _batches(self, request: dict[str, Any]) -> tuple[ProbeBatches, Any]:
         probes = case_probes(request)
-        pb = build_batches(self.adapter, self.model, self.tok, probes, self.cfg.probe_batch)
+        pb = build_batches(self.adapter, self.model, self.tok, probes, self.probe_batch)
         edit_batch = self.adapter.batch(self.model, self.tok, [probes[0].query])
         return pb, edit_batch
 
