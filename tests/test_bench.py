@@ -154,6 +154,10 @@ def test_sequential_mode_accumulates_and_restores():
     cases = r["methods"]["FT"]["cases"]
     assert [c["sequence_length"] for c in cases] == [2, 2, 1]
     assert all(c["generated"] is None and c["rewrite_exact_match"] is None for c in cases)
+    # the world's records name no probe facts: the collisions cannot be checked, and the run says so
+    assert any("cannot check collisions between probes and edits" in n for n in r["notes"])
+    # the curve's T is the sequence length; the shorter last sequence counts in the row only
+    assert [(p["T"], p["n_cases"]) for p in r["methods"]["FT"]["curve"]] == [(2, 2)]
 
 
 # -- EasyEdit's own methods ------------------------------------------------------------------------

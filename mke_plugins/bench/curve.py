@@ -2,13 +2,13 @@
 
 Why it exists: a method that edits well once may forget, slow down or grow as edits pile up.
 In sequential mode the bench evaluates, at each checkpoint T, every edit made so far on the
-current model (:class:`Checkpoint` per sequence); :func:`curve` pools the sequences that reach T
-into one point: the case metrics averaged over their cases (as the method row averages them),
-``retention`` (reliability of the first ``min(100, T)`` edits of each sequence),
-``cross_edit_count`` summed, ``edit_seconds_last10`` (the median edit time of the last 10 edits
-before T, pooled over sequences) and ``held_bytes`` / ``held_edits`` (bytes the edits made so far
-report adding to the model, the sum of their ``added_bytes``, and how many edits report it; a mean
-over sequences; ``null`` when no edit reports it).
+current model (:class:`Checkpoint` per sequence; the Ts are :func:`curve_ts`). :func:`curve`
+pools the sequences evaluated at T into one point: the case metrics averaged over their cases
+(as the method row averages them); ``retention``, the reliability of the first ``min(100, T)``
+edits of each sequence; ``cross_edit_count`` summed; ``edit_seconds_last10``, the median edit
+time of the last 10 edits before T, pooled over sequences; ``held_bytes`` / ``held_edits``, the
+bytes the edits made so far report adding to the model (the sum of their ``added_bytes``) and
+how many edits report it, a mean over sequences (``null`` when no edit reports it).
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ class Checkpoint:
     added: list[float | None] = field(default_factory=list)
 
 
-def checkpoint_ts(requested: Sequence[int] | None, length: int) -> list[int]:
-    """The checkpoints of a ``length``-edit sequence: the requested ones it reaches, and its end."""
-    return sorted({t for t in requested or () if t <= length} | {length})
+def curve_ts(requested: Sequence[int] | None, length: int) -> set[int]:
+    """The Ts of the curve of ``length``-edit sequences: the requested checkpoints and the sequence end.
+
+    A sequence is evaluated at each of them it reaches; a shorter last sequence (``--cases`` not a
+    multiple of ``--sequential-n``) is also evaluated at its own end, for the method row only.
+    """
+    return set(requested or ()) | {length}
 
 
 def curve(points: Sequence[Checkpoint]) -> list[dict[str, Any]]:

@@ -46,7 +46,7 @@ from . import DEFAULT_CASES
 from .checks import check_config
 from .collisions import SequencePlan, cross_edit_scores, plan_notes, plan_sequence
 from .cost import PeakMemory, fwd_bwd_seconds, sync
-from .curve import Checkpoint, checkpoint_ts, curve
+from .curve import Checkpoint, curve, curve_ts
 from .data import check_text, load_data, with_images
 from .methods import BoundMethod, MethodRequest, bind, bind_rows
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
@@ -319,7 +319,8 @@ class Bench:
             edit_batch = self.adapter.batch(self.model, self.tok, [cp.probes[0].query])
             fwdbwd = fwd_bwd_seconds(self.adapter, self.model, edit_batch)
             prepared.append((i, cp, pb, self._pre_outputs(i, pb), fwdbwd))
-        ts = checkpoint_ts(self.cfg.checkpoints, len(chunk))
+        on_curve = curve_ts(self.cfg.checkpoints, self.cfg.sequential_n or len(self.requests))
+        ts = sorted({t for t in on_curve if t <= len(chunk)} | {len(chunk)})
         check = self._state_check()
         done: list[tuple[Any, Any]] = []
         costs: list[tuple[float, float, PeakMemory, dict[str, Any]]] = []
@@ -337,7 +338,9 @@ class Bench:
                 last = made == len(chunk)
                 cases = [self._sequence_case(m, edited, prepared[k], made, costs[k] if last else None, len(chunk))
                          for k in range(made)]
-                points.append(Checkpoint(made, cases, [c[0] for c in costs], [_added_bytes(c[3]) for c in costs]))
+                if made in on_curve:  # a shorter last sequence's own end counts in the row, not on the curve
+                    points.append(Checkpoint(made, cases, [c[0] for c in costs],
+                                             [_added_bytes(c[3]) for c in costs]))
         finally:
             for edited_k, wc_k in reversed(done):
                 self.model = restore_like_easyedit(m.restore, self.model, edited_k, wc_k)
