@@ -54,7 +54,8 @@ of ``fine_locality_acc`` / ``portability_acc`` and scored as ``cross_edit_consis
 accuracy against the newest edited answer made so far; ``cross_edit_success`` all tokens right;
 ``cross_edit_count`` probes scored; ``cross_edit_unscored`` touched probes with no edited answer
 yet); data without them runs as before, and a note says the collisions were not checked. These
-four keys are ``null`` in single mode. Each method row also holds ``curve``: a list of
+four keys are ``null`` in single mode and where no probe could be checked. Each method row
+also holds ``curve``: a list of
 ``{"T": int, "n_sequences", "n_cases", "rewrite_acc", "rewrite_success", "rephrase_acc",
 "image_rephrase_acc", "text_only_acc", "image_only_acc", "locality_acc",
 "multimodal_locality_acc", "locality_easyedit", "multimodal_locality_easyedit",

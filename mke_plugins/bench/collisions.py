@@ -107,6 +107,8 @@ class CasePlan:
 
     probes: list[Probe]
     touched: list[Touched] = field(default_factory=list)
+    #: whether any fine-locality / portability probe of the case could be checked (it and the edits name facts)
+    checked: bool = False
 
 
 @dataclass
@@ -196,6 +198,7 @@ def _case_plan(requests: Sequence[dict[str, Any]], chunk: Sequence[int], pos: in
     keep: list[Probe] = []
     extra: list[tuple[Touched, list[tuple[int, str | None]], Probe]] = []
     seen: Counter[str] = Counter()
+    checked = False
     for probe in probes:
         if probe.kind not in ITEM_KINDS:
             keep.append(probe)
@@ -209,6 +212,7 @@ def _case_plan(requests: Sequence[dict[str, Any]], chunk: Sequence[int], pos: in
             plan.unchecked[_label(probe.kind)] += 1
             keep.append(probe)
             continue
+        checked = True
         derived = derived_of(item, where)
         answers: list[tuple[int, str | None]] = []  # (position, answer) of every edit touching the probe
         for f in (fact, *derived):
@@ -223,7 +227,7 @@ def _case_plan(requests: Sequence[dict[str, Any]], chunk: Sequence[int], pos: in
             continue
         answers.sort(key=lambda a: a[0])
         extra.append((Touched(probe.kind, j), answers, probe))
-    out = CasePlan(keep)
+    out = CasePlan(keep, checked=checked)
     for t, answers, probe in extra:
         index_of: dict[str, int] = {}
         for p, answer in answers:
@@ -245,7 +249,11 @@ def cross_edit_scores(plan: CasePlan, post: Sequence[ProbeOutput], made: int) ->
     ``cross_edit_consistency``: mean token accuracy of the touched probes against their newest
     edited answer (``None``: none scored); ``cross_edit_success``: mean of their all-tokens-right
     flags; ``cross_edit_n``: probes scored; ``cross_edit_unscored``: touched probes with no answer yet.
+    The two counts are ``None`` when no probe of the case could be checked (no fact identities).
     """
+    if not plan.checked:
+        return {"cross_edit_consistency": None, "cross_edit_success": None, "cross_edit_n": None,
+                "cross_edit_unscored": None}
     accs, oks, unscored = [], [], 0
     for t in plan.touched:
         k = t.probe_at(made)

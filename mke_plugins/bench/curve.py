@@ -5,10 +5,11 @@ In sequential mode the bench evaluates, at each checkpoint T, every edit made so
 current model (:class:`Checkpoint` per sequence; the Ts are :func:`curve_ts`). :func:`curve`
 pools the sequences evaluated at T into one point: the case metrics averaged over their cases
 (as the method row averages them); ``retention``, the reliability of the first ``min(100, T)``
-edits of each sequence; ``cross_edit_count`` summed; ``edit_seconds_last10``, the median edit
-time of the last 10 edits before T, pooled over sequences; ``held_bytes`` / ``held_edits``, the
-bytes the edits made so far report adding to the model (the sum of their ``added_bytes``) and
-how many edits report it, a mean over sequences (``null`` when no edit reports it).
+edits of each sequence; ``cross_edit_count`` summed (``null`` when the data names no facts);
+``edit_seconds_last10``, the median edit time of the last 10 edits before T, pooled over
+sequences; ``held_bytes`` / ``held_edits``, the bytes the edits made so far report adding to the
+model (the sum of their ``added_bytes``) and how many edits report it, a mean over sequences
+(``null`` when no edit reports it).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def curve(points: Sequence[Checkpoint]) -> list[dict[str, Any]]:
         row.update({k: scoring.mean_or_none([c.get(k) for c in cases]) for k in CURVE_METRICS})
         row["retention"] = scoring.mean_or_none([c.get("rewrite_acc") for p in group
                                                  for c in p.cases[:RETENTION_EDITS]])
-        row["cross_edit_count"] = sum(int(c.get("cross_edit_n") or 0) for c in cases)
-        row["cross_edit_unscored"] = sum(int(c.get("cross_edit_unscored") or 0) for c in cases)
+        checked = any(c.get("cross_edit_n") is not None for c in cases)  # else: no fact identities to check
+        row["cross_edit_count"] = sum(int(c.get("cross_edit_n") or 0) for c in cases) if checked else None
+        row["cross_edit_unscored"] = sum(int(c.get("cross_edit_unscored") or 0) for c in cases) if checked else None
         row["edit_seconds_last10"] = scoring.percentile([s for p in group for s in p.seconds[-LAST_EDITS:]], 50)
         held = [[b for b in p.added if b is not None] for p in group]
         row["held_bytes"] = (sum(sum(h) for h in held) / len(held)) if any(held) else None

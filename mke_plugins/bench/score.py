@@ -148,7 +148,8 @@ def aggregate(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     row["peak_memory_mb"] = max(peaks) if peaks else None
     row["peak_memory_delta_mb"] = max(deltas) if deltas else None
     row["n_cases"] = len(cases)
-    sequential = any(c.get("cross_edit_n") is not None for c in cases)  # the collision rule ran (None: single mode)
+    # None: single mode, or no probe could be checked (the data names no facts)
+    sequential = any(c.get("cross_edit_n") is not None for c in cases)
     row["cross_edit_count"] = sum(int(c.get("cross_edit_n") or 0) for c in cases) if sequential else None
     row["cross_edit_unscored"] = sum(int(c.get("cross_edit_unscored") or 0) for c in cases) if sequential else None
     for key in ("portability_acc", "fine_locality_acc", "locality_acc", "multimodal_locality_acc",
