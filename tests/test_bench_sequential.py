@@ -271,3 +271,16 @@ def test_each_method_keeps_one_colour_in_every_figure_and_run(monkeypatch, tmp_p
     env = dict(os.environ, PYTHONHASHSEED="123")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == [method_colour("myplugin"), method_colour("X[a=1]")]
+
+
+def test_batches_beyond_the_memory_budget_are_built_again_with_the_same_results():
+    from mke_plugins.bench.runner import BenchConfig, methods_from, run_bench
+
+    def run(mb: float) -> dict[str, Any]:
+        r = run_bench(BenchConfig(methods=methods_from("FT"), cases=3, mode="sequential", checkpoints=[1, 2],
+                                  progress=False, generate=False, keep_batches_mb=mb))["methods"]["FT"]
+        timing = ("seconds", "ratio", "memory", "extra")
+        return {"row": {k: v for k, v in r.items() if k != "curve" and not any(t in k for t in timing)},
+                "curve": [{k: v for k, v in p.items() if "seconds" not in k} for p in r["curve"]]}
+
+    assert run(0) == run(2048)

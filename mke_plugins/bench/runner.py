@@ -17,7 +17,8 @@ consistency probes). Then pre for every case of the sequence on the unedited mod
 in single mode), and the edits accumulate (EasyEdit's way: each apply gets the model, the last
 returned model is evaluated). After the ``T``-th edit, for each checkpoint ``T`` (``checkpoints``;
 always the end of the sequence), every edit made so far is evaluated on the current model with
-its probe batches, built once per case; the evaluation after the last edit gives the method row
+its probe batches, built once per case and kept (up to ``keep_batches_mb`` per sequence, then
+built again at each checkpoint); the evaluation after the last edit gives the method row
 (and greedy decoding), all of them the ``curve`` (:mod:`.curve`). Then the edits are undone in
 reverse order and the model is checked.
 
@@ -78,6 +79,9 @@ class BenchConfig:
     generate: bool = True
     keep_cases: bool = False
     checkpoints: list[int] | None = None  # sequential mode: also evaluate after these many edits (None: the end only)
+    # sequential mode: probe batches (pixel values included) kept from the pre pass to the checkpoints, up to
+    # this many MB per sequence; the cases beyond it are batched again at each checkpoint (same tensors)
+    keep_batches_mb: float = 2048.0
     probe_batch: int = 64
     easyedit_hparams: dict[str, str] = field(default_factory=dict)
     progress: bool = True
@@ -314,11 +318,14 @@ class Bench:
         """One sequence of ``m``'s edits (one unit of work): its end-of-sequence cases and its checkpoints."""
         chunk, base_seed = plan.cases, self.cfg.seed or 0
         prepared = []
+        budget = self.cfg.keep_batches_mb * 2 ** 20
         for i, cp in zip(chunk, plan.plans, strict=True):
             pb = build_batches(self.adapter, self.model, self.tok, cp.probes, self.probe_batch)
             edit_batch = self.adapter.batch(self.model, self.tok, [cp.probes[0].query])
             fwdbwd = fwd_bwd_seconds(self.adapter, self.model, edit_batch)
-            prepared.append((i, cp, pb, self._pre_outputs(i, pb), fwdbwd))
+            pre = self._pre_outputs(i, pb)
+            budget -= pb.nbytes
+            prepared.append((i, cp, pb if budget >= 0 else None, pre, fwdbwd))  # None: batched again when needed
         on_curve = curve_ts(self.cfg.checkpoints, self.cfg.sequential_n or len(self.requests))
         ts = sorted({t for t in on_curve if t <= len(chunk)} | {len(chunk)})
         check = self._state_check()
@@ -353,6 +360,8 @@ class Bench:
                        cost: tuple[Any, ...] | None, length: int) -> dict[str, Any]:
         """One case of a sequence scored on ``edited`` after ``made`` edits; ``cost``: at the end only."""
         i, cp, pb, pre, _ = prepared
+        if pb is None:  # beyond keep_batches_mb: the same batches, built again (the processor needs no model state)
+            pb = build_batches(self.adapter, self.model, self.tok, cp.probes, self.cfg.probe_batch)
         post = run_probes(self.adapter, edited, pb)
         generated = None
         if cost is not None:  # greedy decoding once, after the last edit
