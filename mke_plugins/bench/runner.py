@@ -361,7 +361,7 @@ class Bench:
         """One case of a sequence scored on ``edited`` after ``made`` edits; ``cost``: at the end only."""
         i, cp, pb, pre, _ = prepared
         if pb is None:  # beyond keep_batches_mb: the same batches, built again (the processor needs no model state)
-            pb = build_batches(self.adapter, self.model, self.tok, cp.probes, self.cfg.probe_batch)
+            pb = build_batches(self.adapter, self.model, self.tok, cp.probes, self.probe_batch)
         post = run_probes(self.adapter, edited, pb)
         generated = None
         if cost is not None:  # greedy decoding once, after the last edit
