@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   mke-plugins bench --methods FT,LoRA --cases 200 --json ft-lora.json --plot ft-lora.png
   mke-plugins bench --methods "DECODE,DECODE[group_mode=disjoint],LDKE[router=false]"
   mke-plugins bench --mode sequential --sequential-n 50 --cases 200
+  mke-plugins bench --mode sequential --cases 1000 --checkpoints 1,10,100,1000 --methods FT,DECODE
   mke-plugins bench --data path/to/mmedit --model path/to/qwen2-vl-dir --hparams world
   mke-plugins bench --data vqa_eval.json --format mmedit-vqa --image-root coco --rephrase-image-root rephrase
   mke-plugins bench --methods FT,easyedit:WISE,easyedit:GRACE,easyedit:LoRA --mode sequential
@@ -32,6 +33,17 @@ def _easyedit_yaml(values: list[str] | None) -> dict[str, str]:
             raise MKEError(f"--easyedit-hparams {v!r}: write NAME=PATH")
         out[name.strip()] = path.strip()
     return out
+
+
+def _checkpoints(text: str) -> list[int]:
+    """``--checkpoints 1,10,100``: edit counts, each at least 1."""
+    try:
+        values = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write edit counts separated by commas, e.g. 1,10,100") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every checkpoint must be at least 1")
+    return sorted(set(values))
 
 
 def check_outputs(json_path: str | None, plot_path: str | None) -> None:
@@ -61,6 +73,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="single: edit, evaluate, restore per case; sequential: edits accumulate")
     p.add_argument("--sequential-n", type=int, default=None,
                    help="sequential mode: edits per sequence, evaluated after the last (default: all cases)")
+    p.add_argument("--checkpoints", type=_checkpoints, default=None, metavar="T,T,...",
+                   help="sequential mode: also evaluate every edit made so far after T edits, for each T "
+                        "(e.g. 1,10,100,1000), giving the curve in the JSON and a second plot (default: the end "
+                        "of each sequence only)")
     p.add_argument("--json", default="bench-results.json", help="result file (default bench-results.json)")
     p.add_argument("--plot", default="bench-results.png", help="plot file (default bench-results.png; '' for none)")
     p.add_argument("--data", help="benchmark JSON file or folder (default: the bundled world's edit split)")
@@ -95,7 +111,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .report import plot, table, write_json
+    from .report import curve_path, has_curve, plot, plot_curve, table, write_json
     from .runner import BenchConfig, methods_from, run_bench
 
     cfg = BenchConfig(
@@ -105,9 +121,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         hparams=args.hparams, seed=args.seed, device=args.device, dtype=args.dtype,
         verify_restore=args.verify_restore, generate=args.generate, keep_cases=args.per_case,
         probe_batch=args.probe_batch, easyedit_hparams=_easyedit_yaml(args.easyedit_hparams),
-        progress=args.progress, threads=args.threads)
+        progress=args.progress, threads=args.threads, checkpoints=args.checkpoints)
     if args.sequential_n is not None and args.mode != "sequential":
         raise MKEError("--sequential-n needs --mode sequential")
+    if args.checkpoints is not None and args.mode != "sequential":
+        raise MKEError("--checkpoints needs --mode sequential")
     check_outputs(args.json, args.plot)
     result = run_bench(cfg)
     print(table(result))
@@ -115,5 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {write_json(result, args.json)}")
     if args.plot:
         print(f"wrote {plot(result, args.plot)}")
+        if has_curve(result):
+            print(f"wrote {plot_curve(result, curve_path(args.plot))}")
     sys.stdout.flush()
     return 0

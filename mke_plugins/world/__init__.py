@@ -90,11 +90,18 @@ def _resolve_dir(root: str | Path | None) -> Path:
     return Path(root) if root is not None else data_dir()
 
 
+#: record fields :func:`record_paths` reads; any other field is passed through unchanged
+_READ_KEYS = frozenset(("case_id", "src", "alt", "pred", "image", "rephrase", "image_rephrase", "loc", "loc_ans",
+                        "m_loc", "m_loc_q", "m_loc_a", "text_only_prompt", "image_only_prompt", "portability",
+                        "fine_locality", "entity", "relation"))
+
+
 def record_paths(split: str = "edit", root: str | Path | None = None) -> list[dict[str, Any]]:
     """EasyEdit-style request dicts of ``split`` (``edit`` or ``train``) with absolute image paths.
 
     ``root`` is a directory written by :func:`build` (default: :func:`data_dir`). Text-only
-    entries of ``portability`` / ``fine_locality`` have ``image: None``.
+    entries of ``portability`` / ``fine_locality`` have ``image: None``. Record fields not read
+    here (the probes' fact identities ``loc_fact`` / ``m_loc_fact``, ...) are passed through as they are.
     """
     if split not in ("edit", "train"):
         raise ValueError(f"split must be 'edit' or 'train', got {split!r}")
@@ -122,6 +129,7 @@ def record_paths(split: str = "edit", root: str | Path | None = None) -> list[di
             "fine_locality": [dict(x, image=p(x.get("image"))) for x in r["fine_locality"]],
             "file_type": "image", "entity": r["entity"], "relation": r["relation"],
         })
+        out[-1].update((k, v) for k, v in r.items() if k not in _READ_KEYS)  # newer fields (loc_fact, ...)
     return out
 
 
