@@ -41,7 +41,34 @@ same number as ``multimodal_locality_easyedit``, its older name), ``fine_localit
 ``peak_memory_delta_mb``, ``n_cases``, ``extra`` (the method template's per-edit stats: ``steps``,
 ``seconds``, ``converged``, ``added_bytes`` and the method's own keys), ``hparams``, ``source``,
 ``restore``, and with ``--per-case`` a ``cases`` list. Top level also holds ``sequential_n``,
-``seed``, ``device``, ``threads``, ``hparams`` and ``notes``.
+``checkpoints``, ``seed``, ``device``, ``threads``, ``hparams`` and ``notes``.
+
+Sequential mode (``--mode sequential``; :mod:`.collisions`, :mod:`.curve`). The method row is the
+evaluation of every edit after the last edit of its sequence, with the keys above. Records may
+name the fact each probe asks (``entity`` / ``relation`` of the edit, ``loc_fact`` /
+``m_loc_fact`` of the T-Loc / M-Loc probe, ``entity`` / ``relation`` / ``derived_from`` of each
+fine-locality and portability item). With them, a T-Loc or M-Loc probe whose fact (or a fact it
+is derived from) an edit of its sequence changes stops the run before the first edit, and a
+fine-locality or portability probe whose fact another edit of the sequence changes is left out
+of ``fine_locality_acc`` / ``portability_acc`` and scored as ``cross_edit_consistency`` (token
+accuracy against the newest edited answer made so far; ``cross_edit_success`` all tokens right;
+``cross_edit_count`` probes scored; ``cross_edit_unscored`` touched probes with no edited answer
+yet); data without them runs as before, and a note says the collisions were not checked. These
+four keys are ``null`` in single mode and where no probe could be checked. Each method row
+also holds ``curve``: a list of
+``{"T": int, "n_sequences", "n_cases", "rewrite_acc", "rewrite_success", "rephrase_acc",
+"image_rephrase_acc", "text_only_acc", "image_only_acc", "locality_acc",
+"multimodal_locality_acc", "locality_easyedit", "multimodal_locality_easyedit",
+"fine_locality_acc", "portability_acc", "cross_edit_consistency", "cross_edit_count",
+"cross_edit_unscored", "retention", "edit_seconds_last10", "held_bytes", "held_edits"}``, one
+per checkpoint T (``--checkpoints`` and the sequence length): every edit made so far, evaluated
+on the model after T edits, pooled over the sequences that reach T; ``retention`` is the
+reliability of the first ``min(100, T)`` edits, ``edit_seconds_last10`` the median seconds of the
+last 10 edits, ``held_bytes`` the sum of the edits' ``added_bytes`` (``null`` when the method
+reports none) and ``held_edits`` how many edits report it. With equal-length sequences the last
+point equals the method row. What the curve does not measure: one sequence order (the records'
+order), teacher-forced probes (not free generation, except ``rewrite_exact_match`` at the end),
+and the bytes a method reports, not the process's memory.
 
 Programmatic use::
 

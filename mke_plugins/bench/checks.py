@@ -22,6 +22,9 @@ def check_config(cfg: Any) -> None:
         raise MKEError(f"--probe-batch must be at least 1 (probe rows per forward pass), got {cfg.probe_batch}")
     if cfg.threads is not None and cfg.threads < 1:
         raise MKEError(f"--threads must be at least 1 (or left out for the default), got {cfg.threads}")
+    if getattr(cfg, "keep_batches_mb", 0) < 0:
+        raise MKEError(f"keep_batches_mb must be 0 or more (MB of probe batches kept per sequence), got "
+                       f"{cfg.keep_batches_mb}")
     check_device(cfg.device)
 
 

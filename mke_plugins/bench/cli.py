@@ -17,8 +17,10 @@ EXAMPLES = """examples:
   mke-plugins bench --methods FT,LoRA --cases 200 --json ft-lora.json --plot ft-lora.png
   mke-plugins bench --methods "DECODE,DECODE[group_mode=disjoint],LDKE[router=false]"
   mke-plugins bench --mode sequential --sequential-n 50 --cases 200
+  mke-plugins bench --mode sequential --cases 1000 --checkpoints 1,10,100,1000 --methods FT,DECODE
   mke-plugins bench --data path/to/mmedit --model path/to/qwen2-vl-dir --hparams world
   mke-plugins bench --data vqa_eval.json --format mmedit-vqa --image-root coco --rephrase-image-root rephrase
+  mke-plugins bench --methods FT,easyedit:WISE,easyedit:GRACE,easyedit:LoRA --mode sequential
   mke-plugins bench --methods FT,easyedit:GRACE --easyedit-hparams GRACE=hparams/GRACE/qwen2vl-7b.yaml
 """
 
@@ -31,6 +33,17 @@ def _easyedit_yaml(values: list[str] | None) -> dict[str, str]:
             raise MKEError(f"--easyedit-hparams {v!r}: write NAME=PATH")
         out[name.strip()] = path.strip()
     return out
+
+
+def _checkpoints(text: str) -> list[int]:
+    """``--checkpoints 1,10,100``: edit counts, each at least 1."""
+    try:
+        values = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write edit counts separated by commas, e.g. 1,10,100") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every checkpoint must be at least 1")
+    return sorted(set(values))
 
 
 def check_outputs(json_path: str | None, plot_path: str | None) -> None:
@@ -60,6 +73,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="single: edit, evaluate, restore per case; sequential: edits accumulate")
     p.add_argument("--sequential-n", type=int, default=None,
                    help="sequential mode: edits per sequence, evaluated after the last (default: all cases)")
+    p.add_argument("--checkpoints", type=_checkpoints, default=None, metavar="T,T,...",
+                   help="sequential mode: also evaluate every edit made so far after T edits, for each T "
+                        "(e.g. 1,10,100,1000), giving the curve in the JSON and a second plot (default: the end "
+                        "of each sequence only)")
     p.add_argument("--json", default="bench-results.json", help="result file (default bench-results.json)")
     p.add_argument("--plot", default="bench-results.png", help="plot file (default bench-results.png; '' for none)")
     p.add_argument("--data", help="benchmark JSON file or folder (default: the bundled world's edit split)")
@@ -88,7 +105,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--per-case", action="store_true", help="also write every case's results into the JSON")
     p.add_argument("--probe-batch", type=int, default=64, help="probe rows per forward pass (default 64)")
     p.add_argument("--easyedit-hparams", action="append", metavar="NAME=PATH",
-                   help="YAML for an easyedit:NAME method (repeatable)")
+                   help="YAML for an easyedit:NAME method (repeatable; default: the bench's bundled "
+                        "YAML for --hparams, shipped for WISE, GRACE and LoRA on the world)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 50M parameters on CPU, else torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -99,7 +117,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .report import plot, table, write_json
+    from .report import curve_path, has_curve, plot, plot_curve, table, write_json
     from .runner import BenchConfig, methods_from, run_bench
 
     cfg = BenchConfig(
@@ -110,9 +128,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, dtype=args.dtype,
         verify_restore=args.verify_restore, generate=args.generate, keep_cases=args.per_case,
         probe_batch=args.probe_batch, easyedit_hparams=_easyedit_yaml(args.easyedit_hparams),
-        progress=args.progress, threads=args.threads)
+        progress=args.progress, threads=args.threads, checkpoints=args.checkpoints)
     if args.sequential_n is not None and args.mode != "sequential":
         raise MKEError("--sequential-n needs --mode sequential")
+    if args.checkpoints is not None and args.mode != "sequential":
+        raise MKEError("--checkpoints needs --mode sequential")
     check_outputs(args.json, args.plot)
     result = run_bench(cfg)
     print(table(result))
@@ -120,5 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {write_json(result, args.json)}")
     if args.plot:
         print(f"wrote {plot(result, args.plot)}")
+        if has_curve(result):
+            print(f"wrote {plot_curve(result, curve_path(args.plot))}")
     sys.stdout.flush()
     return 0

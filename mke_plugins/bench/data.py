@@ -41,7 +41,9 @@ IMAGE_FIELDS = {"image": "image", "image_rephrase": "image_rephrase", "m_loc": "
 #: EasyEdit request key -> MMEdit record field, to name the field of the record in errors
 RECORD_FIELD = {dst: src for src, dst in {**TEXT_FIELDS, **IMAGE_FIELDS}.items()}
 PROBE_LISTS = ("portability", "fine_locality")
-PASSTHROUGH = ("case_id", "entity", "relation")
+#: record fields copied as they are: the case id and the facts the edit and its probes ask (``entity`` and
+#: ``relation`` of the edit; ``loc_fact`` / ``m_loc_fact`` of the T-Loc / M-Loc probe)
+PASSTHROUGH = ("case_id", "entity", "relation", "loc_fact", "m_loc_fact")
 
 
 def find_json(data: str | Path) -> Path:

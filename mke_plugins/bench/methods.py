@@ -4,7 +4,8 @@ A method string is a registered name (``FT``), optionally with hyperparameter ov
 ablation row (``DECODE[group_mode=disjoint]``, ``ASAM[lar=false,rcsl=false]``; values parsed as
 YAML scalars; the row is named exactly as written), or ``easyedit:NAME`` for a method from
 EasyEdit's own ``ALG_MULTIMODAL_DICT`` (EasyEdit must be importable; its YAML comes from
-``--easyedit-hparams NAME=PATH``).
+``--easyedit-hparams NAME=PATH``, else from the bench's bundled ones, :mod:`.easyedit_rows`). A
+method the bench cannot run as asked (IKE) is left out with a one-line reason, and the run goes on.
 
 Our methods are called through :func:`mke_plugins.easyedit.make_apply`, the same wrapper
 EasyEdit's editor gets; EasyEdit's through their registry entry, always with a list of requests.
@@ -24,6 +25,11 @@ import yaml
 from mke_hooks import HparamsError, MKEError
 
 EASYEDIT_PREFIX = "easyedit:"
+
+
+class MethodRefused(MKEError):
+    """A method the bench cannot run as asked; the run goes on without its row and says why in one line."""
+
 #: EasyEdit methods the bench cannot run as editors (why)
 EASYEDIT_REFUSED = {
     "IKE": "its apply returns in-context examples, not an edited model",
@@ -129,6 +135,8 @@ class BoundMethod:
     hparams: Any
     restore: str  # "snapshot" | "callable" | "peft" | "keep"
     source: str  # plugin label or "EasyEdit"
+    probe_rows: int | None = None  # most probe rows its edited model takes in one pass (None: any)
+    notes: list[str] = field(default_factory=list)  # one line each, printed under the table
 
     @property
     def label(self) -> str:
@@ -163,31 +171,40 @@ def _easyedit_hparams_class(fn: Callable[..., Any], name: str) -> type:
     owner = getattr(fn, "__self__", None)
     module_name = (type(owner).__module__ if owner is not None else getattr(fn, "__module__", "")) or ""
     parts = module_name.split(".")
-    candidates: list[type] = []
+    found: list[list[type]] = []  # the apply's module, then its package (WISE keeps its multimodal class there)
     for depth in range(len(parts), 1, -1):
+        if len(found) == 2:
+            break
         try:
             mod = importlib.import_module(".".join(parts[:depth]))
         except ImportError:
             continue
-        candidates = [v for k, v in vars(mod).items() if isinstance(v, type) and re.search(r"H(yper)?[Pp]arams$", k)
-                      and hasattr(v, "from_hparams")]
-        if candidates:
-            break
-    multimodal = [c for c in candidates if "multimodal" in c.__name__.lower()]
-    chosen = multimodal or candidates
+        classes = [v for k, v in vars(mod).items() if isinstance(v, type) and re.search(r"H(yper)?[Pp]arams$", k)
+                   and hasattr(v, "from_hparams")]
+        if classes:
+            found.append(classes)
+    multimodal = next(([c for c in classes if "multimodal" in c.__name__.lower()] for classes in found
+                       if any("multimodal" in c.__name__.lower() for c in classes)), [])
+    chosen = multimodal or (found[0] if found else [])
     if len(chosen) != 1:
         raise MKEError(f"easyedit:{name}: cannot tell its hyperparameter class from {module_name!r} "
                        f"(found {[c.__name__ for c in chosen]})")
     return chosen[0]
 
 
-def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[str, Any]) -> BoundMethod:
-    """One of EasyEdit's own multimodal methods, called with a list of requests."""
+def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[str, Any],
+                  hparams_key: str = "world") -> BoundMethod:
+    """One of EasyEdit's own multimodal methods, called with a list of requests.
+
+    Its YAML is ``yaml_paths[NAME]`` (``--easyedit-hparams``), else the bundled one for ``hparams_key``.
+    """
     from mke_plugins.easyedit import easyedit_importable
+
+    from .easyedit_rows import ONE_ROW_NOTE, resolve_values, wrap_apply, yaml_for
 
     name = req.name
     if name in EASYEDIT_REFUSED:
-        raise MKEError(f"easyedit:{name} cannot be benched: {EASYEDIT_REFUSED[name]}")
+        raise MethodRefused(f"easyedit:{name} cannot be benched: {EASYEDIT_REFUSED[name]}")
     if not easyedit_importable():
         raise MKEError(f"easyedit:{name} needs EasyEdit (easyeditor) on PYTHONPATH; see README, 'Using a method "
                        f"from EasyEdit'")
@@ -196,11 +213,10 @@ def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[s
     if name not in table:
         raise MKEError(f"easyedit:{name}: EasyEdit's ALG_MULTIMODAL_DICT has no {name!r}; it has "
                        f"{sorted(table)}")
-    if name not in yaml_paths:
-        raise MKEError(f"easyedit:{name}: pass its EasyEdit YAML with --easyedit-hparams {name}=PATH")
     fn = table[name]
     cls = _easyedit_hparams_class(fn, name)
-    hparams = cls.from_hparams(yaml_paths[name])
+    hparams = cls.from_hparams(yaml_for(name, hparams_key, yaml_paths))
+    resolve_values(hparams)
     if "dtype" in common:
         from mke_plugins.hparams import to_dtype
 
@@ -216,20 +232,30 @@ def bind_easyedit(req: MethodRequest, yaml_paths: dict[str, str], common: dict[s
                       ("KEEP_EDITED_MODEL_ALGS", "keep")):
         if utils is not None and name in getattr(utils, attr, ()):
             policy = pol
-
-    def apply(model, tok, requests, hparams, copy=False, return_orig_weights=False,
-              keep_original_weight=False, **kwargs):
-        if isinstance(requests, dict):
-            requests = [requests]
-        return fn(model, tok, list(requests), hparams, copy=copy, return_orig_weights=return_orig_weights,
-                  keep_original_weight=keep_original_weight, **kwargs)
-
-    return BoundMethod(req, apply, hparams, policy, "EasyEdit")
+    return BoundMethod(req, wrap_apply(fn), hparams, policy, "EasyEdit", probe_rows=1, notes=[ONE_ROW_NOTE])
 
 
 def bind(req: MethodRequest, *, hparams_key: str, common: dict[str, Any],
          easyedit_yaml: dict[str, str] | None = None) -> BoundMethod:
     """Resolve a :class:`MethodRequest` (``common`` overrides go first, the row's own win)."""
     if req.easyedit:
-        return bind_easyedit(req, easyedit_yaml or {}, common)
+        return bind_easyedit(req, easyedit_yaml or {}, common, hparams_key)
     return bind_ours(req, hparams_key, common)
+
+
+def bind_rows(reqs: list[MethodRequest], bind_one: Callable[[MethodRequest], BoundMethod]
+              ) -> tuple[list[BoundMethod], list[str]]:
+    """Bind every row; a refused one (:class:`MethodRefused`) is left out with its one-line reason.
+
+    Returns the bound methods and the lines to print under the table: the refusals, then the
+    bound methods' notes (each once).
+    """
+    bound, lines = [], []
+    for req in reqs:
+        try:
+            bound.append(bind_one(req))
+        except MethodRefused as exc:
+            lines.append(str(exc))
+    for m in bound:
+        lines.extend(n for n in m.notes if n not in lines)
+    return bound, lines

@@ -104,6 +104,15 @@ class ProbeBatches:
     def n_rows(self) -> int:
         return len(self.probes)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the batches' tensors (mostly pixel values)."""
+        total = 0
+        for b in self.batches:
+            tensors = [*b.inputs.values(), b.labels, b.attention_mask, b.image_mask]
+            total += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+        return total
+
 
 def build_batches(adapter: Any, model: Any, tok: Any, probes: Sequence[Probe], max_rows: int = 64) -> ProbeBatches:
     """Adapter batches of at most ``max_rows`` rows covering ``probes`` in order."""

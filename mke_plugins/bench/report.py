@@ -1,5 +1,9 @@
 """Show bench results: a text table, the JSON file tools read, and a PNG of metrics per method.
 
+A sequential run with checkpoints also gets a curve table and a second PNG (every metric against
+the number of edits made, log x). Every method keeps one colour in every figure of every run
+(:func:`method_colour`).
+
 The JSON keeps the bench's result schema (``model``, ``data``, ``mode``, ``cases`` and per method the
 keys in :data:`mke_plugins.bench.score.SCHEMA_KEYS`, accuracies in [0, 1], ``null`` where the
 data has no probe for a metric) plus extra keys. JSON has no ``inf`` / ``nan``: :func:`finite_json`
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Text", "text_only_acc", "acc"),
     ("Image", "image_only_acc", "acc"),
     ("FineLoc", "fine_locality_acc", "acc"),
+    ("X-Edit", "cross_edit_consistency", "acc"),
+    ("X-n", "cross_edit_count", "count"),
     ("Port", "portability_acc", "acc"),
     ("DFR_T", "dfr_text", "rate"),
     ("DFR_I", "dfr_image", "rate"),
@@ -42,6 +49,52 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: the curve table and plot: (header, curve-point key, kind); kind as in COLUMNS, "bytes" held memory
+CURVE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("Rel", "rewrite_acc", "acc"),
+    ("T-Gen", "rephrase_acc", "acc"),
+    ("M-Gen", "image_rephrase_acc", "acc"),
+    ("Text", "text_only_acc", "acc"),
+    ("Image", "image_only_acc", "acc"),
+    ("T-Loc", "locality_acc", "acc"),
+    ("M-Loc", "multimodal_locality_acc", "acc"),
+    ("T-Loc(EE)", "locality_easyedit", "acc"),
+    ("M-Loc(EE)", "multimodal_locality_easyedit", "acc"),
+    ("FineLoc", "fine_locality_acc", "acc"),
+    ("X-Edit", "cross_edit_consistency", "acc"),
+    ("X-n", "cross_edit_count", "count"),
+    ("Port", "portability_acc", "acc"),
+    ("Retain", "retention", "acc"),
+    ("s/edit10", "edit_seconds_last10", "sec"),
+    ("Held", "held_bytes", "bytes"),
+    ("HeldN", "held_edits", "count"),
+)
+
+#: one colour per known method, the same in every figure of every run (tab10's colours)
+METHOD_COLOURS = {
+    "FT": "#1f77b4", "LoRA": "#ff7f0e", "DECODE": "#2ca02c", "LDKE": "#d62728", "ASAM": "#9467bd",
+    "UniKE": "#8c564b", "easyedit:WISE": "#e377c2", "easyedit:GRACE": "#bcbd22", "easyedit:LoRA": "#17becf",
+    "easyedit:FT": "#7f7f7f",
+}
+#: colours for every other label (ablation rows, third-party methods), picked by a stable hash of the
+#: label; none of them is a known method's colour (tab20b / tab20c)
+OTHER_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+                 "#756bb1", "#636363", "#6b6ecf", "#b5cf6b", "#e7ba52", "#ad494a", "#a55194", "#9ecae1")
+
+
+def method_colour(label: str) -> str:
+    """The colour of method ``label``: fixed for the known methods, else a stable hash of the label
+    (``zlib.crc32``, the same in every process; Python's ``hash`` of a string is not)."""
+    return METHOD_COLOURS.get(label) or OTHER_COLOURS[zlib.crc32(label.encode("utf-8")) % len(OTHER_COLOURS)]
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}B"
+
+
 def _fmt(value: Any, kind: str) -> str:
     if value is None:
         return "n/a"
@@ -51,6 +104,10 @@ def _fmt(value: Any, kind: str) -> str:
         return str(float(value))  # nan, inf, -inf
     if kind in ("acc", "rate"):
         return f"{value:.3f}"
+    if kind == "count":
+        return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    if kind == "bytes":
+        return _bytes(float(value))
     if kind == "sec":
         return f"{value:.3f}" if value < 10 else f"{value:.1f}"
     if kind == "ratio":
@@ -79,6 +136,32 @@ def table(result: dict[str, Any]) -> str:
                  f"DFR/Joint success-based.")
     for note in result.get("notes") or []:
         lines.append(f"note: {note}")
+    if has_curve(result):
+        lines.append("")
+        lines.append(curve_table(result))
+    return "\n".join(lines)
+
+
+def has_curve(result: dict[str, Any]) -> bool:
+    """Whether some method has a curve of more than one checkpoint (sequential mode, ``--checkpoints``)."""
+    return any(len(row.get("curve") or ()) > 1 for row in result.get("methods", {}).values())
+
+
+def curve_table(result: dict[str, Any]) -> str:
+    """Every curve metric at every checkpoint T, one block of rows per method."""
+    cols = [max(7, len(h)) for h, _, _ in CURVE_COLUMNS]
+    width = max([len("method")] + [len(n) for n in result["methods"]])
+    header = (f"{'method':<{width}}  {'T':>6}  "
+              + "  ".join(f"{h:>{w}}" for (h, _, _), w in zip(CURVE_COLUMNS, cols, strict=True)))
+    lines = [header, "-" * len(header)]
+    for name, row in result["methods"].items():
+        for point in row.get("curve") or ():
+            lines.append(f"{name:<{width}}  {point['T']:>6}  " + "  ".join(
+                f"{_fmt(point.get(k), kind):>{w}}" for (_, k, kind), w in zip(CURVE_COLUMNS, cols, strict=True)))
+    lines.append("curve: every edit made so far evaluated after T edits of one sequence order (teacher-forced); "
+                 "Retain = Rel of the first min(100, T) edits; X-Edit = cross-edit consistency over X-n probes; "
+                 "s/edit10 = median seconds of the last 10 edits; Held = bytes the edits report adding "
+                 "(HeldN edits report it).")
     return "\n".join(lines)
 
 
@@ -115,7 +198,6 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     rows = [result["methods"][n] for n in names]
     quality = [(h, k) for h, k, kind in COLUMNS if kind == "acc"]
     rates = [(h, k) for h, k, kind in COLUMNS if kind == "rate"]
-    cmap = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.2), gridspec_kw={"width_ratios": [7, 1.4, 1.6]})
 
     def bars(ax, items, ylim=(0, 1.05)):
@@ -130,10 +212,10 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
                 else:
                     xs.append(x)
                     ys.append(row[key])
-            ax.bar(xs, ys, width=w, color=cmap(j % 10), label=name)
+            ax.bar(xs, ys, width=w, color=method_colour(name), label=name)
             for x, y in zip(xs, ys, strict=True):
                 if y == 0:  # a zero bar is invisible; say it is a zero, not a missing value
-                    ax.text(x, 0.01, "0", ha="center", va="bottom", fontsize=7, color=cmap(j % 10))
+                    ax.text(x, 0.01, "0", ha="center", va="bottom", fontsize=7, color=method_colour(name))
             for x in missing:
                 ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
         ax.set_xticks(range(len(items)))
@@ -149,7 +231,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     secs = [r.get("edit_seconds_median") or 0.0 for r in rows]
     p90 = [r.get("edit_seconds_p90") or 0.0 for r in rows]
     ax = axes[2]
-    ax.bar(range(len(names)), secs, color=[cmap(j % 10) for j in range(len(names))],
+    ax.bar(range(len(names)), secs, color=[method_colour(n) for n in names],
            yerr=[[0] * len(names), [max(0.0, b - a) for a, b in zip(secs, p90, strict=True)]], capsize=3)
     for j, r in enumerate(rows):
         ratio = r.get("edit_to_fwdbwd_ratio")
@@ -167,6 +249,64 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 6), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curve_path(plot_path: str | Path) -> Path:
+    """Where the curve figure of ``--plot FILE`` goes: ``FILE`` with ``-curve`` before its suffix."""
+    p = Path(plot_path)
+    return p.with_name(f"{p.stem}-curve{p.suffix}")
+
+
+def plot_curve(result: dict[str, Any], path: str | Path) -> Path:
+    """Every curve metric against the checkpoint T (log x), one line per method in its own colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    result = finite_json(result)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panels = [c for c in CURVE_COLUMNS if c[2] != "count"]
+    ncols = 4
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows), squeeze=False)
+    ts = sorted({p["T"] for row in result["methods"].values() for p in row.get("curve") or ()})
+    for ax, (head, key, kind) in zip(axes.flat, panels, strict=False):
+        drawn = False
+        for name, row in result["methods"].items():
+            pts = [(p["T"], p.get(key)) for p in row.get("curve") or () if p.get(key) is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            ys = [y / (1 << 20) for y in ys] if kind == "bytes" else list(ys)
+            ax.plot(xs, ys, marker="o", ms=3.5, color=method_colour(name), label=name)
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "n/a (no probe or no method reports it)", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=8, color="grey")
+        ax.set_xscale("log")
+        ax.set_xticks(ts)
+        ax.set_xticklabels([str(t) for t in ts], fontsize=8)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_title({"bytes": f"{head} (MB held by the edits)", "sec": f"{head} (median s, last 10 edits)"}
+                     .get(kind, head), fontsize=10)
+        if kind == "acc":
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("edits made (T)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = {name: plt.Line2D([], [], color=method_colour(name), marker="o", label=name)
+               for name in result["methods"]}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    fig.suptitle(f"mke-plugins bench: every edit made so far, after T sequential edits ({result['cases']} cases; "
+                 f"model {Path(result['model']).name})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -26,12 +26,21 @@ class RestoreError(MKEError):
 
 
 def restore_like_easyedit(policy: str, model: nn.Module, edited_model: Any, weights_copy: Any) -> nn.Module:
-    """Undo one edit by EasyEdit main's rules for ``policy``; return the model to carry on with."""
+    """Undo one edit by EasyEdit main's rules for ``policy``; return the model to carry on with.
+
+    A ``weights_copy`` with a ``restore_for_bench`` method (the bench's wrapper of an EasyEdit
+    method's edit, :class:`~.easyedit_rows.EasyEditUndo`) undoes itself.
+    """
+    if hasattr(type(weights_copy), "restore_for_bench"):
+        return weights_copy.restore_for_bench(policy, model, edited_model)
     if policy == "callable":
         weights_copy()
         return model
     if policy == "peft":
-        return edited_model.unload()
+        restored = edited_model.unload()
+        if hasattr(restored, "peft_config"):  # as EasyEdit main does: or its LoRA reuses the bare model
+            del restored.peft_config
+        return restored
     if policy == "keep":
         return edited_model
     if weights_copy is None:

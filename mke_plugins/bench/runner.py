@@ -9,10 +9,18 @@ to its state at the start (``verify_restore``; a failure names the method). Case
 loop and methods the inner one, so every method sees the same machine load and the pre-edit
 outputs are computed once per case.
 
-Sequential mode (per method, per chunk of ``sequential_n`` cases): pre for every case of the
-chunk on the unedited model, then the edits accumulate (EasyEdit's way: each apply gets the
-model, the last returned model is evaluated), then every case is evaluated after the last edit,
-then the edits are undone in reverse order and the model is checked.
+Sequential mode (per method, per sequence of ``sequential_n`` cases, each sequence one unit of
+work, never split): before anything is edited, every sequence's probes are planned
+(:mod:`.collisions`: a T-Loc / M-Loc probe whose fact the sequence edits is refused; fine-locality
+and portability probes whose fact another edit of the sequence changes become cross-edit
+consistency probes). Then pre for every case of the sequence on the unedited model (cached, as
+in single mode), and the edits accumulate (EasyEdit's way: each apply gets the model, the last
+returned model is evaluated). After the ``T``-th edit, for each checkpoint ``T`` (``checkpoints``;
+always the end of the sequence), every edit made so far is evaluated on the current model with
+its probe batches, built once per case and kept (up to ``keep_batches_mb`` per sequence, then
+built again at each checkpoint); the evaluation after the last edit gives the method row
+(and greedy decoding), all of them the ``curve`` (:mod:`.curve`). Then the edits are undone in
+reverse order and the model is checked.
 
 Per-edit stats come in one shape: the :class:`~mke_plugins.core.template.ApplyStats` the method
 template puts on ``weights_copy.stats`` (one ``EditStats`` per request: steps, seconds, converged,
@@ -37,9 +45,11 @@ from mke_plugins.adapters.loading import load_vlm, seed_all
 
 from . import DEFAULT_CASES
 from .checks import check_config
+from .collisions import SequencePlan, cross_edit_scores, plan_notes, plan_sequence
 from .cost import PeakMemory, fwd_bwd_seconds, sync
+from .curve import Checkpoint, curve, curve_ts
 from .data import check_text, load_data, with_images
-from .methods import BoundMethod, MethodRequest, bind
+from .methods import BoundMethod, MethodRequest, bind, bind_rows
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
 from .restore import StateCheck, restore_like_easyedit
 from .score import SCHEMA_KEYS, aggregate, score_case
@@ -69,6 +79,10 @@ class BenchConfig:
     verify_restore: bool = True
     generate: bool = True
     keep_cases: bool = False
+    checkpoints: list[int] | None = None  # sequential mode: also evaluate after these many edits (None: the end only)
+    # sequential mode: probe batches (pixel values included) kept from the pre pass to the checkpoints, up to
+    # this many MB per sequence; the cases beyond it are batched again at each checkpoint (same tensors)
+    keep_batches_mb: float = 2048.0
     probe_batch: int = 64
     easyedit_hparams: dict[str, str] = field(default_factory=dict)
     progress: bool = True
@@ -103,6 +117,12 @@ def hparams_json(hparams: Any) -> dict[str, Any]:
     return _jsonable(hparams.to_dict() if hasattr(hparams, "to_dict") else vars(hparams))
 
 
+def _added_bytes(extra: dict[str, Any]) -> float | None:
+    """An edit's ``added_bytes`` from its stats (``None``: the method reports none)."""
+    value = extra.get("added_bytes")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -129,6 +149,13 @@ class Bench:
             raise MKEError(f"--mode must be single or sequential, got {cfg.mode!r}")
         if cfg.sequential_n is not None and cfg.sequential_n < 1:
             raise MKEError(f"--sequential-n must be at least 1, got {cfg.sequential_n}")
+        if cfg.checkpoints is not None:
+            if cfg.mode != "sequential":
+                raise MKEError("--checkpoints needs --mode sequential (single edits have no T)")
+            if not cfg.checkpoints or any(isinstance(t, bool) or not isinstance(t, int) or t < 1
+                                          for t in cfg.checkpoints):
+                raise MKEError(f"--checkpoints must be edit counts of at least 1 (e.g. 1,10,100), got "
+                               f"{cfg.checkpoints}")
         check_config(cfg)
         self.cfg = cfg
         data = cfg.data
@@ -138,10 +165,11 @@ class Bench:
             data = str(world.data_dir(layout=cfg.world))
         self.model_path = None if cfg.model is None else str(Path(cfg.model))
         # hparams and overrides are checked before the model loads (minutes at 7B)
-        self.methods = [self._bind(r) for r in (cfg.methods or self.default_methods(cfg.hparams))]
+        self.methods, bind_notes = bind_rows(cfg.methods or self.default_methods(cfg.hparams), self._bind)
         if not self.methods:
-            raise MKEError("no methods to run: nothing is registered with hyperparameters for "
-                           f"{cfg.hparams!r}; see `mke-plugins methods`")
+            raise MKEError("; ".join(bind_notes) or "no methods to run: nothing is registered with hyperparameters "
+                           f"for {cfg.hparams!r}; see `mke-plugins methods`")
+        self.probe_batch = min([cfg.probe_batch] + [m.probe_rows for m in self.methods if m.probe_rows])
         self.dataset = load_data(data, cases=cfg.cases, image_root=cfg.image_root, fmt=cfg.format,
                                  rephrase_image_root=cfg.rephrase_image_root, hparams=[m.hparams for m in self.methods])
         self.data_path, raw = self.dataset.path, self.dataset.requests
@@ -155,7 +183,17 @@ class Bench:
         check_text(self.requests, self.tok, self.model, self.data_path, self.dataset)
         self._pre: dict[int, list[ProbeOutput]] = {}
         self._check: StateCheck | None = None
-        self.notes: list[str] = list(self.dataset.notes)
+        self.notes: list[str] = list(self.dataset.notes) + bind_notes
+        self.plans: list[SequencePlan] = []
+        self.curves: dict[str, list[Checkpoint]] = {}
+        if cfg.mode == "sequential":  # a touched T-Loc / M-Loc probe stops the run here, before any edit
+            self.plans = [plan_sequence(self.requests, chunk) for chunk in self.chunks()]
+            self.notes.extend(plan_notes(self.plans))
+            longest = max(len(c) for c in self.chunks())
+            beyond = sorted(t for t in cfg.checkpoints or () if t > longest)
+            if beyond:
+                self.notes.append(f"checkpoints {', '.join(map(str, beyond))} lie beyond the longest sequence "
+                                  f"({longest} edits): not evaluated")
 
     @staticmethod
     def default_methods(hparams_key: str) -> list[MethodRequest]:
@@ -185,7 +223,7 @@ class Bench:
 
     def _batches(self, request: dict[str, Any]) -> tuple[ProbeBatches, Any]:
         probes = case_probes(request)
-        pb = build_batches(self.adapter, self.model, self.tok, probes, self.cfg.probe_batch)
+        pb = build_batches(self.adapter, self.model, self.tok, probes, self.probe_batch)
         edit_batch = self.adapter.batch(self.model, self.tok, [probes[0].query])
         return pb, edit_batch
 
@@ -269,39 +307,73 @@ class Bench:
 
     def run_sequential(self, tick: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
         results: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
-        base_seed = self.cfg.seed or 0
+        self.curves = {m.label: [] for m in self.methods}
         for m in self.methods:
-            for chunk in self.chunks():
-                prepared = []
-                for i in chunk:
-                    pb, edit_batch = self._batches(self.requests[i])
-                    prepared.append((i, pb, self._pre_outputs(i, pb),
-                                     fwd_bwd_seconds(self.adapter, self.model, edit_batch)))
-                check = self._state_check()
-                done: list[tuple[Any, Any]] = []
-                costs = []
-                edited = self.model
-                try:
-                    for i, _, _, fwdbwd in prepared:
-                        edited, wc, seconds, mem = self._apply(m, self.requests[i], base_seed + i)
-                        done.append((edited, wc))
-                        costs.append((seconds, fwdbwd, mem, method_extra(wc)))
-                    for (i, pb, pre, _), cost in zip(prepared, costs, strict=True):
-                        post = run_probes(self.adapter, edited, pb)
-                        generated = self._generate(m, edited, self.requests[i], int(pre[0].top1.shape[0]))
-                        case = self._case(i, self.requests[i], pb, pre, post, generated)
-                        self._cost(case, *cost)
-                        case["sequence_length"] = len(chunk)
-                        results[m.label].append(case)
-                        tick(m.label)
-                finally:
-                    for edited_k, wc_k in reversed(done):
-                        self.model = restore_like_easyedit(m.restore, self.model, edited_k, wc_k)
-                    del done, edited
-                if check is not None:
-                    check.verify(self.model, m.label,
-                                 f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
+            for plan in self.plans:
+                cases, points = self._sequence(m, plan, tick)
+                results[m.label].extend(cases)
+                self.curves[m.label].extend(points)
         return results
+
+    def _sequence(self, m: BoundMethod, plan: SequencePlan,
+                  tick: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[Checkpoint]]:
+        """One sequence of ``m``'s edits (one unit of work): its end-of-sequence cases and its checkpoints."""
+        chunk, base_seed = plan.cases, self.cfg.seed or 0
+        prepared = []
+        budget = self.cfg.keep_batches_mb * 2 ** 20
+        for i, cp in zip(chunk, plan.plans, strict=True):
+            pb = build_batches(self.adapter, self.model, self.tok, cp.probes, self.probe_batch)
+            edit_batch = self.adapter.batch(self.model, self.tok, [cp.probes[0].query])
+            fwdbwd = fwd_bwd_seconds(self.adapter, self.model, edit_batch)
+            pre = self._pre_outputs(i, pb)
+            budget -= pb.nbytes
+            prepared.append((i, cp, pb if budget >= 0 else None, pre, fwdbwd))  # None: batched again when needed
+        on_curve = curve_ts(self.cfg.checkpoints, self.cfg.sequential_n or len(self.requests))
+        ts = sorted({t for t in on_curve if t <= len(chunk)} | {len(chunk)})
+        check = self._state_check()
+        done: list[tuple[Any, Any]] = []
+        costs: list[tuple[float, float, PeakMemory, dict[str, Any]]] = []
+        points: list[Checkpoint] = []
+        cases: list[dict[str, Any]] = []
+        edited = self.model
+        try:
+            for made, (i, _, _, _, fwdbwd) in enumerate(prepared, start=1):
+                edited, wc, seconds, mem = self._apply(m, self.requests[i], base_seed + i)
+                done.append((edited, wc))
+                costs.append((seconds, fwdbwd, mem, method_extra(wc)))
+                tick(m.label)
+                if made not in ts:
+                    continue
+                last = made == len(chunk)
+                cases = [self._sequence_case(m, edited, prepared[k], made, costs[k] if last else None, len(chunk))
+                         for k in range(made)]
+                if made in on_curve:  # a shorter last sequence's own end counts in the row, not on the curve
+                    points.append(Checkpoint(made, cases, [c[0] for c in costs],
+                                             [_added_bytes(c[3]) for c in costs]))
+        finally:
+            for edited_k, wc_k in reversed(done):
+                self.model = restore_like_easyedit(m.restore, self.model, edited_k, wc_k)
+            del done, edited
+        if check is not None:
+            check.verify(self.model, m.label, f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
+        return cases, points
+
+    def _sequence_case(self, m: BoundMethod, edited: Any, prepared: tuple[Any, ...], made: int,
+                       cost: tuple[Any, ...] | None, length: int) -> dict[str, Any]:
+        """One case of a sequence scored on ``edited`` after ``made`` edits; ``cost``: at the end only."""
+        i, cp, pb, pre, _ = prepared
+        if pb is None:  # beyond keep_batches_mb: the same batches, built again (the processor needs no model state)
+            pb = build_batches(self.adapter, self.model, self.tok, cp.probes, self.probe_batch)
+        post = run_probes(self.adapter, edited, pb)
+        generated = None
+        if cost is not None:  # greedy decoding once, after the last edit
+            generated = self._generate(m, edited, self.requests[i], int(pre[0].top1.shape[0]))
+        case = self._case(i, self.requests[i], pb, pre, post, generated)
+        case.update(cross_edit_scores(cp, post, made))
+        if cost is not None:
+            self._cost(case, *cost)
+            case["sequence_length"] = length
+        return case
 
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -340,6 +412,8 @@ class Bench:
             ordered["restore"] = m.restore
             ordered["restore_verified"] = self.cfg.verify_restore
             ordered["hparams"] = hparams_json(m.hparams)
+            if self.cfg.mode == "sequential":
+                ordered["curve"] = curve(self.curves.get(m.label, []))
             if self.cfg.keep_cases:
                 ordered["cases"] = cases
             methods[m.label] = ordered
@@ -349,6 +423,7 @@ class Bench:
             "mode": self.cfg.mode,
             "cases": len(self.requests),
             "sequential_n": (self.cfg.sequential_n or len(self.requests)) if self.cfg.mode == "sequential" else None,
+            "checkpoints": sorted(set(self.cfg.checkpoints)) if self.cfg.checkpoints else None,
             "seed": self.cfg.seed,
             "device": str(next(self.model.parameters()).device),
             "threads": self.threads or torch.get_num_threads(),

@@ -14,6 +14,9 @@ feeds which metric (see the world README, "Record fields and what they measure")
   (also kept under its older name ``multimodal_locality_top10``).
 * ``unit_consistency``: anchor, T-Gen and M-Gen all succeed (ASAM's UC).
 * Decoupling (DFR_T, DFR_I, joint consistency) is aggregated from the per-case success flags.
+* ``cross_edit_consistency`` (sequential mode, :mod:`.collisions`): probes of a case whose fact
+  another edit of the sequence changed, scored against the newest edited answer; averaged per
+  case, then over the cases that have one; ``cross_edit_count`` sums the probes scored.
 
 A metric whose probe the case does not carry is ``None``.
 """
@@ -44,7 +47,7 @@ CASE_MEAN_KEYS = (
     "fine_locality_same_image", "fine_locality_same_entity", "portability_acc", "portability_success",
     "unit_consistency", "rewrite_exact_match",
     "pre_rewrite_acc", "pre_rewrite_success", "pre_rephrase_acc", "pre_image_rephrase_acc", "pre_text_only_acc",
-    "pre_image_only_acc", "pre_portability_acc",
+    "pre_image_only_acc", "pre_portability_acc", "cross_edit_consistency", "cross_edit_success",
 )
 
 
@@ -145,6 +148,10 @@ def aggregate(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     row["peak_memory_mb"] = max(peaks) if peaks else None
     row["peak_memory_delta_mb"] = max(deltas) if deltas else None
     row["n_cases"] = len(cases)
+    # None: single mode, or no probe could be checked (the data names no facts)
+    sequential = any(c.get("cross_edit_n") is not None for c in cases)
+    row["cross_edit_count"] = sum(int(c.get("cross_edit_n") or 0) for c in cases) if sequential else None
+    row["cross_edit_unscored"] = sum(int(c.get("cross_edit_unscored") or 0) for c in cases) if sequential else None
     for key in ("portability_acc", "fine_locality_acc", "locality_acc", "multimodal_locality_acc",
                 "rephrase_acc", "image_rephrase_acc", "text_only_acc", "image_only_acc"):
         row[f"{key.removesuffix('_acc')}_cases"] = sum(c.get(key) is not None for c in cases)

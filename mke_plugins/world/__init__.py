@@ -109,13 +109,19 @@ def _resolve_dir(root: str | Path | None) -> Path:
     return Path(root) if root is not None else data_dir()
 
 
+#: record fields :func:`record_paths` reads; any other field is passed through unchanged
+_READ_KEYS = frozenset(("case_id", "src", "alt", "pred", "image", "rephrase", "image_rephrase", "loc", "loc_ans",
+                        "m_loc", "m_loc_q", "m_loc_a", "text_only_prompt", "image_only_prompt", "portability",
+                        "fine_locality", "entity", "relation"))
+
+
 def record_paths(split: str = "edit", root: str | Path | None = None) -> list[dict[str, Any]]:
     """EasyEdit-style request dicts of ``split`` (``edit``, ``train`` or, in the lifelong layout,
     ``dev``) with absolute image paths.
 
     ``root`` is a directory written by :func:`build` (default: :func:`data_dir`). Text-only
-    entries of ``portability`` / ``fine_locality`` have ``image: None``. Probe identities
-    (``loc_fact``, ``m_loc_fact``) are passed through when the records carry them.
+    entries of ``portability`` / ``fine_locality`` have ``image: None``. Record fields not read
+    here (the probes' fact identities ``loc_fact`` / ``m_loc_fact``, ...) are passed through as they are.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -142,8 +148,8 @@ def record_paths(split: str = "edit", root: str | Path | None = None) -> list[di
             "portability": [dict(x, image=p(x.get("image"))) for x in r["portability"]],
             "fine_locality": [dict(x, image=p(x.get("image"))) for x in r["fine_locality"]],
             "file_type": "image", "entity": r["entity"], "relation": r["relation"],
-            **{k: r[k] for k in ("loc_fact", "m_loc_fact") if k in r},
         })
+        out[-1].update((k, v) for k, v in r.items() if k not in _READ_KEYS)  # newer fields (loc_fact, ...)
     return out
 
 
