@@ -104,3 +104,24 @@ def test_lifelong_layout_is_a_pure_function_of_the_seed():
     again = make_split(make_world(0, None, "lifelong"))
     assert a.edit == again.edit and a.dev == again.dev and a.locality_entities == again.locality_entities
     assert np.array_equal(sorted(a.direct_entities), sorted(again.direct_entities))
+
+
+def test_the_bench_plans_the_thousand_edit_sequence_without_locality_collisions(tmp_path):
+    """The bench's collision rule on the full acceptance sequence: no T-Loc / M-Loc probe is refused,
+    and exactly the fine-grained probes whose fact another edit changes become cross-edit probes."""
+    import json
+
+    from mke_plugins import world as world_pkg
+    from mke_plugins.bench.collisions import plan_sequence
+
+    _, _, recs, _ = _world()
+    (tmp_path / "edit.json").write_text(json.dumps(recs["edit"]))
+    reqs = world_pkg.record_paths("edit", tmp_path)
+    plan = plan_sequence(reqs, list(range(len(reqs))))  # raises on a touched T-Loc / M-Loc probe
+    assert not plan.repeated and not plan.anonymous_edits and not plan.unchecked
+    edited = {(r["entity"], r["relation"]) for r in recs["edit"]}
+    want = sum(_touched_by(edited, x) for r in recs["edit"] for x in r["fine_locality"])
+    want += sum(_touched_by(edited - {(r["entity"], r["relation"])}, x)
+                for r in recs["edit"] for x in r["portability"])
+    assert plan.n_touched == want > 0
+    assert {t.kind for p in plan.plans for t in p.touched} <= {"fine_locality", "portability"}
