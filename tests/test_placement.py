@@ -117,6 +117,13 @@ def created(model: nn.Module, before: set[int], weights_copy: Any, spy: Spy) -> 
             owner = model.get_submodule(name.rsplit(".lora_", 1)[0]) if ".lora_" in name else None
             weight = getattr(getattr(owner, "base_layer", owner), "weight", None)
             out.append((f"new parameter {name}", weight, p))
+    from mke_plugins.adapters import get_adapter
+    from mke_plugins.methods.asam import memory
+
+    infos = get_adapter(model).layers(model)
+    for bank in memory._BANKS.get(model, {}).values():  # ASAM's memory bank: FFN inputs of its layers
+        for layer, states in bank.items():
+            out.append((f"asam bank of layer {layer}", infos[layer].value.weight, states))
     for gate in ("asam", "unike"):
         patches = patches_for(model, gate=gate, create=False)
         for slot in (patches._slots.values() if patches is not None else ()):
@@ -134,6 +141,8 @@ def check_beside(items: list[tuple[str, Any, Any]]) -> None:
         if not t.is_floating_point():
             continue
         want = weight.dtype if what.startswith("snapshot") else work_dtype(weight.dtype)
+        if what.startswith("asam bank"):  # fp16 beside half-precision weights, else fp32 (ASAM's README)
+            want = torch.float16 if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
         if what.startswith("new parameter"):  # peft keeps adapters in the base layer's dtype
             assert t.dtype in (weight.dtype, want), f"{what}: {t.dtype}, its weight {weight.dtype}"
         else:
@@ -162,7 +171,7 @@ def test_every_tensor_an_edit_creates_follows_its_weight_and_restore_is_exact(me
     check_beside(items)
     whats = " ".join(w for w, _, _ in items)
     expect = {"FT": "snapshot", "LoRA": "new parameter", "DECODE": "column delta", "LDKE": "LDKE side",
-              "ASAM": "asam neuron", "UniKE": "unike neuron"}[method]
+              "ASAM": "asam bank", "UniKE": "unike neuron"}[method]
     assert expect in whats, f"{method}: nothing of kind {expect!r} was checked ({whats[:200]})"
     if method in ("DECODE", "UniKE"):  # their edits reach a float32 layer and a bfloat16 one
         assert {w.dtype for _, w, _ in items} == {torch.float32, torch.bfloat16}

@@ -182,26 +182,10 @@ def spread(model: nn.Module, device_map: str, max_memory: dict[int | str, Any] |
 
 
 def input_device(model: Any) -> torch.device:
-    """The device where the model takes its token inputs: that of its input embeddings.
+    """The device where the model takes its token inputs: its input embeddings' (see ``model_device``)."""
+    from .base import model_device
 
-    On a model spread over several GPUs the first parameter may belong to another tower; the input
-    embeddings are where ``input_ids`` go first. Falls back to the first parameter's device, then CPU.
-    """
-    from .base import unwrap_model
-
-    base = unwrap_model(model)
-    get = getattr(base, "get_input_embeddings", None)
-    if callable(get):
-        try:
-            emb = get()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        weight = getattr(emb, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-            return weight.device
-    for p in base.parameters():
-        return p.device
-    return torch.device("cpu")
+    return model_device(model)
 
 
 def model_devices(model: Any) -> list[torch.device]:
