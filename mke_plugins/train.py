@@ -202,7 +202,7 @@ def _device(value: str | None) -> Any:
 
 def train_args(entry: Any, ns: argparse.Namespace) -> TrainArgs:
     """The stage's ``TrainArgs``: parsed flags plus the host's loaders bound to them."""
-    from .adapters.placement import parse_max_memory
+    from .adapters.placement import check_device_map, parse_max_memory
 
     path, editing_key = resolve_hparams(entry, ns.hparams)
     model = resolve_model(entry, ns.model)
@@ -210,7 +210,7 @@ def train_args(entry: Any, ns: argparse.Namespace) -> TrainArgs:
     flags.update(hparams=str(path), model=model)
     options = {k: v for k, v in vars(ns).items() if k not in COMMON_FLAGS + PLACEMENT_FLAGS}
     overrides, where = _flag_overrides(ns, model)
-    device_map, max_memory = ns.device_map, parse_max_memory(ns.max_memory)
+    device_map, max_memory = check_device_map(ns.device_map), parse_max_memory(ns.max_memory)
     if max_memory is not None and device_map is None:
         raise MKEError("--max-memory only applies with --device-map (e.g. --device-map auto --max-memory 0=20GiB)")
     return TrainArgs(

@@ -348,3 +348,17 @@ def test_train_takes_the_placement_flags_and_sets_model_parallel():
     assert model_devices(model) == [torch.device("cpu")]
     with pytest.raises(MKEError, match="--max-memory only applies with --device-map"):
         train_args(entry, stage_parser(entry).parse_args(["--max-memory", "cpu=8GiB"]))
+
+
+def test_the_flags_name_every_strategy_and_a_wrong_one_fails_before_loading(capsys):
+    from mke_plugins.adapters.placement import DEVICE_MAPS
+    from mke_plugins.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in DEVICE_MAPS) and "--max-memory DEV=SIZE" in out
+    for cmd in (["bench"], ["scale", "--size", "test"], ["train", "LDKE"]):
+        assert main([*cmd, "--device-map", "everywhere"]) == 2, cmd
+        assert "--device-map 'everywhere': use one of auto" in capsys.readouterr().err
+

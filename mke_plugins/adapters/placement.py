@@ -198,15 +198,6 @@ def model_devices(model: Any) -> list[torch.device]:
     return list(seen) or [torch.device("cpu")]
 
 
-def beside(weight: torch.Tensor, *, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """``device=`` / ``dtype=`` keywords that create a tensor beside ``weight``.
-
-    ``dtype`` None: the weight's own dtype (snapshots, copies). Trainable fp32 state passes
-    :func:`work_dtype` of the weight instead, so a float64 weight never loses precision to it.
-    """
-    return {"device": weight.device, "dtype": weight.dtype if dtype is None else dtype}
-
-
 def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype trainable deltas and their arithmetic use: float32, or wider when a weight is wider."""
     out = torch.float32

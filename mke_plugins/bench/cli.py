@@ -49,13 +49,16 @@ def _checkpoints(text: str) -> list[int]:
 
 
 def add_placement_flags(p: Any) -> None:
-    """``--device-map`` and ``--max-memory``: the same two flags on bench, scale and every offline stage."""
-    from mke_plugins.adapters.placement import DEVICE_MAPS
+    """``--device-map`` and ``--max-memory``: the same two flags on bench, scale and every offline stage.
 
-    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
-                   help="spread the model over this node's GPUs through transformers/accelerate (auto: fill them "
-                        "in order); on a machine without GPUs the model loads on the CPU. Weights the map would "
-                        "offload to cpu or disk are refused (see README, 'Many GPUs / big models')")
+    The strategy names are checked where the model loads
+    (:func:`mke_plugins.adapters.placement.check_device_map`): building the parser imports no torch.
+    """
+    p.add_argument("--device-map", default=None, metavar="STRATEGY",
+                   help="auto, balanced, balanced_low_0 or sequential: spread the model over this node's GPUs "
+                        "through transformers/accelerate (auto: fill them in order); on a machine without GPUs "
+                        "the model loads on the CPU. Weights the map would offload to cpu or disk are refused "
+                        "(see README, 'Many GPUs / big models')")
     p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                    help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB or the same as JSON "
                         "('{\"0\": \"20GiB\"}')")
@@ -139,11 +142,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mke_plugins.adapters.placement import parse_max_memory
+    from mke_plugins.adapters.placement import check_device_map, parse_max_memory
 
     from .report import curve_path, has_curve, plot, plot_curve, table, write_json
     from .runner import BenchConfig, methods_from, run_bench
 
+    check_device_map(args.device_map)
     max_memory = parse_max_memory(args.max_memory)
     if max_memory is not None and args.device_map is None:
         raise MKEError("--max-memory only applies with --device-map (e.g. --device-map auto --max-memory 0=20GiB)")

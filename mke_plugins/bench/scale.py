@@ -380,8 +380,9 @@ def _print_method(label: str, r: dict[str, Any]) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from mke_plugins.adapters.placement import parse_max_memory
+    from mke_plugins.adapters.placement import check_device_map, parse_max_memory
 
+    check_device_map(args.device_map)
     max_memory = parse_max_memory(args.max_memory)
     if max_memory is not None and args.device_map is None:
         raise MKEError("--max-memory only applies with --device-map (e.g. --device-map auto --max-memory 0=20GiB)")
