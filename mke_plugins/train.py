@@ -3,7 +3,8 @@
 A method with an offline stage registers ``MethodSpec.offline`` (``run(args: TrainArgs) -> int``)
 and, if it truly needs flags of its own, ``MethodSpec.offline_flags``. This command parses the flags
 every stage shares once (``--hparams``, ``--model``, ``--data``, ``--format``, ``--image-root``,
-``--rephrase-image-root``, ``--out``, ``--device``, ``--seed``, ``--quiet``), adds the stage's own,
+``--rephrase-image-root``, ``--out``, ``--device``, ``--seed``, ``--quiet``, and ``--device-map`` /
+``--max-memory``, which the host's model loader takes and the stage never sees), adds the stage's own,
 and hands the stage a :class:`~mke_hooks.TrainArgs` with the host's services: the hparams loader
 (overrides applied, every generator seeded), the model loader
 (:func:`~mke_plugins.adapters.loading.load_vlm`), the training records (the bundled world's train
@@ -29,6 +30,8 @@ from mke_hooks import HparamsError, MKEError, PluginError, TrainArgs
 #: ``dest`` of every flag the host parses for each stage (the rest are the stage's own)
 COMMON_FLAGS: tuple[str, ...] = ("hparams", "model", "data", "format", "image_root", "rephrase_image_root", "out",
                                  "device", "seed", "quiet")
+#: ``dest`` of the placement flags: the host's model loader takes them; they are not ``TrainArgs`` fields
+PLACEMENT_FLAGS: tuple[str, ...] = ("device_map", "max_memory")
 #: ``--model`` / ``--data`` values that name the bundled world (model / train split)
 WORLD_MODEL_NAMES = ("world", "@world")
 WORLD_DATA_NAMES = ("@world-train", "@world")
@@ -102,7 +105,7 @@ def stage_parser(entry: Any) -> argparse.ArgumentParser:
 
 
 def _common_flag_names() -> str:
-    return ", ".join("--" + dest.replace("_", "-") for dest in COMMON_FLAGS)
+    return ", ".join("--" + dest.replace("_", "-") for dest in COMMON_FLAGS + PLACEMENT_FLAGS)
 
 
 def _description(run: Any, entry: Any) -> str:
@@ -146,6 +149,9 @@ def add_common_flags(group: Any, entry: Any) -> None:
     group.add_argument("--seed", type=int, default=None, metavar="N",
                        help="seed of every generator (default: the YAML's seed)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .bench.cli import add_placement_flags
+
+    add_placement_flags(group)
 
 
 # -- flags -> TrainArgs ------------------------------------------------------------------------
@@ -198,23 +204,33 @@ def _device(value: str | None) -> Any:
 
 def train_args(entry: Any, ns: argparse.Namespace) -> TrainArgs:
     """The stage's ``TrainArgs``: parsed flags plus the host's loaders bound to them."""
+    from .adapters.placement import check_device_map, parse_max_memory
+
     path, editing_key = resolve_hparams(entry, ns.hparams)
     model = resolve_model(entry, ns.model)
     flags = {k: getattr(ns, k) for k in COMMON_FLAGS}
     flags.update(hparams=str(path), model=model)
-    options = {k: v for k, v in vars(ns).items() if k not in COMMON_FLAGS}
+    options = {k: v for k, v in vars(ns).items() if k not in COMMON_FLAGS + PLACEMENT_FLAGS}
     overrides, where = _flag_overrides(ns, model)
+    device_map, max_memory = check_device_map(ns.device_map), parse_max_memory(ns.max_memory)
+    if max_memory is not None and device_map is None:
+        raise MKEError("--max-memory only applies with --device-map (e.g. --device-map auto --max-memory 0=20GiB)")
     return TrainArgs(
         method=entry.name, options=options, **flags,
         load_hparams=lambda cls, **extra: load_stage_hparams(entry, cls, path, editing_key, overrides, where, extra),
         load_model=lambda hparams: load_model(hparams, what=f"--model {ns.model}" if model else
-                                              f"model_name in {path}"),
+                                              f"model_name in {path}", device_map=device_map,
+                                              max_memory=max_memory),
         load_records=functools.partial(load_records, fmt=ns.format, rephrase_image_root=ns.rephrase_image_root),
         make_trainer=make_trainer)
 
 
 def _flag_overrides(ns: argparse.Namespace, model: str | None) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(hparams key -> value, hparams key -> the flag that set it)`` for --model, --device, --seed."""
+    """``(hparams key -> value, hparams key -> the flag that set it)`` for --model, --device, --seed, --device-map.
+
+    ``--device-map`` sets EasyEdit's ``model_parallel`` where the training class has it: the trainer
+    then takes its device from the model and never moves the spread model onto one device.
+    """
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
     if model is not None:
@@ -224,6 +240,8 @@ def _flag_overrides(ns: argparse.Namespace, model: str | None) -> tuple[dict[str
         values["device"], where["device"] = _device(ns.device), f"--device {ns.device}"
     if ns.seed is not None:
         values["seed"], where["seed"] = ns.seed, f"--seed {ns.seed}"
+    if getattr(ns, "device_map", None) is not None:
+        values["model_parallel"], where["model_parallel"] = True, f"--device-map {ns.device_map}"
     return values, where
 
 
@@ -241,7 +259,7 @@ def load_stage_hparams(entry: Any, cls: type, path: Path, editing_key: str | Non
     if editing_key is not None:
         _registry().call_hook("mke_adjust_hparams", method=entry.name, model=editing_key, config=config)
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(config)
-    given = {k: v for k, v in overrides.items() if k in names or k not in ("model_name", "name")}
+    given = {k: v for k, v in overrides.items() if k in names or k not in ("model_name", "name", "model_parallel")}
     config.update(given)
     config.update(extra)
     try:
@@ -259,11 +277,16 @@ def load_stage_hparams(entry: Any, cls: type, path: Path, editing_key: str | Non
 
 
 # -- the services ------------------------------------------------------------------------------
-def load_model(hparams: Any, *, what: str = "") -> tuple[Any, Any]:
-    """``(model, processor)`` of ``hparams.model_name`` on ``hparams.device`` in ``hparams.dtype``."""
+def load_model(hparams: Any, *, what: str = "", device_map: str | None = None,
+               max_memory: Any = None) -> tuple[Any, Any]:
+    """``(model, processor)`` of ``hparams.model_name`` on ``hparams.device`` in ``hparams.dtype``.
+
+    With ``device_map`` (``--device-map``) spread over this node's GPUs instead, capped by ``max_memory``.
+    """
     from .adapters.loading import load_vlm
 
-    return load_vlm(str(hparams.model_name), hparams.device, hparams.dtype, what=what)
+    return load_vlm(str(hparams.model_name), hparams.device, hparams.dtype, what=what, device_map=device_map,
+                    max_memory=max_memory)
 
 
 def training_json(data: str) -> Path:

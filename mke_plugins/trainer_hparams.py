@@ -39,7 +39,8 @@ class EasyEditTrainerFields:
     half: bool = hp(False, "EasyEdit trainer field (keep false).")
     train_base: Literal[False] = hp(False, "EasyEdit: also train the base model; must stay false (the model stays "
                                            "frozen: the method trains only its own modules).")
-    model_parallel: bool = hp(False, "EasyEdit trainer field (keep false).")
+    model_parallel: bool = hp(False, "EasyEdit: the model is spread over several GPUs; the trainer takes its device "
+                                     "from the model and never moves it (`mke-plugins train --device-map` sets it).")
     freeze_qformer: bool = hp(True, "EasyEdit: LAVIS families' Q-Former stays frozen.")
     val_batch_size: int = hp(1, "EasyEdit: validation batch size.", ge=1)
     accumulate_bs: int = hp(1, "EasyEdit: gradient accumulation steps.", ge=1)

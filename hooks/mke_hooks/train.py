@@ -53,7 +53,9 @@ class TrainArgs:
             with ``--model`` (``model_name``, ``name``), ``--device``, ``--seed`` and ``overrides``
             applied (an error names the flag); seeds Python, NumPy and torch with the result's seed.
         load_model: ``load_model(hparams) -> (model, processor)``: the Hugging Face VLM saved in
-            ``hparams.model_name``, on ``hparams.device`` in ``hparams.dtype``, eval mode.
+            ``hparams.model_name``, on ``hparams.device`` in ``hparams.dtype``, eval mode (with
+            ``--device-map auto`` spread over the node's GPUs instead; tensors a stage creates
+            should then follow the parameter they belong to, not ``hparams.device``).
         load_records: ``load_records(data, *, adapter, image_root=None) -> (records, label)``:
             EasyEdit-style request dicts with family-native images; ``data`` ``None`` or
             ``"@world-train"`` is the bundled world's train split, else a benchmark JSON (or a

@@ -49,8 +49,22 @@ def unwrap_model(model: Any) -> nn.Module:
 
 
 def model_device(model: Any) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless model)."""
-    for p in unwrap_model(model).parameters():
+    """Device where the model takes its inputs: that of its input embeddings (``get_input_embeddings``).
+
+    On a model spread over several GPUs (``device_map="auto"``) the first parameter may sit in another
+    tower; ``input_ids`` go to the embeddings first (accelerate's hooks move every other input to
+    its module). Without input embeddings: the first parameter's device; CPU for a parameterless model.
+    """
+    base = unwrap_model(model)
+    get = getattr(base, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            weight = getattr(get(), "weight", None)
+        except (NotImplementedError, AttributeError):
+            weight = None
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+    for p in base.parameters():
         return p.device
     return torch.device("cpu")
 

@@ -5,6 +5,8 @@ used to carry their own copy of both; one copy keeps the errors and the seeding 
 everywhere. :func:`check_model_dir` checks a folder before transformers reads it, so a wrong path
 fails with the fix, not with a transformers traceback. The bundled world model is an ordinary
 Hugging Face folder (``mke_plugins.world.model_path()``), so it loads through :func:`load_vlm` too.
+With ``device_map`` a model bigger than one GPU loads across the node's GPUs; offloaded weights are
+refused (:mod:`.placement` says why).
 """
 
 from __future__ import annotations
@@ -79,25 +81,45 @@ def device_name(device: Any) -> str:
 
 
 def load_vlm(path: str | os.PathLike[str], device: Any = "cpu", dtype: Any = "float32", *,
-             what: str = "") -> tuple[Any, Any]:
+             what: str = "", device_map: str | None = None, max_memory: Any = None) -> tuple[Any, Any]:
     """``(model, processor)`` of the Hugging Face VLM saved in ``path``, in eval mode on ``device``.
 
     Offline only (``local_files_only``); the processor loads without torchvision
     (:func:`~mke_plugins.adapters.processors.load_processor`). ``dtype`` is a torch dtype or its
     name (``"bfloat16"``). ``what`` names the path's origin in errors (``--model DIR``,
     ``model_name in x.yaml``).
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ...) spreads the model over the GPUs of this node
+    through transformers and accelerate instead of moving it to ``device`` (on a machine without
+    GPUs it loads on the CPU); ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}`` or the
+    ``--max-memory`` text) caps each device. A model whose map offloads weights (``meta``) is
+    refused, naming the first such weight (:func:`~mke_plugins.adapters.placement.refuse_offloaded`).
     """
     from transformers import AutoModelForImageTextToText
 
     from mke_plugins.hparams import to_dtype
 
+    from .placement import check_device_map, parse_max_memory, refuse_offloaded
     from .processors import load_processor
 
     p = check_model_dir(path, what)
+    what = what or f"--model {path}"
+    device_map = check_device_map(device_map)
+    memory = parse_max_memory(max_memory)
+    if memory is not None and device_map is None:
+        raise MKEError(f"{what}: --max-memory only applies with --device-map (e.g. --device-map auto)")
+    kwargs: dict[str, Any] = {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if memory is not None:
+            kwargs["max_memory"] = memory
     try:
-        model = AutoModelForImageTextToText.from_pretrained(str(p), dtype=to_dtype(dtype), local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(str(p), dtype=to_dtype(dtype), local_files_only=True,
+                                                            **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        what = what or f"--model {path}"
         raise MKEError(f"{what}: transformers cannot load it: {str(exc).strip().splitlines()[0]}") from exc
-    model.to(device_name(device)).eval()
+    refuse_offloaded(model, what)
+    if device_map is None:
+        model.to(device_name(device))
+    model.eval()
     return model, load_processor(p)

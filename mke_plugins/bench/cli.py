@@ -22,6 +22,8 @@ EXAMPLES = """examples:
   mke-plugins bench --data vqa_eval.json --format mmedit-vqa --image-root coco --rephrase-image-root rephrase
   mke-plugins bench --methods FT,easyedit:WISE,easyedit:GRACE,easyedit:LoRA --mode sequential
   mke-plugins bench --methods FT,easyedit:GRACE --easyedit-hparams GRACE=hparams/GRACE/qwen2vl-7b.yaml
+  mke-plugins bench --model path/to/qwen2-vl-72b --hparams qwen2vl-7b --dtype bfloat16 --device-map auto \
+      --max-memory 0=70GiB,1=70GiB,2=70GiB
 """
 
 
@@ -44,6 +46,33 @@ def _checkpoints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: every checkpoint must be at least 1")
     return sorted(set(values))
+
+
+def add_placement_flags(p: Any) -> None:
+    """``--device-map`` and ``--max-memory``: the same two flags on bench, scale and every offline stage.
+
+    The strategy names are checked where the model loads
+    (:func:`mke_plugins.adapters.placement.check_device_map`): building the parser imports no torch.
+    """
+    p.add_argument("--device-map", default=None, metavar="STRATEGY",
+                   help="auto, balanced, balanced_low_0 or sequential: spread the model over this node's GPUs "
+                        "through transformers/accelerate (auto: fill them in order); on a machine without GPUs "
+                        "the model loads on the CPU. Weights the map would offload to cpu or disk are refused "
+                        "(see README, 'Many GPUs / big models')")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB or the same as JSON "
+                        "('{\"0\": \"20GiB\"}')")
+
+
+def resolve_device(device: str | None, device_map: str | None) -> str:
+    """``--device``, defaulting to cpu, or with ``--device-map`` to cuda when a GPU is visible."""
+    if device is not None:
+        return device
+    if device_map is not None:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
 
 
 def check_outputs(json_path: str | None, plot_path: str | None) -> None:
@@ -96,8 +125,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="bundled YAML key of each method (default: world, or lifelong with --world lifelong)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for the bench and every method's `seed` (default: methods keep their YAML seed)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu; with --device-map: cuda "
+                                                  "when a GPU is visible, the device EasyEdit's own methods use)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    add_placement_flags(p)
     p.add_argument("--no-verify-restore", dest="verify_restore", action="store_false",
                    help="skip the bit-exact check of the model after each restore")
     p.add_argument("--no-generate", dest="generate", action="store_false",
@@ -117,15 +148,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from mke_plugins.adapters.placement import check_device_map, parse_max_memory
+
     from .report import curve_path, has_curve, plot, plot_curve, table, write_json
     from .runner import BenchConfig, methods_from, run_bench
 
+    check_device_map(args.device_map)
+    max_memory = parse_max_memory(args.max_memory)
+    if max_memory is not None and args.device_map is None:
+        raise MKEError("--max-memory only applies with --device-map (e.g. --device-map auto --max-memory 0=20GiB)")
     cfg = BenchConfig(
         methods=methods_from(args.methods), cases=args.cases or None, mode=args.mode,
         sequential_n=args.sequential_n, data=args.data, image_root=args.image_root, format=args.format,
         rephrase_image_root=args.rephrase_image_root, model=args.model,
         hparams=args.hparams or ("world" if args.world == "single" else args.world), world=args.world,
-        seed=args.seed, device=args.device, dtype=args.dtype,
+        seed=args.seed, device=resolve_device(args.device, args.device_map), dtype=args.dtype,
+        device_map=args.device_map, max_memory=max_memory,
         verify_restore=args.verify_restore, generate=args.generate, keep_cases=args.per_case,
         probe_batch=args.probe_batch, easyedit_hparams=_easyedit_yaml(args.easyedit_hparams),
         progress=args.progress, threads=args.threads, checkpoints=args.checkpoints)

@@ -6,7 +6,9 @@ model on the same request does much less, so the bench reports both. The unit is
 around the edit only: on CUDA with ``torch.cuda.max_memory_allocated`` after resetting the peak;
 on CPU as the process's peak resident set size (``VmHWM``), reset before the edit by writing
 ``5`` to ``/proc/self/clear_refs``. Where that reset is not allowed the lifetime peak of
-``resource.getrusage`` is used and :attr:`PeakMemory.source` says so.
+``resource.getrusage`` is used and :attr:`PeakMemory.source` says so. A model spread over several
+GPUs (``--device-map auto``) is measured on each of them: the peak is the sum of the GPUs' peaks
+(:attr:`PeakMemory.per_device_mb` keeps each), and :func:`sync` waits for every one of them.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, Union
 
 import torch
+
+#: one device, or every device a model spans (:func:`mke_plugins.adapters.placement.model_devices`)
+Devices = Union[torch.device, Sequence[torch.device]]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -42,26 +47,40 @@ def _reset_hwm() -> bool:
         return False
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels so wall-clock time covers them (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def as_devices(device: Devices) -> list[torch.device]:
+    """``device`` as a list of distinct devices (one device, or every device of a spread model)."""
+    return [device] if isinstance(device, torch.device) else list(dict.fromkeys(device))
+
+
+def sync(device: Devices) -> None:
+    """Wait for queued kernels on ``device`` (or each of several) so wall-clock time covers them (no-op on CPU)."""
+    for d in as_devices(device):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 class PeakMemory:
-    """Context manager: peak memory (MB) while the block runs, and its rise over the start."""
+    """Context manager: peak memory (MB) while the block runs, and its rise over the start.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    ``device`` is one device or every device of a spread model; with several GPUs the peak and the
+    start are summed over them (each GPU's own peak is in :attr:`per_device_mb`).
+    """
+
+    def __init__(self, device: Devices) -> None:
+        devices = as_devices(device)
+        self.device = devices[0] if devices else torch.device("cpu")
+        self.gpus = [d for d in devices if d.type == "cuda"]
         self.peak_mb: float | None = None
         self.delta_mb: float | None = None
+        self.per_device_mb: dict[str, float] = {}
         self.source = ""
 
     def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+        if self.gpus:
+            sync(self.gpus)
+            for d in self.gpus:
+                torch.cuda.reset_peak_memory_stats(d)
+            self._start = sum(torch.cuda.memory_allocated(d) for d in self.gpus) / 2**20
             self.source = "cuda.max_memory_allocated"
         else:
             rss = _status_kb("VmRSS")
@@ -80,8 +99,9 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         if self.source.startswith("cuda"):
-            sync(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            sync(self.gpus)
+            self.per_device_mb = {str(d): torch.cuda.max_memory_allocated(d) / 2**20 for d in self.gpus}
+            self.peak_mb = sum(self.per_device_mb.values())
         elif self.source == "VmHWM":
             hwm = _status_kb("VmHWM")
             self.peak_mb = hwm / 1024 if hwm is not None else self._rusage_mb()
@@ -106,14 +126,15 @@ def fwd_bwd_seconds(adapter: Any, model: Any, batch: Any, *, warmup: int = UNIT_
     With ``drop_grads`` each weight gradient is freed as soon as it is accumulated, so the pass
     computes every gradient but never holds a second copy of the weights (at 7B: 16 GB in bf16).
     """
-    from mke_plugins.adapters.base import model_device, unwrap_model
+    from mke_plugins.adapters.base import unwrap_model
+    from mke_plugins.adapters.placement import model_devices
 
     if warmup < 0 or repeats < 1:
         raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
     params = [p for p in unwrap_model(model).parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    device = model_device(model)
+    device = model_devices(model)
 
     def one_pass() -> float:
         for p in params:

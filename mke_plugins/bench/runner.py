@@ -42,6 +42,7 @@ import torch
 
 from mke_hooks import MKEError
 from mke_plugins.adapters.loading import load_vlm, seed_all
+from mke_plugins.adapters.placement import model_devices
 
 from . import DEFAULT_CASES
 from .checks import check_config
@@ -76,6 +77,8 @@ class BenchConfig:
     seed: int | None = None  # None: global RNG seeded with 0, methods keep their YAML seed
     device: str = "cpu"
     dtype: str = "float32"
+    device_map: str | None = None  # "auto": spread the model over this node's GPUs (from_pretrained's device_map)
+    max_memory: Any = None  # per-device caps with device_map: {0: "20GiB", "cpu": "60GiB"} or the --max-memory text
     verify_restore: bool = True
     generate: bool = True
     keep_cases: bool = False
@@ -94,13 +97,14 @@ class BenchConfig:
 SMALL_MODEL_PARAMS = 50_000_000
 
 
-def load_model(path: str | None, device: str, dtype: str, layout: str = "single") -> tuple[Any, Any, str]:
+def load_model(path: str | None, device: str, dtype: str, device_map: str | None = None,
+               max_memory: Any = None, layout: str = "single") -> tuple[Any, Any, str]:
     """``(model, processor, path)``: the VLM saved in ``path`` (None: the bundled model of the world
     ``layout``)."""
     from mke_plugins import world
 
     folder = str(world.model_path(layout)) if path is None else path
-    model, tok = load_vlm(folder, device, dtype)
+    model, tok = load_vlm(folder, device, dtype, device_map=device_map, max_memory=max_memory)
     return model, tok, str(Path(folder))
 
 
@@ -173,7 +177,8 @@ class Bench:
         self.dataset = load_data(data, cases=cfg.cases, image_root=cfg.image_root, fmt=cfg.format,
                                  rephrase_image_root=cfg.rephrase_image_root, hparams=[m.hparams for m in self.methods])
         self.data_path, raw = self.dataset.path, self.dataset.requests
-        self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype, cfg.world)
+        self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype,
+                                                           cfg.device_map, cfg.max_memory, cfg.world)
         self.threads = cfg.threads
         if self.threads is None and cfg.device == "cpu" and \
                 sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
@@ -234,7 +239,7 @@ class Bench:
 
     def _apply(self, m: BoundMethod, request: dict[str, Any], seed: int) -> tuple[Any, Any, float, PeakMemory]:
         seed_all(seed)
-        device = next(self.model.parameters()).device
+        device = model_devices(self.model)  # every GPU of a spread model
         with PeakMemory(device) as mem:
             sync(device)
             t0 = time.perf_counter()

@@ -38,6 +38,7 @@ EXAMPLES = """examples:
   mke-plugins scale --methods DECODE,ASAM,LDKE,UniKE,FT,LoRA --size 2b --dtype float32 --max-steps 2 \\
       --image-size 56 --json scale-2b.json                                                 # CPU
   mke-plugins scale --methods "DECODE[max_steps=2],FT[max_steps=2]" --size 7b --image-size 224
+  mke-plugins scale --methods DECODE,FT --size 7b --device-map auto --max-memory 0=10GiB,1=10GiB --max-steps 5
 """
 
 _QWEN_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -89,9 +90,13 @@ def _config(family: str, size: str, tok: Any) -> tuple[Any, type]:
     return qwen2_vl_config(tok, text, vision, qwen25=qwen25)
 
 
-def build_random_model(family: str, size: str, *, device: str, dtype: str, seed: int, workdir: Path
-                       ) -> tuple[Any, Any]:
-    """``(model, processor)``: a seeded random-init model of ``family``/``size`` on ``device``."""
+def build_random_model(family: str, size: str, *, device: str, dtype: str, seed: int, workdir: Path,
+                       device_map: str | None = None, max_memory: dict[Any, Any] | None = None) -> tuple[Any, Any]:
+    """``(model, processor)``: a seeded random-init model of ``family``/``size`` on ``device``.
+
+    With ``device_map`` the model is built on the CPU and spread over the GPUs
+    (:func:`~mke_plugins.adapters.placement.spread`); a map that would offload weights is refused.
+    """
     import torch
 
     from mke_plugins.adapters.loading import seed_all
@@ -103,8 +108,12 @@ def build_random_model(family: str, size: str, *, device: str, dtype: str, seed:
     proc.image_processor.size = dict(_QWEN_PIXELS)
     cfg, cls = _config(family, size, proc.tokenizer)
     seed_all(seed)
-    with torch.device(device):
+    with torch.device("cpu" if device_map else device):
         model = cls._from_config(cfg, dtype=to_dtype(dtype))
+    if device_map:
+        from mke_plugins.adapters.placement import spread
+
+        model = spread(model, device_map, max_memory, what=f"random-init {family} {size}")
     return model.eval(), proc
 
 
@@ -163,7 +172,7 @@ def measure_units(adapter: Any, model: Any, batch: Any, device: Any, unit: str) 
 
     import torch
 
-    from .cost import fwd_bwd_seconds, sync
+    from .cost import as_devices, fwd_bwd_seconds, sync
 
     def forward() -> float:
         sync(device)
@@ -187,7 +196,7 @@ def measure_units(adapter: Any, model: Any, batch: Any, device: Any, unit: str) 
         if not _oom(exc):
             raise
         out["why"] = f"forward+backward ran out of memory ({str(exc).splitlines()[0][:120]})"
-        if device.type == "cuda":
+        if any(d.type == "cuda" for d in as_devices(device)):
             torch.cuda.empty_cache()
     return out
 
@@ -213,8 +222,11 @@ def step_costs(seconds: float, stats: dict[str, Any], cap: int | None, full_cap:
 def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", device: str = "cpu",
               dtype: str = "bfloat16", image_size: int = 448, hparams_key: str | None = None, seed: int = 0,
               verify_restore: bool = True, max_steps: int | None = None, unit: str = "auto",
-              progress: Callable[[dict[str, Any], str | None], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[dict[str, Any], str | None], None] | None = None,
+              device_map: str | None = None, max_memory: dict[Any, Any] | None = None) -> dict[str, Any]:
     """One single edit per method on a random-init ``family``/``size`` model; the cost report.
+
+    ``device_map`` / ``max_memory`` spread the model over this node's GPUs (``--device-map auto``).
 
     ``progress(report, label)`` is called once the unit is measured (``label`` None) and after
     each method, so a long run shows and keeps what it has measured so far.
@@ -225,6 +237,7 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
     from mke_plugins.adapters import get_adapter
     from mke_plugins.adapters.base import Query
     from mke_plugins.adapters.loading import seed_all
+    from mke_plugins.adapters.placement import model_devices
 
     from .cost import PeakMemory, sync
     from .methods import MethodRequest, bind_ours, parse_methods
@@ -250,16 +263,19 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
         bound.append(m)
     with tempfile.TemporaryDirectory(prefix="mke-scale-") as tmp:
         t0 = time.perf_counter()
-        model, proc = build_random_model(family, size, device=device, dtype=dtype, seed=seed, workdir=Path(tmp))
+        model, proc = build_random_model(family, size, device=device, dtype=dtype, seed=seed, workdir=Path(tmp),
+                                         device_map=device_map, max_memory=max_memory)
         build_s = time.perf_counter() - t0
         adapter = get_adapter(model, bound[0].hparams)
         request = scaled_request(adapter, image_size, Path(tmp))
         batch = adapter.batch(model, proc, [Query(request["image"], request["prompt"], request["target"])])
-        dev = torch.device(device)
-        units = measure_units(adapter, model, batch, dev, unit)
+        devs = model_devices(model)  # one device, or every GPU of a spread model
+        dev = next((d for d in devs if d.type == "cuda"), devs[0])
+        units = measure_units(adapter, model, batch, devs, unit)
         unit_s = units["fwdbwd_seconds"] if units["kind"] == "fwd+bwd" else units["forward_seconds"]
         report: dict[str, Any] = {
-            "family": family, "size": size, "device": device,
+            "family": family, "size": size, "device": ",".join(map(str, devs)),
+            "device_map": getattr(model, "hf_device_map", None) if device_map else None,
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "dtype": dtype, "parameters": sum(p.numel() for p in model.parameters()),
             "decoder_layers": model.config.text_config.num_hidden_layers,
@@ -276,12 +292,12 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
         for r, m in zip(reqs, bound, strict=True):
             prep = prepare(r.name, m.hparams, r.overrides, ctx)
             seed_all(seed)
-            with PeakMemory(dev) as mem:
-                sync(dev)
+            with PeakMemory(devs) as mem:
+                sync(devs)
                 t2 = time.perf_counter()
                 edited, wc = m.apply(model, proc, [dict(request)], m.hparams, copy=False, return_orig_weights=True,
                                      keep_original_weight=False)
-                sync(dev)
+                sync(devs)
                 seconds = time.perf_counter() - t2
             stats = method_extra(wc)
             model = restore_like_easyedit(m.restore, model, edited, wc)
@@ -295,6 +311,7 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
                 "full_ratio_est": None if est is None else est / unit_s,
                 "step_field": fld, "step_cap": cap, "full_step_cap": full,
                 "peak_memory_mb": mem.peak_mb, "peak_memory_delta_mb": mem.delta_mb, "memory_source": mem.source,
+                "peak_memory_per_device_mb": mem.per_device_mb or None,
                 "prepared": None if prep is None else {"note": prep.note, "seconds": prep.seconds},
                 "restore_bit_exact": exact, "stats": stats, "hparams": hparams_json(m.hparams)}
             if progress is not None:
@@ -303,6 +320,8 @@ def run_scale(methods: str, *, family: str = "qwen2-vl", size: str = "7b", devic
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from .cli import add_placement_flags
+
     p = subparsers.add_parser("scale", help="time one edit on a random-init model of a real size (e.g. 7B)",
                               description=__doc__, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,8 +329,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated registered methods; NAME[key=value,...] overrides (default DECODE)")
     p.add_argument("--family", default="qwen2-vl", choices=sorted(SIZES), help="model family (default qwen2-vl)")
     p.add_argument("--size", default="7b", help="published size: 7b, 2b (qwen2-vl); test = tiny (default 7b)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu; ignored with --device-map)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype: bfloat16 (default), float16, float32")
+    add_placement_flags(p)
     p.add_argument("--image-size", type=int, default=448,
                    help="side of the square edit picture in pixels (default 448 = 256 image tokens)")
     p.add_argument("--hparams", default=None,
@@ -360,6 +380,12 @@ def _print_method(label: str, r: dict[str, Any]) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    from mke_plugins.adapters.placement import check_device_map, parse_max_memory
+
+    check_device_map(args.device_map)
+    max_memory = parse_max_memory(args.max_memory)
+    if max_memory is not None and args.device_map is None:
+        raise MKEError("--max-memory only applies with --device-map (e.g. --device-map auto --max-memory 0=20GiB)")
     if args.image_size < 28:
         raise MKEError(f"--image-size must be at least 28 pixels, got {args.image_size}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -376,7 +402,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     run_scale(args.methods, family=args.family, size=args.size, device=args.device, dtype=args.dtype,
               image_size=args.image_size, hparams_key=args.hparams, seed=args.seed,
-              verify_restore=args.verify_restore, max_steps=args.max_steps, unit=args.unit, progress=progress)
+              verify_restore=args.verify_restore, max_steps=args.max_steps, unit=args.unit, progress=progress,
+              device_map=args.device_map, max_memory=max_memory)
     if args.json:
         print(f"wrote {args.json}")
     sys.stdout.flush()

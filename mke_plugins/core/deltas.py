@@ -4,7 +4,9 @@ A column delta edits neuron values without touching the weight while it trains: 
 adds ``a[..., idx] @ Z`` (fp32, cast back to the output dtype) to the layer output, where ``a``
 is the layer input and ``Z`` is ``(k, d_out)``. That equals ``W[:, idx] += Z.T``. ``fold``
 writes it into the weight once training is done: the touched columns are snapshotted first, the
-sum is formed in fp32 and cast to the weight dtype once.
+sum is formed in fp32 and cast to the weight dtype once. ``Z`` lives on the weight's device; "fp32"
+is the working dtype of the weight (:func:`~mke_plugins.adapters.placement.work_dtype`): float32,
+or float64 beside a float64 weight, whose untouched bits a float32 round trip would lose.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mke_plugins.adapters.placement import work_dtype
 from mke_plugins.core.snapshot import WeightSnapshot
 
 
@@ -36,7 +39,7 @@ class ColumnDelta:
             raise IndexError(f"column index out of range for a weight of shape {tuple(w.shape)}")
         self.linear = linear
         self.idx = idx
-        z = torch.zeros(idx.numel(), w.shape[0], dtype=torch.float32, device=w.device)
+        z = torch.zeros(idx.numel(), w.shape[0], dtype=work_dtype(w.dtype), device=w.device)
         if init is not None:
             z.copy_(init.to(z))
         self.Z = nn.Parameter(z)
@@ -44,7 +47,7 @@ class ColumnDelta:
 
     def delta_out(self, a: torch.Tensor) -> torch.Tensor:
         """The fp32 output change for layer input ``a``."""
-        return a[..., self.idx].float() @ self.Z
+        return a[..., self.idx.to(a.device)].to(self.Z.dtype) @ self.Z
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + self.delta_out(args[0]).to(output.dtype)
@@ -75,7 +78,7 @@ class ColumnDelta:
         w = self.linear.weight
         snapshot.add(w, columns=self.idx)
         with torch.no_grad():
-            cols = w.index_select(1, self.idx).float() + self.Z.detach().t()
+            cols = w.index_select(1, self.idx).to(self.Z.dtype) + self.Z.detach().t()
             w.index_copy_(1, self.idx, cols.to(w.dtype))
         return snapshot
 

@@ -6,7 +6,8 @@ This is not EasyEdit. It reproduces, from EasyEdit main (commit 14cea82,
 trainable ``EditableModel`` sees, so a method's trainer class can be driven the same way in CI:
 
 * construction: ``alg_class(model, config, lambda: deepcopy(model))``, moved to
-  ``config.device``; ``getattr(torch.optim, config.opt)`` over ``outer_parameters()`` with
+  ``config.device`` (with ``config.model_parallel`` left where it is, and ``config.device`` set to
+  the model's, as ``BaseTrainer`` does); ``getattr(torch.optim, config.opt)`` over ``outer_parameters()`` with
   ``config.lr``; data loaders over ``train_set.collate_fn`` (training shuffled);
 * ``edit_step``: ``model(batch["loc"])`` and ``model(batch["loc_image"])`` without gradient
   (the dict passed positionally), then ``model.edit(batch["edit_inner"], batch["cond"])``, then
@@ -70,7 +71,10 @@ class StandInMultimodalTrainer:
                  alg_class: type, seed: int | None = None, progress: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.model = alg_class(model, config, lambda: copy.deepcopy(model))
-        self.model.to(config.device if not isinstance(config.device, int) else f"cuda:{config.device}")
+        if getattr(config, "model_parallel", False):  # EasyEdit's way: a spread model stays where it is
+            config.device = self.model.model.device
+        else:
+            self.model.to(config.device if not isinstance(config.device, int) else f"cuda:{config.device}")
         self.original_model = self.model.model
         self.train_set, self.val_set = train_set, val_set
         gen = torch.Generator().manual_seed(int(seed if seed is not None else getattr(config, "seed", 0)))

@@ -36,7 +36,7 @@ from mke_plugins.core.wrap import gate_open
 
 from . import lar as lar_mod
 from .asam_hparams import ASAMHyperParams
-from .memory import bank_dtype, ffn_states, get_bank
+from .memory import bank_dtypes, ffn_states, get_bank
 from .patch import (
     GATE,
     ASAMState,
@@ -201,18 +201,19 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
             if float(hparams.lambda_mem) > 0 and memory.get(layer) is not None:
                 mem_terms.append(memory_loss(blocks[layer], memory[layer], float(hparams.mem_margin),
                                              int(hparams.memory_top)))
-        act = torch.stack(act_terms).mean()
-        act_anchor = torch.stack(act_anchor_terms).mean()
+        dev = nll.device  # per-layer terms live beside their layers (a model spread over several GPUs)
+        act = torch.stack([t.to(dev) for t in act_terms]).mean()
+        act_anchor = torch.stack([t.to(dev) for t in act_anchor_terms]).mean()
         _finite(act, "act", step)
         total = total + float(hparams.lambda_act) * act
         stats.act = float(act.detach())
         if rcsl_terms:
-            rc = torch.stack(rcsl_terms).mean()
+            rc = torch.stack([t.to(dev) for t in rcsl_terms]).mean()
             _finite(rc, "rcsl", step)
             total = total + float(hparams.lambda_rcsl) * rc
             stats.rcsl = float(rc.detach())
         if mem_terms:
-            mem = torch.stack(mem_terms).mean()
+            mem = torch.stack([t.to(dev) for t in mem_terms]).mean()
             _finite(mem, "mem", step)
             total = total + float(hparams.lambda_mem) * mem
             stats.mem = float(mem.detach())
@@ -270,7 +271,7 @@ def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hpa
             undo(functools.partial(undo_edit, model, tag))
             stats = edit_one(model, tok, adapter, query, hparams, state, layers, memory, tag)
             rows = ffn_states(model, tok, adapter, [query], layers, positions=hparams.memory_positions,
-                              seed=int(hparams.seed), dtype=bank_dtype(model))
+                              seed=int(hparams.seed), dtype=bank_dtypes(model, adapter, layers))
             state.extra_rows.append((tag, rows))
             stats.memory_states, stats.memory_source, stats.memory_seconds = n_bank, source, bank_seconds
             tags.append(tag)

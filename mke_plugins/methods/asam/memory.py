@@ -233,9 +233,13 @@ def position_mask(prompt_mask: torch.Tensor, positions: int | str, gen: torch.Ge
 
 
 def ffn_states(model: nn.Module, tok: Any, adapter: VLMAdapter, queries: Sequence[Query], layers: Sequence[int],
-               *, positions: int | str = "all", batch_size: int = 32, seed: int = 0, dtype: torch.dtype | None = None,
-               progress: bool = False) -> Bank:
-    """FFN-input states at the prompt positions of ``queries`` under the model as it is called (no gradient)."""
+               *, positions: int | str = "all", batch_size: int = 32, seed: int = 0,
+               dtype: torch.dtype | dict[int, torch.dtype] | None = None, progress: bool = False) -> Bank:
+    """FFN-input states at the prompt positions of ``queries`` under the model as it is called (no gradient).
+
+    Each layer's states stay on that layer's device; ``dtype`` casts them (one dtype, or one per
+    layer as :func:`bank_dtypes` gives; ``None`` keeps the layer's own).
+    """
     infos = adapter.layers(model)
     gen = torch.Generator().manual_seed(int(seed))
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -252,16 +256,34 @@ def ffn_states(model: nn.Module, tok: Any, adapter: VLMAdapter, queries: Sequenc
                 adapter.forward(model, batch)
             for layer in layers:
                 v = rec[layer]
-                out[layer].append(v.to(dtype) if dtype is not None else v)
+                want = dtype.get(layer) if isinstance(dtype, dict) else dtype
+                out[layer].append(v.to(want) if want is not None else v)
     return {layer: torch.cat(v, dim=0) for layer, v in out.items()}
 
 
-def bank_dtype(model: nn.Module) -> torch.dtype:
-    """fp32 for fp32 models; fp16 for half-precision (bf16/fp16) models (README, "Device and dtype")."""
-    for p in unwrap_model(model).parameters():
+def bank_dtype(model_or_weight: nn.Module | torch.Tensor) -> torch.dtype:
+    """fp32 beside fp32 weights; fp16 beside half-precision (bf16/fp16) ones (README, "Device and dtype").
+
+    A tensor: that weight's; a model: its first floating parameter's (see :func:`bank_dtypes` for
+    the per-layer rule edits use).
+    """
+    params = [model_or_weight] if isinstance(model_or_weight, torch.Tensor) else \
+        unwrap_model(model_or_weight).parameters()
+    for p in params:
         if p.is_floating_point():
-            return torch.float32 if p.dtype == torch.float32 else torch.float16
+            return torch.float16 if p.dtype in (torch.float16, torch.bfloat16) else torch.float32
     return torch.float32
+
+
+def bank_dtypes(model: nn.Module, adapter: VLMAdapter, layers: Sequence[int]) -> dict[int, torch.dtype]:
+    """Per edited layer, the bank dtype beside its value matrix (a model may mix dtypes across layers)."""
+    infos = adapter.layers(model)
+    return {int(layer): bank_dtype(infos[layer].value.weight) for layer in layers}
+
+
+def _beside_layers(bank: Bank, model: nn.Module, adapter: VLMAdapter) -> bool:
+    infos = adapter.layers(model)
+    return all(v.device == infos[layer].value.weight.device for layer, v in bank.items())
 
 
 def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, layers: Sequence[int]
@@ -273,21 +295,21 @@ def get_bank(model: nn.Module, tok: Any, adapter: VLMAdapter, hparams: Any, laye
     per_model = _BANKS.setdefault(base, {})
     if fp in per_model:
         return per_model[fp], fp, "memory"
-    device = next(base.parameters()).device
     shared = _SHARED.get(fp)
-    if shared is not None and all(v.device == device for v in shared.values()):
+    if shared is not None and _beside_layers(shared, base, adapter):  # each layer's states beside its layer
         _SHARED.move_to_end(fp)
         per_model[fp] = shared
         return shared, fp, "memory"
     cache_file = Path(hparams.memory_cache).expanduser() / f"asam-bank-{fp}.pt" if hparams.memory_cache else None
     if cache_file is not None and cache_file.is_file():
-        bank = load_cached_bank(cache_file, base, adapter, layers, device)
+        bank = load_cached_bank(cache_file, base, adapter, layers)
         per_model[fp] = bank
         _share(fp, bank)
         return bank, fp, "disk"
     queries = memory_queries(hparams, adapter, data)
     bank = ffn_states(base, tok, adapter, queries, layers, positions=hparams.memory_positions,
-                      batch_size=int(hparams.memory_batch), seed=int(hparams.seed), dtype=bank_dtype(base),
+                      batch_size=int(hparams.memory_batch), seed=int(hparams.seed),
+                      dtype=bank_dtypes(base, adapter, layers),
                       progress=len(queries) > 64 * int(hparams.memory_batch))
     log.info("ASAM: built memory bank %s from %d prompts (%s states per layer)", fp, len(queries),
              {layer: int(v.shape[0]) for layer, v in bank.items()})
@@ -303,11 +325,13 @@ def _bad_cache(path: Path, what: str) -> ArchiveError:
                         f"memory_data on the next edit (or set `memory_cache: null` to keep banks in memory only).")
 
 
-def load_cached_bank(path: Path, model: nn.Module, adapter: VLMAdapter, layers: Sequence[int],
-                     device: torch.device) -> Bank:
-    """The bank cached in ``path``, checked against the model and layers; never a damaged one."""
+def load_cached_bank(path: Path, model: nn.Module, adapter: VLMAdapter, layers: Sequence[int]) -> Bank:
+    """The bank cached in ``path``, checked against the model and layers; never a damaged one.
+
+    Each layer's states are put on that layer's device (a model spread over several GPUs).
+    """
     try:
-        loaded = torch.load(path, map_location=device, weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         raise _bad_cache(path, f"cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
                                f"{_reason(exc)}): it is truncated or damaged") from None
@@ -318,15 +342,17 @@ def load_cached_bank(path: Path, model: nn.Module, adapter: VLMAdapter, layers: 
     except (TypeError, ValueError):
         raise _bad_cache(path, f"has keys {list(loaded)[:8]}, not layer indices") from None
     check_bank(bank, path, model, adapter, layers)
-    return bank
+    infos = adapter.layers(model)
+    return {layer: v.to(infos[layer].value.weight.device) for layer, v in bank.items()}
 
 
 def check_bank(bank: Bank, path: Path, model: nn.Module, adapter: VLMAdapter, layers: Sequence[int]) -> None:
     """Raise unless ``bank`` holds exactly ``layers``, each an (n, d) finite tensor of the bank dtype."""
     if sorted(bank) != sorted(int(layer) for layer in layers):
         raise _bad_cache(path, f"holds layers {sorted(bank)}, but this edit needs layers {sorted(layers)}")
-    infos, dtype = adapter.layers(model), bank_dtype(model)
+    infos = adapter.layers(model)
     for layer, v in bank.items():
+        dtype = bank_dtype(infos[layer].value.weight)
         d = int(infos[layer].value.weight.shape[0])
         if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[1] != d:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

@@ -2,8 +2,9 @@
 
 Loss and success come from the family adapter (cross-entropy on the target tokens in fp32;
 success = every target token is the argmax), on inputs the adapter builds exactly as EasyEdit's
-evaluator does. The optimiser keeps fp32 master copies, so bf16/fp16 weights are updated
-honestly (the weight gets the rounded master after each step). Only the trained tensors'
+evaluator does. The optimiser keeps fp32 master copies (float64 for a float64 weight: never
+narrower than the weight), each beside its weight, so bf16/fp16 weights are updated honestly (the
+weight gets the rounded master after each step). Only the trained tensors'
 ``requires_grad`` is on during the fit (every other parameter is frozen, so no pass records a graph
 through the vision tower and the encoder cache can stand in for it); every flag is put back
 afterwards. The loss reads only the answer positions (``adapter.answer_logits``).
@@ -17,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mke_plugins.adapters.base import unwrap_model
+from mke_plugins.adapters.placement import work_dtype
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.modes import frozen
 
@@ -31,6 +33,11 @@ class FitResult:
     first_loss: float  # target cross-entropy before any step
 
 
+def master_copies(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The optimiser's copies of ``params``: on each one's device, float32 or its own dtype when wider."""
+    return [p.detach().to(work_dtype(p.dtype), copy=True) for p in params]
+
+
 def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *, lr: float, max_steps: int,
         weight_decay: float = 0.0,
         project: Callable[[list[torch.Tensor]], None] | None = None, method: str = "FT") -> FitResult:
@@ -40,7 +47,7 @@ def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *,
     A non-finite loss raises ``NonFiniteLossError`` naming ``method`` and the step.
     """
     params = list(params)
-    masters = [p.detach().float().clone() for p in params]
+    masters = master_copies(params)
     opt = torch.optim.Adam(masters, lr=lr, weight_decay=weight_decay)
     steps, first = 0, None
     with frozen(unwrap_model(model), params, eval_mode=False):
@@ -57,7 +64,7 @@ def fit(adapter: Any, model: Any, batch: Any, params: Sequence[torch.Tensor], *,
             grads = torch.autograd.grad(loss, params)
             del answers, loss
             for m, g in zip(masters, grads, strict=True):
-                m.grad = g.detach().float()
+                m.grad = g.detach().to(m.dtype)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if project is not None:

@@ -198,7 +198,7 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
                 check_finite("LDKE", steps + 1, nll=nll, fix=FIX)
                 if (ok and nll_value < hparams.stop_nll) or steps == hparams.edit_steps:
                     break
-                loss = nll + hparams.weight_norm * entry.norm_penalty()
+                loss = nll + hparams.weight_norm * entry.norm_penalty().to(nll.device)
                 if loc_batch is not None:
                     state.side.set_route([[entry.id]] * len(loc_batch))
                     post = replayed.forward(base, loc_batch).float().log_softmax(-1)

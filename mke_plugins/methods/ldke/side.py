@@ -51,8 +51,9 @@ class EditEntry:
     def norm_penalty(self) -> torch.Tensor:
         """sum_l ||B_l A_l||_F^2 = sum_l sum((B^T B) * (A A^T)), without forming B A."""
         total = torch.zeros((), device=self.A[self.layers[0]].device)
-        for layer in self.layers:
-            total = total + ((self.B[layer].t() @ self.B[layer]) * (self.A[layer] @ self.A[layer].t())).sum()
+        for layer in self.layers:  # each layer's term beside its factors, summed on the first layer's device
+            term = ((self.B[layer].t() @ self.B[layer]) * (self.A[layer] @ self.A[layer].t())).sum()
+            total = total + term.to(total.device)
         return total
 
     def floats(self) -> int:

@@ -198,10 +198,10 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
                 break
             total = loss
             if penalty_states is not None:
-                pen = sum(blk.act(penalty_states[blk.layer]).abs().mean() for blk in blocks)
+                pen = sum(blk.act(penalty_states[blk.layer]).abs().mean().to(loss.device) for blk in blocks)
                 total = total + float(hparams.memory_loss_weight) * pen
             if margins is not None:
-                total = total + float(hparams.negative_loss_weight) * margins
+                total = total + float(hparams.negative_loss_weight) * margins.to(loss.device)
             opt.zero_grad()
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, float(hparams.grad_clip))
@@ -236,8 +236,9 @@ def _margin_loss(blocks: list[Any], hparams: UniKEHyperParams, negatives: dict[i
     if not (negatives or past) or float(hparams.negative_loss_weight) <= 0:
         return None
     m = float(hparams.negative_margin)
-    total = sum(F.relu(blk.pre(negatives[blk.layer]) + m).mean() for blk in blocks if blk.layer in negatives)
-    total = total + sum(F.relu(blk.pre(past[blk.layer]) + m).mean() for blk in blocks if blk.layer in past)
+    dev = blocks[0].bias.device  # each block's term beside its layer; summed on the first block's device
+    total = sum(F.relu(blk.pre(negatives[blk.layer]) + m).mean().to(dev) for blk in blocks if blk.layer in negatives)
+    total = total + sum(F.relu(blk.pre(past[blk.layer]) + m).mean().to(dev) for blk in blocks if blk.layer in past)
     return total if torch.is_tensor(total) else None
 
 

@@ -217,7 +217,7 @@ class UniKEOffline(nn.Module):
     def _run(self, batch: Batch) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
         with torch.no_grad(), capture(self._points(batch), seq_shape=tuple(batch.labels.shape)) as rec:
             logits = self.adapter.forward(self.model, batch)
-        return logits, {k: rec[k] for k in rec.calls}
+        return logits, {k: rec[k].to(self.device) for k in rec.calls}  # every layer's states beside the encoders
 
     def _neg_batch(self, batch: Batch, preds: list[list[int]]) -> Batch:
         """The batch with each row's target tokens replaced by the model's teacher-forced prediction."""

@@ -17,7 +17,7 @@ from mke_hooks import HparamsError
 from mke_plugins.core.requests import query_of
 from mke_plugins.core.template import EditContext, EditStats, edit_method
 
-from ..train import fit
+from ..train import fit, master_copies
 from .ft_hparams import FTHyperParams
 
 
@@ -37,7 +37,7 @@ def apply_ft_to_multimodal_model(ctx: EditContext, requests: list[dict[str, Any]
     info = resolve_layer(adapter, model, hp.layer)
     weight = info.value.weight
     ctx.snapshot().add(weight)
-    original = weight.detach().float().clone() if hp.norm_constraint > 0 else None
+    original = master_copies([weight])[0] if hp.norm_constraint > 0 else None
 
     def project(masters):
         eps = hp.norm_constraint
