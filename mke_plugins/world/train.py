@@ -189,20 +189,20 @@ class Stage:
     name: str
     share: float
     weights: dict[str, float] | None
-    trainable: str  # "all" or "vision" (the vision tower and merger; the language model frozen)
+    trainable: str  # "all", "vision" (the vision tower and merger) or "language" (everything else)
     lr_scale: float = 1.0
     align: float = 0.0
 
 
 #: the composition curriculum, staged the way MLLMs are trained: facts from text (language-model
 #: pre-training), then pictures aligned to names with the language model frozen (projector
-#: pre-training), then every question form with the picture forms for direct entities only
-#: (instruction tuning), short and at a lower learning rate so that routing, not memorising,
-#: answers the picture questions
+#: pre-training), then every question form with the picture forms for direct entities only and
+#: the vision tower frozen (instruction tuning), so that the picture questions are answered by
+#: routing name-like picture tokens into the facts learnt from text, not by memorising pictures
 COMPOSITION_STAGES = (
-    Stage("text", 0.5, {"text": 1.0}, "all"),
-    Stage("align", 0.25, None, "vision", align=1.0),
-    Stage("tune", 0.25, COMPOSITION_WEIGHTS, "all", lr_scale=0.5, align=1.0),
+    Stage("text", 0.35, {"text": 1.0}, "all"),
+    Stage("align", 0.45, None, "vision", align=1.0),
+    Stage("tune", 0.2, COMPOSITION_WEIGHTS, "language", lr_scale=0.5),
 )
 
 
@@ -214,8 +214,11 @@ def _stages(world: Any, weights: dict[str, float]) -> tuple[Stage, ...]:
 
 
 def _optimizer(model: Any, trainable: str, lr: float) -> torch.optim.Optimizer:
+    def visual(name: str) -> bool:
+        return name.startswith(("model.visual.", "visual."))
+
     named = [(n, p) for n, p in model.named_parameters()
-             if trainable == "all" or n.startswith(("model.visual.", "visual."))]
+             if trainable == "all" or (trainable == "vision") == visual(n)]
     for p in model.parameters():
         p.requires_grad_(False)
     for _, p in named:
