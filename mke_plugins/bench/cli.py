@@ -28,7 +28,7 @@ EXAMPLES = """examples:
   mke-plugins bench --methods FT,easyedit:WISE,easyedit:GRACE,easyedit:LoRA --mode sequential
   mke-plugins bench --methods FT,easyedit:GRACE --easyedit-hparams GRACE=hparams/GRACE/qwen2vl-7b.yaml
   torchrun --nproc_per_node 8 -m mke_plugins bench --device cuda --cases 1000 --json big.json
-  accelerate launch --num_processes 2 -m mke_plugins bench --cases 40 --methods FT,LoRA
+  accelerate launch --multi_gpu --num_processes 8 -m mke_plugins bench --device cuda --cases 1000
   mke-plugins bench --cases 1000 --json big.json --resume     # after a kill or Ctrl-C: only what is left
   mke-plugins bench --model path/to/qwen2-vl-72b --hparams qwen2vl-7b --dtype bfloat16 --device-map auto \
       --max-memory 0=70GiB,1=70GiB,2=70GiB
@@ -212,7 +212,7 @@ def resume_command(argv: list[str] | None = None) -> str:
     if size not in ("", "1"):
         per_node = os.environ.get("LOCAL_WORLD_SIZE") or size
         if any(k.startswith("ACCELERATE_") for k in os.environ):
-            head = ["accelerate", "launch", "--num_processes", size, "-m", "mke_plugins"]
+            head = ["accelerate", "launch", "--multi_gpu", "--num_processes", size, "-m", "mke_plugins"]
         else:
             head = ["torchrun", "--nproc_per_node", per_node, "-m", "mke_plugins"]
     elif os.path.basename(argv[0]) == "mke-plugins":
