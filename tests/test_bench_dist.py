@@ -26,9 +26,9 @@ from mke_plugins.bench.resume import differences, journal_paths, rank_path
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ROOT = Path(mke_plugins.__file__).resolve().parent.parent
-CASES = 6
+CASES = 4
 SINGLE = ["--methods", "FT,LoRA", "--cases", str(CASES), "--plot", ""]
-SEQUENTIAL = SINGLE + ["--mode", "sequential", "--sequential-n", "3", "--checkpoints", "1,3"]
+SEQUENTIAL = SINGLE + ["--mode", "sequential", "--sequential-n", "2", "--checkpoints", "1,2"]
 #: keys that measure the machine, not the edit
 MACHINE = ("seconds", "memory", "fwdbwd", "extra", "hparams")
 
@@ -85,11 +85,11 @@ def test_two_processes_give_the_one_process_quality_columns(mode, one_process, t
     assert quality(result) == quality(one_process[mode])
     assert [p.name for p in journal_paths(path)] == ["r.json.rank0.jsonl", "r.json.rank1.jsonl"]
     units = [json.loads(line) for p in journal_paths(path) for line in p.read_text().splitlines()[1:]]
-    if mode == "single":  # strided: rank 0 cases 0, 2, 4; rank 1 cases 1, 3, 5
-        assert [u["index"] for u in units] == [0, 2, 4, 1, 3, 5]
-    else:  # whole sequences (3 cases each), never split: FT's two, then LoRA's two, strided
+    if mode == "single":  # strided: rank 0 cases 0, 2; rank 1 cases 1, 3
+        assert [u["index"] for u in units] == [0, 2, 1, 3]
+    else:  # whole sequences (2 cases each), never split: FT's two and LoRA's two, strided
         assert [(u["method"], u["start"], len(u["cases"])) for u in units] == \
-            [("FT", 0, 3), ("LoRA", 0, 3), ("FT", 3, 3), ("LoRA", 3, 3)]
+            [("FT", 0, 2), ("LoRA", 0, 2), ("FT", 2, 2), ("LoRA", 2, 2)]
         assert [p["n_sequences"] for p in result["methods"]["FT"]["curve"]] == [2, 2]
     edits = CASES * 2  # one progress bar (rank 0's), counting every rank's edits to the end
     assert len(re.findall(rf"\| 0/{edits} \[", done.stderr)) == 1 and f"| {edits}/{edits} [" in done.stderr
