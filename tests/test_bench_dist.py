@@ -179,6 +179,12 @@ def test_resume_refuses_another_run_naming_the_difference(tmp_path):
     again = run()  # the same run: nothing left to do, the same rows
     assert "resumed: 2 of 2 units read from the journal" in again["notes"]
     assert quality(again) == quality(first)
+    fresh = run(resume=False)  # without --resume: starts over, and says what it removed
+    assert "started over: 2 finished units an earlier run left beside" in " ".join(fresh["notes"])
+    assert _units(path) == 2
+    again = run()
+    assert "resumed: 2 of 2 units read from the journal" in again["notes"]
+    assert quality(again) == quality(first)
     with pytest.raises(MKEError, match="--resume needs --json"):
         run_bench(BenchConfig(methods=methods_from("FT"), cases=1, resume=True))
 

@@ -92,6 +92,7 @@ class Journal:
         self.resume = resume
         self.path = rank_path(json_path, ranks.rank)
         self._file: Any = None
+        self.discarded = 0  # units of an earlier run removed by a run without resume (rank 0)
 
     def open(self) -> dict[str, dict[str, Any]]:
         """Start this rank's file; with ``resume``, the units already done (by key), else ``{}``.
@@ -105,6 +106,8 @@ class Journal:
                 done.update(self._read(path))
         elif self.ranks.main:
             for path in journal_paths(self.json_path):
+                self.discarded += max(0, sum(1 for line in path.read_text(encoding="utf-8").splitlines()
+                                             if line.strip()) - 1)
                 path.unlink()
         self.ranks.barrier()
         self.path.parent.mkdir(parents=True, exist_ok=True)

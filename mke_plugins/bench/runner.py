@@ -485,6 +485,9 @@ class Bench:
             done = journal.open() if journal is not None else {}
             if cfg.resume and ranks.main:
                 self.notes.append(f"resumed: {len(done)} of {len(units)} units read from the journal")
+            if journal is not None and journal.discarded:
+                self.notes.append(f"started over: {journal.discarded} finished units an earlier run left beside "
+                                  f"{cfg.journal} were removed (--resume keeps them)")
             todo = [u for u in units if unit_key(u) not in done]
             count = SharedCount(ranks)
             initial = sum(self._edits(u) for u in units if unit_key(u) in done)
