@@ -185,6 +185,13 @@ def test_resume_refuses_another_run_naming_the_difference(tmp_path):
     again = run()
     assert "resumed: 2 of 2 units read from the journal" in again["notes"]
     assert quality(again) == quality(first)
+    with rank_path(path, 0).open("a") as f:  # a unit half-written when the run was killed: done again
+        f.write('{"unit": "case", "index": 1, "cas')
+    lines = rank_path(path, 0).read_text().splitlines()
+    rank_path(path, 0).write_text("\n".join(lines[:2] + [lines[-1]]))  # unit 0 kept, unit 1 torn
+    again = run()
+    assert "resumed: 1 of 2 units read from the journal" in again["notes"] and quality(again) == quality(first)
+    assert [json.loads(line)["index"] for line in rank_path(path, 0).read_text().splitlines()[1:]] == [0, 1]
     with pytest.raises(MKEError, match="--resume needs --json"):
         run_bench(BenchConfig(methods=methods_from("FT"), cases=1, resume=True))
 
