@@ -10,8 +10,9 @@ images: the world, MMEdit E-VQA/E-IC, VLKEB, MMKE-Bench, ComprehendEdit), :mod:`
 (the probe queries of a case, batched evaluation), :mod:`.score` (per-case and per-method
 metrics from :mod:`mke_plugins.core.scoring`), :mod:`.cost` (time, memory, fwd+bwd unit),
 :mod:`.restore` (EasyEdit's restore rules, bit-exact check), :mod:`.methods` (method strings,
-ablation overrides, binding), :mod:`.runner` (single and sequential protocols), :mod:`.report`
-(table, JSON, plot), :mod:`.cli`.
+ablation overrides, binding), :mod:`.runner` (single and sequential protocols, units of work),
+:mod:`.dist` (ranks under torchrun / accelerate launch), :mod:`.resume` (the per-rank JSONL and
+``--resume``), :mod:`.report` (table, JSON, plot), :mod:`.cli`.
 
 Result JSON (read by tools; these keys are stable)::
 
@@ -41,7 +42,16 @@ same number as ``multimodal_locality_easyedit``, its older name), ``fine_localit
 ``peak_memory_delta_mb``, ``n_cases``, ``extra`` (the method template's per-edit stats: ``steps``,
 ``seconds``, ``converged``, ``added_bytes`` and the method's own keys), ``hparams``, ``source``,
 ``restore``, and with ``--per-case`` a ``cases`` list. Top level also holds ``sequential_n``,
-``checkpoints``, ``seed``, ``device``, ``threads``, ``hparams`` and ``notes``.
+``checkpoints``, ``seed``, ``device`` (rank 0's), ``threads``, ``processes`` (how many ranks ran
+it: ``torchrun`` / ``accelerate launch``), ``hparams`` and ``notes``; a run Ctrl-C stopped early
+also holds ``interrupted``: ``{"units_done": int, "units": int}`` (its rows hold only those units).
+
+Journal (:mod:`.resume`): beside ``--json`` each rank appends to ``<json>.rank<R>.jsonl`` a header
+line ``{"journal": "mke-plugins bench", "version": 1, "rank", "world_size", "fingerprint"}``, then
+one line per finished unit: ``{"unit": "case", "index", "cases": {NAME: case}, "notes"}`` (single
+mode) or ``{"unit": "sequence", "method", "start", "cases": [case, ...], "points": [{"T", "cases",
+"seconds", "added"}, ...], "notes"}`` (sequential mode; ``points`` are the sequence's checkpoints).
+A case holds the per-case keys of ``--per-case``.
 
 Sequential mode (``--mode sequential``; :mod:`.collisions`, :mod:`.curve`). The method row is the
 evaluation of every edit after the last edit of its sequence, with the keys above. Records may

@@ -2,11 +2,16 @@
 
 With no arguments it runs every registered method with a ``world`` YAML (the FT and LoRA
 baselines included) on the first cases of the bundled world, in single-edit mode.
+
+Under ``torchrun`` / ``accelerate launch`` (``python -m mke_plugins bench``) the units of work are
+shared among the processes and rank 0 writes the outputs; every finished unit is kept beside
+``--json`` (one JSONL per rank) and ``--resume`` picks a killed run up where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -22,6 +27,9 @@ EXAMPLES = """examples:
   mke-plugins bench --data vqa_eval.json --format mmedit-vqa --image-root coco --rephrase-image-root rephrase
   mke-plugins bench --methods FT,easyedit:WISE,easyedit:GRACE,easyedit:LoRA --mode sequential
   mke-plugins bench --methods FT,easyedit:GRACE --easyedit-hparams GRACE=hparams/GRACE/qwen2vl-7b.yaml
+  torchrun --nproc_per_node 8 -m mke_plugins bench --device cuda --cases 1000 --json big.json
+  accelerate launch --multi_gpu --num_processes 8 -m mke_plugins bench --device cuda --cases 1000
+  mke-plugins bench --cases 1000 --json big.json --resume     # after a kill or Ctrl-C: only what is left
   mke-plugins bench --model path/to/qwen2-vl-72b --hparams qwen2vl-7b --dtype bfloat16 --device-map auto \
       --max-memory 0=70GiB,1=70GiB,2=70GiB
 """
@@ -106,7 +114,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="sequential mode: also evaluate every edit made so far after T edits, for each T "
                         "(e.g. 1,10,100,1000), giving the curve in the JSON and a second plot (default: the end "
                         "of each sequence only)")
-    p.add_argument("--json", default="bench-results.json", help="result file (default bench-results.json)")
+    p.add_argument("--json", default="bench-results.json",
+                   help="result file (default bench-results.json); each process also appends every finished unit "
+                        "of work to JSON.rank<R>.jsonl beside it ('' for neither)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the units of work the JSONL files beside --json already hold (the run must have the "
+                        "same data, model, methods and hparams, or it is refused naming the difference); any "
+                        "number of processes")
     p.add_argument("--plot", default="bench-results.png", help="plot file (default bench-results.png; '' for none)")
     p.add_argument("--data", help="benchmark JSON file or folder (default: the bundled world's edit split)")
     p.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
@@ -166,13 +180,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device_map=args.device_map, max_memory=max_memory,
         verify_restore=args.verify_restore, generate=args.generate, keep_cases=args.per_case,
         probe_batch=args.probe_batch, easyedit_hparams=_easyedit_yaml(args.easyedit_hparams),
-        progress=args.progress, threads=args.threads, checkpoints=args.checkpoints)
+        progress=args.progress, threads=args.threads, checkpoints=args.checkpoints,
+        journal=args.json or None, resume=args.resume)
     if args.sequential_n is not None and args.mode != "sequential":
         raise MKEError("--sequential-n needs --mode sequential")
     if args.checkpoints is not None and args.mode != "sequential":
         raise MKEError("--checkpoints needs --mode sequential")
     check_outputs(args.json, args.plot)
-    result = run_bench(cfg)
+    try:
+        result = run_bench(cfg)
+    except KeyboardInterrupt:  # several processes: each stops; their finished units are in the JSONL files
+        if os.environ.get("RANK", "0") == "0":
+            _interrupted_note(args.json)
+        return 130
+    if result is None:  # not rank 0: rank 0 writes the outputs
+        return 0
     print(table(result))
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
@@ -181,4 +203,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if has_curve(result):
             print(f"wrote {plot_curve(result, curve_path(args.plot))}")
     sys.stdout.flush()
+    if result.get("interrupted"):
+        _interrupted_note(args.json)
+        return 130
     return 0
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that resumes this run: the same launcher and arguments, plus ``--resume``."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    rest = [a for a in argv[1:] if a != "--resume"] + ["--resume"]
+    size = os.environ.get("WORLD_SIZE", "1")
+    if size not in ("", "1"):
+        per_node = os.environ.get("LOCAL_WORLD_SIZE") or size
+        if any(k.startswith("ACCELERATE_") for k in os.environ):
+            head = ["accelerate", "launch", "--multi_gpu", "--num_processes", size, "-m", "mke_plugins"]
+        else:
+            head = ["torchrun", "--nproc_per_node", per_node, "-m", "mke_plugins"]
+    elif os.path.basename(argv[0]) == "mke-plugins":
+        head = ["mke-plugins"]
+    else:
+        head = ["python", "-m", "mke_plugins"]
+    return shlex.join(head + rest)
+
+
+def _interrupted_note(json_path: str) -> None:
+    if not json_path:
+        print("interrupted; nothing was kept (--json ''): run it again", file=sys.stderr)
+        return
+    print(f"interrupted: the finished units are kept in {json_path}.rank*.jsonl; resume with:\n  "
+          f"{resume_command()}", file=sys.stderr)

@@ -22,6 +22,13 @@ built again at each checkpoint); the evaluation after the last edit gives the me
 (and greedy decoding), all of them the ``curve`` (:mod:`.curve`). Then the edits are undone in
 reverse order and the model is checked.
 
+Units of work, processes and restarts: a unit is one case with every method (single mode) or one
+method's whole sequence (sequential mode). Under ``torchrun`` / ``accelerate launch`` each rank
+takes every ``WORLD_SIZE``-th unit still to do (:mod:`.dist`); every finished unit goes to the
+rank's JSONL beside ``--json`` (:mod:`.resume`), passed through JSON like the journal holds it,
+and rank 0 merges the units in case order, so one process, several ranks and a resumed run give
+the same quality columns. Seeds come from the case index, never from the rank.
+
 Per-edit stats come in one shape: the :class:`~mke_plugins.core.template.ApplyStats` the method
 template puts on ``weights_copy.stats`` (one ``EditStats`` per request: steps, seconds, converged,
 added_bytes and the method's own values). They appear per case under ``extra`` and, aggregated,
@@ -30,9 +37,10 @@ in the method row; a method that does not use the template reports none.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -50,9 +58,11 @@ from .collisions import SequencePlan, cross_edit_scores, plan_notes, plan_sequen
 from .cost import PeakMemory, fwd_bwd_seconds, sync
 from .curve import Checkpoint, curve, curve_ts
 from .data import check_text, load_data, with_images
+from .dist import SharedCount, start
 from .methods import BoundMethod, MethodRequest, bind, bind_rows
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
 from .restore import StateCheck, restore_like_easyedit
+from .resume import Journal, data_digest, unit_key
 from .score import SCHEMA_KEYS, aggregate, score_case
 
 log = logging.getLogger(__name__)
@@ -90,6 +100,8 @@ class BenchConfig:
     easyedit_hparams: dict[str, str] = field(default_factory=dict)
     progress: bool = True
     threads: int | None = None  # CPU threads for torch; None: 1 for small models on CPU, else torch's default
+    journal: str | None = None  # the --json path: each rank appends its finished units to <journal>.rank<R>.jsonl
+    resume: bool = False  # skip the units the journal files already hold (same run, checked)
 
 
 #: models below this many parameters run single-threaded on CPU by default: their kernels are too
@@ -127,6 +139,13 @@ def _added_bytes(extra: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` as it reads back from the journal: JSON values only, non-finite floats as ``None``."""
+    from .report import finite_json
+
+    return json.loads(json.dumps(finite_json(_jsonable(obj)), allow_nan=False))
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -161,6 +180,10 @@ class Bench:
                 raise MKEError(f"--checkpoints must be edit counts of at least 1 (e.g. 1,10,100), got "
                                f"{cfg.checkpoints}")
         check_config(cfg)
+        if cfg.resume and not cfg.journal:
+            raise MKEError("--resume needs --json: the finished units are kept beside the result JSON")
+        self.ranks = start(cfg.device, cfg.device_map)  # under torchrun: this rank's device
+        cfg = replace(cfg, device=self.ranks.device)
         self.cfg = cfg
         data = cfg.data
         if data is None:
@@ -191,6 +214,7 @@ class Bench:
         self.notes: list[str] = list(self.dataset.notes) + bind_notes
         self.plans: list[SequencePlan] = []
         self.curves: dict[str, list[Checkpoint]] = {}
+        self.interrupted: dict[str, int] | None = None  # set when Ctrl-C ended a journaled run early
         if cfg.mode == "sequential":  # a touched T-Loc / M-Loc probe stops the run here, before any edit
             self.plans = [plan_sequence(self.requests, chunk) for chunk in self.chunks()]
             self.notes.extend(plan_notes(self.plans))
@@ -281,44 +305,35 @@ class Bench:
                     peak_memory_delta_mb=mem.delta_mb, memory_source=mem.source, extra=extra)
 
     # -- protocols -----------------------------------------------------------------------
-    def run_single(self, tick: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-        results: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
-        base_seed = self.cfg.seed or 0
-        for i, request in enumerate(self.requests):
-            pb, edit_batch = self._batches(request)
-            pre = self._pre_outputs(i, pb)
-            n_target = int(pre[0].top1.shape[0])
-            for m in self.methods:
-                fwdbwd = fwd_bwd_seconds(self.adapter, self.model, edit_batch)
-                check = self._state_check()
-                edited, wc, seconds, mem = self._apply(m, request, base_seed + i)
-                post = run_probes(self.adapter, edited, pb)
-                generated = self._generate(m, edited, request, n_target)
-                extra = method_extra(wc)
-                self.model = restore_like_easyedit(m.restore, self.model, edited, wc)
-                del edited, wc
-                if check is not None:
-                    check.verify(self.model, m.label, f"after case {i} (case_id {request.get('case_id', i)})")
-                case = self._case(i, request, pb, pre, post, generated)
-                self._cost(case, seconds, fwdbwd, mem, extra)
-                results[m.label].append(case)
-                tick(m.label)
-        return results
+    def _single_case(self, i: int, tick: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+        """Case ``i`` edited by every method in turn (one unit of work): ``{method: case}``."""
+        request, base_seed = self.requests[i], self.cfg.seed or 0
+        pb, edit_batch = self._batches(request)
+        pre = self._pre_outputs(i, pb)
+        n_target = int(pre[0].top1.shape[0])
+        out: dict[str, dict[str, Any]] = {}
+        for m in self.methods:
+            fwdbwd = fwd_bwd_seconds(self.adapter, self.model, edit_batch)
+            check = self._state_check()
+            edited, wc, seconds, mem = self._apply(m, request, base_seed + i)
+            post = run_probes(self.adapter, edited, pb)
+            generated = self._generate(m, edited, request, n_target)
+            extra = method_extra(wc)
+            self.model = restore_like_easyedit(m.restore, self.model, edited, wc)
+            del edited, wc
+            if check is not None:
+                check.verify(self.model, m.label, f"after case {i} (case_id {request.get('case_id', i)})")
+            case = self._case(i, request, pb, pre, post, generated)
+            self._cost(case, seconds, fwdbwd, mem, extra)
+            out[m.label] = case
+            tick(m.label)
+        self._pre.pop(i, None)  # single mode needs a case's pre outputs once
+        return out
 
     def chunks(self) -> list[list[int]]:
         n = len(self.requests)
         size = self.cfg.sequential_n or n
         return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
-
-    def run_sequential(self, tick: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-        results: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
-        self.curves = {m.label: [] for m in self.methods}
-        for m in self.methods:
-            for plan in self.plans:
-                cases, points = self._sequence(m, plan, tick)
-                results[m.label].extend(cases)
-                self.curves[m.label].extend(points)
-        return results
 
     def _sequence(self, m: BoundMethod, plan: SequencePlan,
                   tick: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[Checkpoint]]:
@@ -380,23 +395,72 @@ class Bench:
             case["sequence_length"] = length
         return case
 
-    def run(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+    # -- units of work, ranks and the journal ------------------------------------------------
+    def units(self) -> list[dict[str, Any]]:
+        """Every unit of work, in report order: a case (single mode) or one method's sequence."""
+        if self.cfg.mode == "single":
+            return [{"unit": "case", "index": i} for i in range(len(self.requests))]
+        return [{"unit": "sequence", "method": m.label, "start": plan.cases[0]}
+                for m in self.methods for plan in self.plans]
 
-        total = len(self.requests) * len(self.methods)
-        before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+    def _edits(self, unit: dict[str, Any]) -> int:
+        if unit["unit"] == "case":
+            return len(self.methods)
+        return len(next(p.cases for p in self.plans if p.cases[0] == unit["start"]))
+
+    def _run_unit(self, unit: dict[str, Any], tick: Callable[[str], None]) -> dict[str, Any]:
+        """Run one unit; its record as the journal holds it (plain JSON values)."""
+        first_note = len(self.notes)
+        if unit["unit"] == "case":
+            record = dict(unit, cases=self._single_case(unit["index"], tick))
+        else:
+            m = next(m for m in self.methods if m.label == unit["method"])
+            plan = next(p for p in self.plans if p.cases[0] == unit["start"])
+            cases, points = self._sequence(m, plan, tick)
+            record = dict(unit, cases=cases, points=[vars(p) for p in points])
+        record["notes"] = self.notes[first_note:]
+        return _plain(record)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a journal must match to be resumed: data, model, methods, hparams and the protocol."""
+        cfg = self.cfg
+        return _plain({
+            "model": self.model_path, "data": str(self.data_path), "data_digest": data_digest(self.dataset.requests),
+            "cases": len(self.requests), "mode": cfg.mode, "sequential_n": cfg.sequential_n,
+            "checkpoints": cfg.checkpoints, "seed": cfg.seed, "dtype": cfg.dtype, "generate": cfg.generate,
+            "methods": [m.label for m in self.methods],
+            # the device differs between ranks and launches; it is no part of what an edit computes
+            "hparams": {m.label: {k: v for k, v in hparams_json(m.hparams).items() if k != "device"}
+                        for m in self.methods}})
+
+    def _merge(self, records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """Every rank's and the journal's units, in report order: ``{method: [case, ...]}`` and the curves."""
+        runs: dict[str, list[dict[str, Any]]] = {m.label: [] for m in self.methods}
+        self.curves = {m.label: [] for m in self.methods}
+        order = {unit_key(u): k for k, u in enumerate(self.units())}
+        for record in sorted((r for r in records if unit_key(r) in order), key=lambda r: order[unit_key(r)]):
+            self.notes.extend(n for n in record.get("notes", []) if n not in self.notes)
+            if record["unit"] == "case":
+                for label, case in record["cases"].items():
+                    runs[label].append(case)
+            else:
+                runs[record["method"]].extend(record["cases"])
+                self.curves[record["method"]].extend(Checkpoint(**p) for p in record["points"])
+        return runs
+
+    def run(self) -> dict[str, Any] | None:
+        """Run this rank's units; on rank 0 the merged result (see ``mke_plugins.bench``), elsewhere ``None``.
+
+        With a journal, Ctrl-C in one process ends the run early: the result holds the units done
+        so far and ``interrupted`` says how many (the journal has them; ``--resume`` does the rest).
+        """
         try:
-            with tqdm(total=total, desc="bench", unit="edit", disable=not self.cfg.progress,
-                      dynamic_ncols=True) as bar:
-                def tick(label: str) -> None:
-                    bar.set_description(f"bench {label}", refresh=False)
-                    bar.update(1)
-
-                runs = self.run_single(tick) if self.cfg.mode == "single" else self.run_sequential(tick)
+            records = self._run_units()
         finally:
-            torch.set_num_threads(before)
+            self.ranks.close()
+        if records is None:
+            return None
+        runs = self._merge(records)
         for label, cases in runs.items():  # a method that built a per-model cache inside a timed edit (ASAM's bank)
             for case in cases:
                 extra = case.get("extra") or {}
@@ -404,7 +468,63 @@ class Bench:
                     self.notes.append(f"{label} built its memory bank ({extra.get('memory_states')} states, "
                                       f"{float(extra.get('memory_seconds') or 0):.1f} s) inside case "
                                       f"{case['index']}'s edit; later edits reuse it")
-        return self.report(runs)
+        result = self.report(runs)
+        if self.interrupted is not None:
+            result["interrupted"] = self.interrupted
+            result["notes"].append(f"interrupted: {self.interrupted['units_done']} of {self.interrupted['units']} "
+                                   "units done; the rows hold only those")
+        return result
+
+    def _run_units(self) -> list[dict[str, Any]] | None:
+        from tqdm.auto import tqdm
+
+        cfg, ranks = self.cfg, self.ranks
+        units = self.units()
+        journal = Journal(cfg.journal, ranks, self.fingerprint(), cfg.resume) if cfg.journal else None
+        new: list[dict[str, Any]] = []
+        before = torch.get_num_threads()
+        try:
+            done = journal.open() if journal is not None else {}
+            if cfg.resume and ranks.main:
+                self.notes.append(f"resumed: {len(done)} of {len(units)} units read from the journal")
+            if journal is not None and journal.discarded:
+                self.notes.append(f"started over: {journal.discarded} finished units an earlier run left beside "
+                                  f"{cfg.journal} were removed (--resume keeps them)")
+            todo = [u for u in units if unit_key(u) not in done]
+            count = SharedCount(ranks)
+            initial = sum(self._edits(u) for u in units if unit_key(u) in done)
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            with tqdm(total=len(self.requests) * len(self.methods), initial=initial, desc="bench", unit="edit",
+                      disable=not (cfg.progress and ranks.main), dynamic_ncols=True) as bar:
+                def show(n: int) -> None:
+                    bar.n = initial + n
+                    bar.refresh()
+
+                def tick(label: str) -> None:
+                    bar.set_description(f"bench {label}", refresh=False)
+                    show(count.add(1))
+
+                try:
+                    for unit in ranks.mine(todo):
+                        record = self._run_unit(unit, tick)
+                        if journal is not None:
+                            journal.append(record)
+                        new.append(record)
+                except KeyboardInterrupt:
+                    if ranks.spread or journal is None:
+                        raise
+                    self.interrupted = {"units_done": len(done) + len(new), "units": len(units)}
+                finally:
+                    count.finish()
+                if ranks.main and self.interrupted is None:
+                    count.wait_all(show)
+        finally:
+            torch.set_num_threads(before)
+            if journal is not None:
+                journal.close()
+        gathered = ranks.gather(new)
+        return None if gathered is None else list(done.values()) + [r for g in gathered for r in g]
 
     def report(self, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         methods: dict[str, Any] = {}
@@ -432,14 +552,18 @@ class Bench:
             "seed": self.cfg.seed,
             "device": str(next(self.model.parameters()).device),
             "threads": self.threads or torch.get_num_threads(),
+            "processes": self.ranks.size,
             "hparams": self.cfg.hparams,
             "notes": list(self.notes),
             "methods": methods,
         }
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the configured bench and return the result dict (see ``mke_plugins.bench``)."""
+def run_bench(cfg: BenchConfig) -> dict[str, Any] | None:
+    """Run the configured bench and return the result dict (see ``mke_plugins.bench``).
+
+    Under ``torchrun`` / ``accelerate launch`` only rank 0 returns it; the other ranks return ``None``.
+    """
     return Bench(cfg).run()
 
 

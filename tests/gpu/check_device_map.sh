@@ -5,7 +5,8 @@
 #    world model's tokenizer and processor, so the world's edit cases spell in its vocabulary;
 # 2. benches a few FT and DECODE edits on it twice: --device cuda and --device-map auto (restore
 #    checked bit for bit after every edit); the quality columns must be equal, and seconds per edit
-#    and peak memory are printed for both;
+#    and peak memory are printed for both; then the same bench under torchrun --nproc_per_node 1
+#    (the quality columns must equal the plain run's);
 # 3. --device-map auto with --max-memory forcing part of the model off the GPU: the load must be
 #    refused, naming the first offloaded weight (exit status 2);
 # 4. mke-plugins scale --device-map auto on the same size (one capped edit per method, digests).
@@ -77,6 +78,19 @@ for label, row in auto["methods"].items():
           f"{row['edit_seconds_median']:.2f}; peak MB {ref['peak_memory_mb']:.0f} -> {row['peak_memory_mb']:.0f}")
 print("devices:", one["device"], "|", auto["device"])
 sys.exit(1 if bad else 0)
+PY
+
+say "2c. the same bench under torchrun --nproc_per_node 1 (rank 0 on $DEVICE, its journal beside the JSON)"
+python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m mke_plugins bench --model "$MODEL" \
+    --hparams "$HPARAMS" --dtype "$DTYPE" --methods "$METHODS" --cases "$CASES" --no-generate --no-progress \
+    --plot "" --json "$OUT/bench-torchrun.json" --device "$DEVICE" || status=1
+python3 - "$OUT/bench-one.json" "$OUT/bench-torchrun.json" <<'PY' || status=1
+import json, sys
+one, run = (json.load(open(p)) for p in sys.argv[1:3])
+keys = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc")
+same = all(run["methods"][m].get(k) == row.get(k) for m, row in one["methods"].items() for k in keys)
+print(f"torchrun (1 rank, device {run['device']}) vs plain bench: quality columns equal: {same}")
+sys.exit(0 if same else 1)
 PY
 
 say "3. --device-map auto --max-memory $MAXMEM (part of the model off the GPU): expect a refusal"
