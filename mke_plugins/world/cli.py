@@ -40,7 +40,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if "qwen2-vl" not in out.name:
         print(f"warning: {out.name!r} lacks 'qwen2-vl'; EasyEdit detects the family from the path",
               file=sys.stderr)
-    meta = train(out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    steps = args.steps if args.steps is not None else LAYOUTS[args.layout].train_steps
+    meta = train(out, seed=args.seed, steps=steps, batch_size=args.batch_size, lr=args.lr,
                  threads=args.threads, log=lambda s: print(s, flush=True), forms=args.forms, n_layers=args.layers,
                  layout=args.layout)
     print(json.dumps(meta["check"], indent=2))
@@ -102,7 +103,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a world model from scratch on CPU (deterministic)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--out", default=None, help="model directory (default ./world-qwen2-vl-seed<S>)")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the layout's bundled model's, 4000 single / 8000 lifelong)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1,
