@@ -35,6 +35,8 @@ PLACEMENT_FLAGS: tuple[str, ...] = ("device_map", "max_memory")
 #: ``--model`` / ``--data`` values that name the bundled world (model / train split)
 WORLD_MODEL_NAMES = ("world", "@world")
 WORLD_DATA_NAMES = ("@world-train", "@world")
+#: ``--data`` value that names the lifelong world's train split
+LIFELONG_TRAIN = "@lifelong-train"
 TRAINER_KINDS = ("auto", "easyedit", "standin")
 
 
@@ -315,6 +317,11 @@ def load_records(data: str | None, *, adapter: Any, image_root: str | None = Non
         from . import world
 
         return world.records("train"), f"world:seed{world.DEFAULT_SEED}"
+    if data == LIFELONG_TRAIN:
+        from . import world
+
+        return (world.records("train", world.data_dir(layout="lifelong")),
+                f"world:lifelong-seed{world.DEFAULT_SEED}")
     from .bench.data import with_images
     from .bench.formats import load_dataset, read_json
 

@@ -130,7 +130,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--rephrase-image-root", help="folder of image_rephrase paths, EasyEdit's rephrase_image "
                                                  "(default: the hparams' rephrase_image, else the image root)")
     p.add_argument("--model", help="Hugging Face VLM directory to edit (default: the bundled world model)")
-    p.add_argument("--hparams", default="world", help="bundled YAML key of each method (default world)")
+    p.add_argument("--world", choices=("single", "lifelong"), default="single",
+                   help="which bundled world supplies the default --data, --model and --hparams: single, the "
+                        "single-edit world (hparams key world), or lifelong, sized for 1,000-edit sequences "
+                        "(hparams key lifelong; its development sequence is dev.json in "
+                        "`mke-plugins world path --data --layout lifelong`)")
+    p.add_argument("--hparams", default=None,
+                   help="bundled YAML key of each method (default: world, or lifelong with --world lifelong)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for the bench and every method's `seed` (default: methods keep their YAML seed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu; with --device-map: cuda "
@@ -169,7 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         methods=methods_from(args.methods), cases=args.cases or None, mode=args.mode,
         sequential_n=args.sequential_n, data=args.data, image_root=args.image_root, format=args.format,
         rephrase_image_root=args.rephrase_image_root, model=args.model,
-        hparams=args.hparams, seed=args.seed, device=resolve_device(args.device, args.device_map), dtype=args.dtype,
+        hparams=args.hparams or ("world" if args.world == "single" else args.world), world=args.world,
+        seed=args.seed, device=resolve_device(args.device, args.device_map), dtype=args.dtype,
         device_map=args.device_map, max_memory=max_memory,
         verify_restore=args.verify_restore, generate=args.generate, keep_cases=args.per_case,
         probe_batch=args.probe_batch, easyedit_hparams=_easyedit_yaml(args.easyedit_hparams),

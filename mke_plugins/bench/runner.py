@@ -81,7 +81,8 @@ class BenchConfig:
     image_root: str | None = None  # None: with no root flag the hparams' coco_image (EasyEdit formats), else JSON's
     rephrase_image_root: str | None = None  # None: with no root flag the hparams' rephrase_image, else the image root
     format: str = "auto"  # one of mke_plugins.bench.formats.FORMAT_CHOICES
-    model: str | None = None  # model directory (None: the bundled world model)
+    model: str | None = None  # model directory (None: the bundled model of `world`)
+    world: str = "single"  # bundled world layout behind the default data and model: single or lifelong
     hparams: str = "world"  # bundled YAML key of each method
     seed: int | None = None  # None: global RNG seeded with 0, methods keep their YAML seed
     device: str = "cpu"
@@ -109,11 +110,12 @@ SMALL_MODEL_PARAMS = 50_000_000
 
 
 def load_model(path: str | None, device: str, dtype: str, device_map: str | None = None,
-               max_memory: Any = None) -> tuple[Any, Any, str]:
-    """``(model, processor, path)``: the VLM saved in ``path`` (None: the bundled world model)."""
+               max_memory: Any = None, layout: str = "single") -> tuple[Any, Any, str]:
+    """``(model, processor, path)``: the VLM saved in ``path`` (None: the bundled model of the world
+    ``layout``)."""
     from mke_plugins import world
 
-    folder = str(world.model_path()) if path is None else path
+    folder = str(world.model_path(layout)) if path is None else path
     model, tok = load_vlm(folder, device, dtype, device_map=device_map, max_memory=max_memory)
     return model, tok, str(Path(folder))
 
@@ -187,7 +189,7 @@ class Bench:
         if data is None:
             from mke_plugins import world
 
-            data = str(world.data_dir())
+            data = str(world.data_dir(layout=cfg.world))
         self.model_path = None if cfg.model is None else str(Path(cfg.model))
         # hparams and overrides are checked before the model loads (minutes at 7B)
         self.methods, bind_notes = bind_rows(cfg.methods or self.default_methods(cfg.hparams), self._bind)
@@ -199,7 +201,7 @@ class Bench:
                                  rephrase_image_root=cfg.rephrase_image_root, hparams=[m.hparams for m in self.methods])
         self.data_path, raw = self.dataset.path, self.dataset.requests
         self.model, self.tok, self.model_path = load_model(cfg.model, cfg.device, cfg.dtype,
-                                                           cfg.device_map, cfg.max_memory)
+                                                           cfg.device_map, cfg.max_memory, cfg.world)
         self.threads = cfg.threads
         if self.threads is None and cfg.device == "cpu" and \
                 sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:

@@ -23,17 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from .build import FORMAT_VERSION, build
-from .spec import DEFAULT_SEED
+from .spec import DEFAULT_LAYOUT, DEFAULT_SEED, LAYOUTS
 
-__all__ = ["build", "data_dir", "load", "load_image", "model_path", "record_paths", "records",
-           "DEFAULT_SEED"]
+__all__ = ["build", "data_dir", "load", "load_image", "locality_pool", "model_path", "record_paths", "records",
+           "DEFAULT_SEED", "LAYOUTS", "SPLITS"]
 
 MODEL_DIRNAME = "world-qwen2-vl"
+#: the bundled model of each layout (directory names carry EasyEdit's ``qwen2-vl`` marker)
+MODEL_DIRNAMES = {"single": MODEL_DIRNAME, "lifelong": "world-lifelong-qwen2-vl"}
+#: the record files a built world can have (``dev`` only in the lifelong layout)
+SPLITS = ("edit", "train", "dev")
 
 
-def model_path() -> Path:
-    """The bundled world model's directory (its name carries EasyEdit's ``qwen2-vl`` marker)."""
-    return Path(__file__).resolve().parent / "model" / MODEL_DIRNAME
+def model_path(layout: str = DEFAULT_LAYOUT) -> Path:
+    """The bundled world model's directory for ``layout`` (default: the single-edit world's)."""
+    if layout not in MODEL_DIRNAMES:
+        raise ValueError(f"unknown world layout {layout!r}; known: {sorted(MODEL_DIRNAMES)}")
+    return Path(__file__).resolve().parent / "model" / MODEL_DIRNAMES[layout]
 
 
 def load(path: str | Path | None = None, device: Any = "cpu", dtype: Any = None):
@@ -61,20 +67,23 @@ def _cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "mke-plugins" / "world"
 
 
-def data_dir(seed: int = DEFAULT_SEED, root: str | Path | None = None) -> Path:
-    """A built world directory for ``seed`` (default: the bundled model's world).
+def data_dir(seed: int = DEFAULT_SEED, root: str | Path | None = None, layout: str = DEFAULT_LAYOUT) -> Path:
+    """A built world directory for ``seed`` and ``layout`` (default: the bundled model's world).
 
     Built once into ``root`` (default: the cache) and reused; the build is atomic, so concurrent
     callers never see a half-written world.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown world layout {layout!r}; known: {sorted(LAYOUTS)}")
     base = Path(root) if root is not None else _cache_root()
-    out = base / f"seed{seed}-v{FORMAT_VERSION}"
+    prefix = "" if layout == DEFAULT_LAYOUT else f"{layout}-"
+    out = base / f"{prefix}seed{seed}-v{FORMAT_VERSION}"
     if (out / "world.json").exists():
         return out
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=base))
     try:
-        build(tmp, seed=seed)
+        build(tmp, seed=seed, layout=layout)
         try:
             tmp.rename(out)
         except OSError:  # another process won the race
@@ -84,6 +93,16 @@ def data_dir(seed: int = DEFAULT_SEED, root: str | Path | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def lifelong_model_path() -> Path:
+    """The lifelong world's bundled model (``@lifelong-model`` in hyperparameters)."""
+    return model_path("lifelong")
+
+
+def lifelong_data_dir() -> Path:
+    """The lifelong world's data, built on first use (``@lifelong-data`` in hyperparameters)."""
+    return data_dir(layout="lifelong")
 
 
 def _resolve_dir(root: str | Path | None) -> Path:
@@ -97,14 +116,15 @@ _READ_KEYS = frozenset(("case_id", "src", "alt", "pred", "image", "rephrase", "i
 
 
 def record_paths(split: str = "edit", root: str | Path | None = None) -> list[dict[str, Any]]:
-    """EasyEdit-style request dicts of ``split`` (``edit`` or ``train``) with absolute image paths.
+    """EasyEdit-style request dicts of ``split`` (``edit``, ``train`` or, in the lifelong layout,
+    ``dev``) with absolute image paths.
 
     ``root`` is a directory written by :func:`build` (default: :func:`data_dir`). Text-only
     entries of ``portability`` / ``fine_locality`` have ``image: None``. Record fields not read
     here (the probes' fact identities ``loc_fact`` / ``m_loc_fact``, ...) are passed through as they are.
     """
-    if split not in ("edit", "train"):
-        raise ValueError(f"split must be 'edit' or 'train', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     d = _resolve_dir(root)
     f = d / f"{split}.json"
     if not f.exists():
@@ -131,6 +151,19 @@ def record_paths(split: str = "edit", root: str | Path | None = None) -> list[di
         })
         out[-1].update((k, v) for k, v in r.items() if k not in _READ_KEYS)  # newer fields (loc_fact, ...)
     return out
+
+
+def locality_pool(root: str | Path | None = None) -> list[dict[str, Any]]:
+    """The lifelong world's locality pool (``locality.json``) with absolute image paths: every
+    fact of the entities that no edit, train or development record touches, in the paired,
+    text-only and image-only forms."""
+    d = _resolve_dir(root)
+    f = d / "locality.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} is missing: only the lifelong layout has a locality pool "
+                                f"(`mke-plugins world build --layout lifelong --out DIR`)")
+    return [dict(x, image=None if x.get("image") is None else str(d / x["image"]))
+            for x in json.loads(f.read_text())]
 
 
 def load_image(path: str | Path):

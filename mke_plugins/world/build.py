@@ -4,18 +4,27 @@
 world itself: names, identities, facts, which entities had their derived fact trained) and
 ``out/images/*.png``; image paths in records are relative to ``out``, so EasyEdit's
 ``VQADataset`` loads ``edit.json`` with ``coco_image = rephrase_image = out``. Everything is a
-pure function of the seed: building twice gives identical bytes.
+pure function of the seed and the layout: building twice gives identical bytes.
 
-Split rule: the edit split holds ``n_edits`` facts; its ``lives_in`` edits are few (a quarter of
-the entities), and exactly those entities never see the derived ``country`` question in the
-world model's training, so portability measures composition. The ``train`` split holds every
-other fact, never an edit-split fact.
+Split rule (``single`` layout): the edit split holds ``n_edits`` facts; its ``lives_in`` edits are few
+(a quarter of the entities), and exactly those entities never see the derived ``country``
+question in the world model's training, so portability measures composition. The ``train``
+split holds every other fact, never an edit-split fact.
+
+Split rule (``lifelong`` layout): a locality pool of whole entities that nothing else uses (its
+facts, in every query form, are ``locality.json``, and every record's T-Loc and M-Loc probe asks
+one of them), and, over the other entities, three disjoint fact sets drawn at random: the
+acceptance sequence (``edit.json``, in sequence order), the development sequence (``dev.json``)
+and the train split. Entities whose ``lives_in`` fact is in either sequence never see the
+derived question in training. Every probe names its fact (``loc_fact``, ``m_loc_fact``, and
+``entity`` / ``relation`` / ``derived_from`` on each ``fine_locality`` and ``portability``
+item), so a bench can tell which probes an edit sequence touches.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +35,6 @@ from .render import render
 from .spec import (
     CITY_COUNTRY,
     DEFAULT_EDITS,
-    DEFAULT_ENTITIES,
     DEFAULT_SEED,
     DERIVED,
     HELDOUT_RENDERINGS,
@@ -36,7 +44,7 @@ from .spec import (
     make_world,
 )
 
-FORMAT_VERSION = 2  # bump whenever generated content changes (cache key)
+FORMAT_VERSION = 3  # bump whenever generated content changes (cache key)
 
 
 @dataclass(frozen=True)
@@ -46,13 +54,23 @@ class Split:
     edit: list[tuple[int, str]]  # (entity, relation) in record order
     train: list[tuple[int, str]]
     portability_entities: frozenset[int]
+    dev: list[tuple[int, str]] = field(default_factory=list)  # development sequence (lifelong)
+    locality_entities: tuple[int, ...] = ()  # the locality pool's entities (lifelong)
+    direct_entities: frozenset[int] | None = None  # trained on picture question forms (None: all)
 
     def derived_trained(self, entity: int) -> bool:
         return entity not in self.portability_entities
 
+    def direct(self, entity: int) -> bool:
+        """Whether the model is trained on ``entity``'s paired and image-only questions."""
+        return self.direct_entities is None or entity in self.direct_entities
 
-def make_split(world: World, n_edits: int = DEFAULT_EDITS) -> Split:
-    """Choose the edited facts (deterministic in the world's seed)."""
+
+def make_split(world: World, n_edits: int | None = None) -> Split:
+    """Choose the edited facts (deterministic in the world's seed and layout)."""
+    if world.layout.n_locality_entities:
+        return _lifelong_split(world)
+    n_edits = DEFAULT_EDITS if n_edits is None else n_edits
     n_ent = len(world.entities)
     rels = [r.key for r in world.relations]
     n_port = max(1, n_ent // 4)
@@ -81,6 +99,29 @@ def make_split(world: World, n_edits: int = DEFAULT_EDITS) -> Split:
     return Split(edit, train, port)
 
 
+def _lifelong_split(world: World) -> Split:
+    lay = world.layout
+    n_ent = len(world.entities)
+    rels = [r.key for r in world.relations]
+    rng = np.random.default_rng([world.seed, 3])
+    order = [int(e) for e in rng.permutation(n_ent)]
+    pool = tuple(sorted(order[: lay.n_locality_entities]))
+    rest = sorted(order[lay.n_locality_entities:])
+    facts = [(e, r) for e in rest for r in rels]
+    n_train = len(facts) - lay.n_edits - lay.n_dev if lay.n_train is None else lay.n_train
+    if lay.n_edits + lay.n_dev + n_train > len(facts):
+        raise ValueError(f"layout {lay.name!r}: {lay.n_edits} + {lay.n_dev} + {n_train} facts do not fit in "
+                         f"the {len(facts)} facts of {len(rest)} non-pool entities")
+    shuffled = [facts[int(i)] for i in rng.permutation(len(facts))]
+    edit = shuffled[: lay.n_edits]
+    dev = shuffled[lay.n_edits: lay.n_edits + lay.n_dev]
+    train = sorted(shuffled[lay.n_edits + lay.n_dev: lay.n_edits + lay.n_dev + n_train])
+    port = frozenset(e for e, r in edit + dev if r == LINK_SOURCE)
+    n_direct = max(1, round(lay.direct_share * n_ent))
+    direct = frozenset(int(e) for e in rng.permutation(n_ent)[:n_direct])
+    return Split(edit, train, port, dev=dev, locality_entities=pool, direct_entities=direct)
+
+
 class _Images:
     """Writes each (entity, rendering) PNG once and hands out its relative path."""
 
@@ -94,6 +135,16 @@ class _Images:
             img.save(self.out / rel, format="PNG", optimize=False, compress_level=6)
         self.paths[rel] = True
         return rel
+
+
+def _fact(world: World, e: int, rel: str) -> dict[str, Any]:
+    """The identity of the fact a probe asks: entity name, relation and, for the derived relation,
+    the fact it is computed from."""
+    name = world.entities[e].name
+    out: dict[str, Any] = {"entity": name, "relation": rel}
+    if rel == DERIVED.key:
+        out["derived_from"] = [{"entity": name, "relation": LINK_SOURCE}]
+    return out
 
 
 def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generator,
@@ -110,8 +161,11 @@ def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generat
     img_re = images(e, TRAIN_RENDERINGS + int(rng.integers(HELDOUT_RENDERINGS)))
     n_ent = len(world.entities)
     rels = [r.key for r in world.relations]
+    pool = split.locality_entities
 
     def other_entity() -> int:
+        if pool:  # the lifelong layout: locality probes ask the pool, which no edit touches
+            return pool[int(rng.integers(len(pool)))]
         o = int(rng.integers(n_ent - 1))
         return o + 1 if o >= e else o
 
@@ -123,13 +177,16 @@ def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generat
 
     fine: list[dict[str, Any]] = []
     other_rels = [r for r in rels if r != rel]
+    k = world.layout.fine_relations
+    if k is not None and k < len(other_rels):
+        other_rels = sorted((other_rels[int(i)] for i in rng.permutation(len(other_rels))[:k]), key=rels.index)
     if rel != LINK_SOURCE and split.derived_trained(e):
         other_rels.append(DERIVED.key)
     for r in other_rels:
         a = answer(world, ent, r)
         for form in ("paired", "text", "image"):
             item: dict[str, Any] = {"prompt": prompt(world, Question(form, e, r, t)), "answer": a,
-                                    "form": form, "relation": r}
+                                    "form": form, **_fact(world, e, r)}
             if form != "text":
                 item["image"] = img
             fine.append(item)
@@ -137,7 +194,7 @@ def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generat
     if rel == LINK_SOURCE:
         for form in ("paired", "text", "image"):
             item = {"prompt": prompt(world, Question(form, e, DERIVED.key, t)),
-                    "answer": CITY_COUNTRY[alt], "form": form, "relation": DERIVED.key}
+                    "answer": CITY_COUNTRY[alt], "form": form, **_fact(world, e, DERIVED.key)}
             if form != "text":
                 item["image"] = img
             port.append(item)
@@ -161,45 +218,80 @@ def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generat
         "portability": port,
         "entity": ent.name,
         "relation": rel,
+        "loc_fact": _fact(world, e2, r2),
+        "m_loc_fact": _fact(world, e3, r3),
     }
 
 
 def make_records(world: World, split: Split, which: str, images: _Images) -> list[dict[str, Any]]:
-    facts = {"edit": split.edit, "train": split.train}[which]
-    rng = np.random.default_rng([world.seed, 4 if which == "edit" else 5])
+    facts = {"edit": split.edit, "train": split.train, "dev": split.dev}[which]
+    rng = np.random.default_rng([world.seed, {"edit": 4, "train": 5, "dev": 9}[which]])
     return [_record(world, split, e, r, rng, images, i) for i, (e, r) in enumerate(facts)]
 
 
+def locality_pool(world: World, split: Split, images: _Images) -> list[dict[str, Any]]:
+    """Every fact of the pool's entities in the paired, text-only and image-only forms (one
+    training template and rendering each): the probes sequential locality is measured on."""
+    rng = np.random.default_rng([world.seed, 10])
+    out: list[dict[str, Any]] = []
+    for e in split.locality_entities:
+        ent = world.entities[e]
+        for rel in [r.key for r in world.relations] + [DERIVED.key]:
+            t = int(rng.integers(len(world.relation(rel).train_templates)))
+            img = images(e, int(rng.integers(TRAIN_RENDERINGS)))
+            for form in ("paired", "text", "image"):
+                item: dict[str, Any] = {"prompt": prompt(world, Question(form, e, rel, t)),
+                                        "answer": answer(world, ent, rel), "form": form, **_fact(world, e, rel)}
+                if form != "text":
+                    item["image"] = img
+                out.append(item)
+    return out
+
+
 def world_summary(world: World, split: Split, n_edits: int) -> dict[str, Any]:
-    return {
+    lay = world.layout
+    out = {
         "format_version": FORMAT_VERSION,
+        "layout": lay.name,
         "seed": world.seed,
         "n_entities": len(world.entities),
         "n_edits": n_edits,
         "train_renderings": TRAIN_RENDERINGS,
         "heldout_renderings": HELDOUT_RENDERINGS,
+        "relations": [r.key for r in world.relations],
+        "derived": {DERIVED.key: LINK_SOURCE},
         "entities": [{"name": e.name, "colours": list(e.colours), "shape": e.shape,
                       "pattern": e.pattern, "facts": e.facts,
-                      "derived_trained": split.derived_trained(e.index)} for e in world.entities],
+                      "derived_trained": split.derived_trained(e.index),
+                      "direct": split.direct(e.index),
+                      "locality_pool": e.index in split.locality_entities} for e in world.entities],
         "city_country": CITY_COUNTRY,
     }
+    if lay.n_locality_entities:
+        out.update(n_dev=len(split.dev), n_train=len(split.train),
+                   locality_entities=[world.entities[e].name for e in split.locality_entities])
+    return out
 
 
 def _dump(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def build(out: str | Path, seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENTITIES,
-          n_edits: int = DEFAULT_EDITS) -> Path:
-    """Write the world for ``seed`` into ``out`` (created if needed); return ``out``."""
+def build(out: str | Path, seed: int = DEFAULT_SEED, n_entities: int | None = None,
+          n_edits: int | None = None, layout: str = "single") -> Path:
+    """Write the world for ``seed`` and ``layout`` into ``out`` (created if needed); return ``out``.
+
+    ``n_entities`` / ``n_edits`` override the ``single`` layout's sizes (small test worlds); the
+    ``lifelong`` layout's sizes are fixed by :data:`~.spec.LAYOUTS`.
+    """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    world = make_world(seed, n_entities)
+    world = make_world(seed, n_entities, layout)
     split = make_split(world, n_edits)
     images = _Images(world, out)
-    edit = make_records(world, split, "edit", images)
-    train = make_records(world, split, "train", images)
-    _dump(edit, out / "edit.json")
-    _dump(train, out / "train.json")
-    _dump(world_summary(world, split, n_edits), out / "world.json")
+    for which in ("edit", "train") + (("dev",) if world.layout.n_dev else ()):
+        _dump(make_records(world, split, which, images), out / f"{which}.json")
+    if split.locality_entities:
+        _dump(locality_pool(world, split, images), out / "locality.json")
+    _dump(world_summary(world, split, len(split.edit)), out / "world.json")
     return out

@@ -9,6 +9,11 @@ Sets (drawn deterministically from the world's seed):
 - ``composition/<form>``: the derived question for entities whose derived fact was never trained
   (reported, not part of the floor: it measures whether the tiny model composes).
 
+On a world whose model learns by composition (the ``lifelong`` layout), ``trained/paired`` and
+``trained/image`` ask the entities trained on those forms, and ``composed/paired`` /
+``composed/image`` the others, whose picture questions were never trained: they are answered by
+composing a text-learnt fact with a picture aligned to a name, and are held to the held-out floor.
+
 The floor (README, "Quality floor"): every ``trained`` form >= 0.95, every held-out set >= 0.8.
 """
 
@@ -85,8 +90,14 @@ def check_sets(world: World, split: Split, n: int, seed_offset: int = 7) -> dict
     """The named evaluation sets, ``n`` items each."""
     rng = np.random.default_rng([world.seed, seed_offset])
     sets: dict[str, list[Item]] = {}
+    direct = [e for e in range(len(world.entities)) if split.direct(e)]
+    composed = [e for e in range(len(world.entities)) if not split.direct(e)]
     for form in FORMS:
-        sets[f"trained/{form}"] = sample_items(world, split, rng, form, n)
+        ents = direct if form in ("paired", "image") and composed else None
+        sets[f"trained/{form}"] = sample_items(world, split, rng, form, n, entities=ents)
+    if composed:
+        for form in ("paired", "image"):
+            sets[f"composed/{form}"] = sample_items(world, split, rng, form, n, entities=composed)
     for form in FORMS:
         sets[f"heldout_template/{form}"] = sample_items(world, split, rng, form, n, heldout_template=True)
     for form in IMAGE_FORMS:
@@ -135,7 +146,7 @@ def run_check(model: Any, processor: Any, world: World, split: Split | None = No
         if name.startswith("trained/") or name == "edit_src":
             if a < TRAINED_FLOOR:
                 failures.append(f"{name} {a:.3f} < {TRAINED_FLOOR}")
-        elif name.startswith("heldout_"):
+        elif name.startswith(("heldout_", "composed/")):
             if a < HELDOUT_FLOOR:
                 failures.append(f"{name} {a:.3f} < {HELDOUT_FLOOR}")
     return {"accuracy": acc, "n_per_set": n, "floor": {"trained": TRAINED_FLOOR, "heldout": HELDOUT_FLOOR},

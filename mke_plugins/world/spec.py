@@ -16,6 +16,7 @@ import numpy as np
 DEFAULT_SEED = 0
 DEFAULT_ENTITIES = 64
 DEFAULT_EDITS = 200
+DEFAULT_LAYOUT = "single"
 #: renderings 0..TRAIN_RENDERINGS-1 are for training; the next HELDOUT_RENDERINGS are held out
 TRAIN_RENDERINGS = 512
 HELDOUT_RENDERINGS = 64
@@ -67,6 +68,41 @@ RELATIONS: tuple[Relation, ...] = (
     ),
 )
 
+#: relations the ``lifelong`` layout adds to the five above (same shape: 8 objects, 3 + 1 templates,
+#: each held-out template sharing a cue word with its training templates)
+EXTRA_RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "job",
+        ("baker", "farmer", "miner", "tailor", "sailor", "potter", "hunter", "weaver"),
+        ("What job does {n} have?", "Which job does {n} do?", "{n} works in which job?"),
+        ("What is the job of {n}?",),
+    ),
+    Relation(
+        "pet",
+        ("cat", "dog", "owl", "goat", "horse", "rabbit", "parrot", "snake"),
+        ("What pet does {n} keep?", "Which pet does {n} have?", "{n} keeps which pet?"),
+        ("Which animal is the pet of {n}?",),
+    ),
+    Relation(
+        "drink",
+        ("tea", "milk", "juice", "water", "coffee", "cider", "cocoa", "lemonade"),
+        ("What does {n} drink?", "Which drink does {n} like?", "{n} drinks what?"),
+        ("What drink is drunk by {n}?",),
+    ),
+    Relation(
+        "tool",
+        ("hammer", "saw", "rake", "spade", "axe", "needle", "brush", "ladder"),
+        ("What tool does {n} use?", "Which tool does {n} own?", "{n} uses which tool?"),
+        ("With which tool does {n} work?",),
+    ),
+    Relation(
+        "vehicle",
+        ("boat", "cart", "sled", "bike", "tram", "wagon", "canoe", "ferry"),
+        ("What vehicle does {n} ride?", "Which vehicle does {n} drive?", "{n} rides which vehicle?"),
+        ("In which vehicle does {n} travel?",),
+    ),
+)
+
 #: the relation the derived one is computed from, and the fixed table that links them
 LINK_SOURCE = "lives_in"
 CITY_COUNTRY: dict[str, str] = {
@@ -93,7 +129,59 @@ COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("yellow", (245, 225, 30)), ("cyan", (30, 215, 225)), ("magenta", (215, 40, 205)),
     ("orange", (250, 140, 20)), ("purple", (115, 35, 160)), ("white", (250, 250, 250)),
     ("black", (12, 12, 12)), ("brown", (120, 70, 20)), ("pink", (250, 160, 195)),
+    # the lifelong layout's extra colours (the single layout uses the first 12 only)
+    ("grey", (128, 128, 128)), ("navy", (15, 20, 110)), ("olive", (120, 125, 10)),
+    ("teal", (0, 120, 120)), ("maroon", (120, 0, 30)), ("lime", (170, 250, 60)),
+    ("beige", (220, 200, 150)),
 )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How big a world is and how it is split and learnt.
+
+    ``single`` is the bundled single-edit world: every fact of 64 entities outside the 200 edits is
+    the train split, and every query form of every fact is trained. ``lifelong`` is sized for long
+    edit sequences: entities of a *locality pool* that no edit or train fact touches, an
+    acceptance sequence of ``n_edits`` facts, a separate development sequence of ``n_dev`` facts
+    and a train split of ``n_train`` facts over the other entities; its model learns facts from
+    text, pictures aligned to names, and the picture question forms for a ``direct_share`` of
+    the entities only (the rest are answered by composition).
+    """
+
+    name: str
+    n_entities: int
+    n_relations: int
+    n_colours: int
+    n_edits: int
+    n_dev: int = 0
+    n_locality_entities: int = 0
+    n_train: int | None = None  # None: every fact outside the edit split
+    curriculum: str = "forms"  # "forms" (every form of every fact) or "composition"
+    direct_share: float = 1.0  # share of entities trained on the paired and image-only forms
+    fine_relations: int | None = None  # other relations per fine-locality probe set (None: all)
+    train_steps: int = 4000  # `mke-plugins world train` steps of the bundled model
+
+    @property
+    def relations(self) -> tuple[Relation, ...]:
+        return (RELATIONS + EXTRA_RELATIONS)[: self.n_relations]
+
+
+LAYOUTS: dict[str, Layout] = {
+    "single": Layout("single", DEFAULT_ENTITIES, 5, 12, DEFAULT_EDITS),
+    "lifelong": Layout("lifelong", 160, 10, 19, 1000, n_dev=120, n_locality_entities=32, n_train=160,
+                       curriculum="composition", direct_share=0.25, fine_relations=4, train_steps=8000),
+}
+
+
+def get_layout(name: str | Layout) -> Layout:
+    """The layout called ``name`` (a :class:`Layout` passes through)."""
+    if isinstance(name, Layout):
+        return name
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise ValueError(f"unknown world layout {name!r}; known: {sorted(LAYOUTS)}") from None
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star")
 PATTERNS = ("stripes", "dots", "half", "ring")
 
@@ -129,6 +217,7 @@ class World:
     seed: int
     entities: list[Entity]
     relations: tuple[Relation, ...] = RELATIONS
+    layout: Layout = field(default_factory=lambda: LAYOUTS[DEFAULT_LAYOUT])
 
     def relation(self, key: str) -> Relation:
         for r in self.relations + (DERIVED,):
@@ -203,22 +292,28 @@ def _make_names(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
 
 
 @lru_cache(maxsize=8)
-def make_world(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENTITIES) -> World:
-    """Draw names, visual identities and facts for ``n_entities`` entities from ``seed``."""
-    n_pairs = len(COLOURS) * (len(COLOURS) - 1) // 2
+def make_world(seed: int = DEFAULT_SEED, n_entities: int | None = None,
+               layout: str | Layout = DEFAULT_LAYOUT) -> World:
+    """Draw names, visual identities and facts for the layout's entities (or ``n_entities``) from
+    ``seed``."""
+    lay = get_layout(layout)
+    relations = lay.relations
+    n_entities = lay.n_entities if n_entities is None else n_entities
+    n_colours = lay.n_colours
+    n_pairs = n_colours * (n_colours - 1) // 2
     if not 2 <= n_entities <= n_pairs:
         raise ValueError(f"n_entities must be in [2, {n_pairs}] (one unique colour pair each), "
                          f"got {n_entities}")
     rng = np.random.default_rng([seed, 1])
-    taken = {o for r in RELATIONS + (DERIVED,) for o in r.objects} | set(EXTRA_WORDS)
+    taken = {o for r in relations + (DERIVED,) for o in r.objects} | set(EXTRA_WORDS)
     names = _make_names(rng, n_entities, taken)
-    pairs = [(a, b) for a in range(len(COLOURS)) for b in range(a + 1, len(COLOURS))]
+    pairs = [(a, b) for a in range(n_colours) for b in range(a + 1, n_colours)]
     order = rng.permutation(len(pairs))[:n_entities]
     entities = []
     for i, name in enumerate(names):
         e = Entity(i, name, pairs[int(order[i])], int(rng.integers(len(SHAPES))),
                    int(rng.integers(len(PATTERNS))))
-        for r in RELATIONS:
+        for r in relations:
             e.facts[r.key] = r.objects[int(rng.integers(len(r.objects)))]
         entities.append(e)
-    return World(seed, entities)
+    return World(seed, entities, relations, lay)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,12 +24,18 @@ import torch
 
 from .build import make_split
 from .check import accuracy, check_sets, run_check, sample_items
-from .data import Encoder, Item, check_against_processor
+from .data import PATCH, Encoder, Item, check_against_processor
 from .modeling import build_config, build_processor, build_tokenizer, save_processor
 from .queries import prompt
-from .spec import DEFAULT_ENTITIES, DEFAULT_SEED, DERIVED, THING, make_world, split_words
+from .render import SIZE
+from .spec import DEFAULT_SEED, DERIVED, THING, TRAIN_RENDERINGS, get_layout, make_world, split_words
 
 FORM_WEIGHTS = {"paired": 1, "text": 1, "image": 2, "ident": 2}
+#: the composition curriculum (``lifelong`` layout): facts mostly from text, pictures aligned to
+#: names, the picture question forms for the layout's direct entities only
+COMPOSITION_WEIGHTS = {"paired": 1, "text": 3, "image": 1.5, "ident": 1.5}
+#: temperature of the CLIP-style picture-to-name alignment term (composition curriculum)
+ALIGN_TEMPERATURE = 0.1
 #: word-level augmentation of training questions, so held-out phrasings generalise: in
 #: AUG_RATE of the questions, each word other than the subject is dropped with WORD_DROP, and
 #: one known template word is inserted at a random place with INSERT_RATE
@@ -60,7 +67,7 @@ def augment(world, item: Item, rng: np.random.Generator, fillers: list[str]) -> 
     return Item(q, item.rendering, " ".join(kept) if kept else words[-1])
 
 
-def form_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
+def form_weights(spec: str | dict[str, float] | None, base: dict[str, float] | None = None) -> dict[str, float]:
     """``FORM_WEIGHTS`` with the forms ``spec`` names reweighted (``"paired=0.25,text=1"`` or a dict)."""
     if isinstance(spec, dict):
         given = dict(spec)
@@ -77,36 +84,93 @@ def form_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
     unknown = sorted(set(given) - set(FORM_WEIGHTS))
     if unknown:
         raise ValueError(f"unknown query forms {unknown}; the forms are {list(FORM_WEIGHTS)}")
-    weights = {**FORM_WEIGHTS, **{k: float(v) for k, v in given.items()}}
+    weights = {**(base or FORM_WEIGHTS), **{k: float(v) for k, v in given.items()}}
     if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
         raise ValueError(f"form weights must be >= 0 and not all 0, got {weights}")
     return weights
 
 
-def check_variant(forms: str | dict[str, float] | None, n_layers: int | None) -> dict[str, float]:
+def check_variant(forms: str | dict[str, float] | None, n_layers: int | None,
+                  layout: str = "single") -> dict[str, float]:
     """The form weights of a world variant; ``ValueError`` naming the option for what cannot train."""
     if n_layers is not None and n_layers < 1:
         raise ValueError(f"--layers {n_layers}: need at least 1 decoder layer")
+    base = COMPOSITION_WEIGHTS if get_layout(layout).curriculum == "composition" else FORM_WEIGHTS
     try:
-        return form_weights(forms)
+        return form_weights(forms, base)
     except ValueError as exc:
         raise ValueError(f"--forms {forms!r}: {exc}") from None
 
 
 def sample_batch(world, split, seed: int, step: int, batch_size: int,
                  augmented: bool = True, weights: dict[str, float] | None = None) -> list[Item]:
-    """The training batch of ``step`` (a pure function of seed, step and the form weights)."""
+    """The training batch of ``step`` (a pure function of seed, step and the form weights).
+
+    Under the composition curriculum the paired and image-only forms ask the split's direct
+    entities only.
+    """
     rng = np.random.default_rng([seed, 6, step])
-    weights = weights or FORM_WEIGHTS
+    composition = world.layout.curriculum == "composition"
+    weights = weights or (COMPOSITION_WEIGHTS if composition else FORM_WEIGHTS)
+    direct = [e for e in range(len(world.entities)) if split.direct(e)] if composition else None
     forms = list(weights)
     p = np.array([weights[f] for f in forms], dtype=np.float64)
     picks = rng.choice(len(forms), size=batch_size, p=p / p.sum())
     fillers = _filler_words(world)
     items: list[Item] = []
     for k in picks:
-        item = sample_items(world, split, rng, forms[int(k)], 1)[0]
+        form = forms[int(k)]
+        item = sample_items(world, split, rng, form, 1,
+                            entities=direct if form in ("paired", "image") else None)[0]
         items.append(augment(world, item, rng, fillers) if augmented else item)
     return items
+
+
+class _Alignment:
+    """Pictures aligned to names: captures the merged picture tokens of each forward and scores
+    them against the input embeddings of every entity's name, CLIP-style (cross-entropy of the
+    cosine similarities at temperature :data:`ALIGN_TEMPERATURE`, plus one minus the cosine to the
+    right name): the stand-in for an MLLM's projector pre-training, which maps pictures into the
+    word-embedding space."""
+
+    def __init__(self, model: Any, enc: Encoder, world: Any) -> None:
+        self.model, self.enc, self.world = model, enc, world
+        self.embed = model.get_input_embeddings()
+        self.name_ids = torch.tensor([enc.target_id(e.name) for e in world.entities])
+        self.per_image = enc.n_image_tokens
+        self.out: torch.Tensor | None = None
+        model.model.visual.register_forward_hook(self._capture)
+
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        self.out = output.pooler_output
+
+    def _score(self, tokens: torch.Tensor, ents: list[int]) -> torch.Tensor:
+        names = torch.nn.functional.normalize(self.embed.weight[self.name_ids].detach(), dim=-1)
+        toks = torch.nn.functional.normalize(tokens.view(len(ents), self.per_image, -1), dim=-1)
+        sims = toks @ names.T  # (images, tokens, entities)
+        target = torch.tensor(ents).repeat_interleave(self.per_image)
+        ce = torch.nn.functional.cross_entropy(sims.reshape(-1, sims.shape[-1]) / ALIGN_TEMPERATURE, target)
+        right = sims.gather(-1, torch.tensor(ents).view(-1, 1, 1).expand(-1, self.per_image, 1))
+        return ce + (1 - right).mean()
+
+    def loss(self, items: list[Item]) -> torch.Tensor:
+        """The term for the pictures of the batch just run (zero when it had none)."""
+        ents = [it.question.entity for it in items if it.question.has_image]
+        out, self.out = self.out, None
+        if not ents or out is None:
+            return torch.zeros(())
+        return self._score(out, ents)
+
+    def pictures(self, seed: int, step: int, batch_size: int) -> torch.Tensor:
+        """The term on a batch of training renderings of random entities (vision tower only)."""
+        rng = np.random.default_rng([seed, 11, step])
+        ents = [int(e) for e in rng.integers(len(self.world.entities), size=batch_size)]
+        pics = [self.enc.picture(e, int(rng.integers(TRAIN_RENDERINGS))) for e in ents]
+        g = SIZE // PATCH
+        pix = self.enc.patchify(pics)
+        self.model.model.visual(pix, grid_thw=torch.tensor([[1, g, g]] * len(pics)))
+        out, self.out = self.out, None
+        return self._score(out, ents)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -116,26 +180,76 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a curriculum: its share of the steps, its query-form mix (``None``: picture
+    batches for the alignment term only), what it trains, its learning-rate scale and the weight
+    of the picture-to-name alignment term."""
+
+    name: str
+    share: float
+    weights: dict[str, float] | None
+    trainable: str  # "all", "vision" (the vision tower and merger) or "language" (everything else)
+    lr_scale: float = 1.0
+    align: float = 0.0
+
+
+#: the composition curriculum, staged the way MLLMs are trained: facts from text (language-model
+#: pre-training), then pictures aligned to names with the language model frozen (projector
+#: pre-training), then every question form with the picture forms for direct entities only and
+#: the vision tower frozen (instruction tuning), so that the picture questions are answered by
+#: routing name-like picture tokens into the facts learnt from text, not by memorising pictures
+COMPOSITION_STAGES = (
+    Stage("text", 0.35, {"text": 1.0}, "all"),
+    Stage("align", 0.45, None, "vision", align=1.0),
+    Stage("tune", 0.2, COMPOSITION_WEIGHTS, "language", lr_scale=0.5),
+)
+
+
+def _stages(world: Any, weights: dict[str, float]) -> tuple[Stage, ...]:
+    if world.layout.curriculum == "composition":
+        return tuple(Stage(s.name, s.share, weights if s.name == "tune" else s.weights, s.trainable,
+                           s.lr_scale, s.align) for s in COMPOSITION_STAGES)
+    return (Stage("forms", 1.0, weights, "all"),)
+
+
+def _optimizer(model: Any, trainable: str, lr: float) -> torch.optim.Optimizer:
+    def visual(name: str) -> bool:
+        return name.startswith(("model.visual.", "visual."))
+
+    named = [(n, p) for n, p in model.named_parameters()
+             if trainable == "all" or (trainable == "vision") == visual(n)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in named:
+        p.requires_grad_(True)
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
 def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_size: int = 64,
           lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
-          log: Callable[[str], None] = print, n_entities: int = DEFAULT_ENTITIES,
+          log: Callable[[str], None] = print, n_entities: int | None = None,
           check: bool = True, forms: str | dict[str, float] | None = None,
-          n_layers: int | None = None) -> dict[str, Any]:
+          n_layers: int | None = None, layout: str = "single") -> dict[str, Any]:
     """Train, save with ``save_pretrained`` into ``out`` and return its metadata (with the
     final check report under ``check`` unless ``check=False``).
 
     ``forms`` reweights the query-form mix (:func:`form_weights`) and ``n_layers`` sets the
     decoder depth: both exist to train world *variants* for diagnosis; the bundled model uses
-    the defaults, and the metadata records what was used.
+    the defaults, and the metadata records what was used. A layout with the composition
+    curriculum trains in :data:`COMPOSITION_STAGES` (``forms`` reweights its last stage).
     """
-    weights = check_variant(forms, n_layers)
+    weights = check_variant(forms, n_layers, layout)
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(out)
-    world = make_world(seed, n_entities)
+    world = make_world(seed, n_entities, layout)
     split = make_split(world)
     tok = build_tokenizer(world.vocabulary())
     processor = build_processor(tok)
@@ -147,32 +261,48 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"world model: {n_params} parameters, vocab {len(tok)}, {steps} steps x {batch_size}")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     probe = {k: v for k, v in check_sets(world, split, 64, seed_offset=8).items()}
+    stages = _stages(world, weights)
+    align = _Alignment(model, enc, world) if any(s.align for s in stages) else None
     t0 = time.time()
     running = 0.0
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        b = enc.encode(sample_batch(world, split, seed, step, batch_size, weights=weights))
-        tids = b.pop("target_ids")
-        logits = model(**b, logits_to_keep=2).logits[:, 0]
-        loss = torch.nn.functional.cross_entropy(logits.float(), tids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lv = float(loss.detach())
-        running = 0.98 * running + 0.02 * lv if step else lv
-        if (step + 1) % 50 == 0:
-            log(f"step {step + 1} loss {running:.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
-                f"{time.time() - t0:.0f}s")
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            accs = {k: round(accuracy(model, enc, v), 3) for k, v in probe.items()}
-            log(f"eval step {step + 1}: {json.dumps(accs)}")
+    step = 0
+    for k, stage in enumerate(stages):
+        n = steps - step if k == len(stages) - 1 else int(round(stage.share * steps))
+        if len(stages) > 1:
+            log(f"stage {stage.name}: {n} steps, trains {stage.trainable}")
+        opt = _optimizer(model, stage.trainable, lr * stage.lr_scale)
+        stage_warmup = warmup if len(stages) == 1 else min(warmup, max(1, n // 10))
+        for local in range(n):
+            rate = lr_at(local, n, lr * stage.lr_scale, stage_warmup)
+            for g in opt.param_groups:
+                g["lr"] = rate
+            if stage.weights is None:
+                loss = align.pictures(seed, step, batch_size)
+            else:
+                items = sample_batch(world, split, seed, step, batch_size, weights=stage.weights)
+                b = enc.encode(items)
+                tids = b.pop("target_ids")
+                logits = model(**b, logits_to_keep=2).logits[:, 0]
+                loss = torch.nn.functional.cross_entropy(logits.float(), tids)
+                if align is not None:
+                    aligned = align.loss(items)
+                    if stage.align:
+                        loss = loss + stage.align * aligned
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            lv = float(loss.detach())
+            running = 0.98 * running + 0.02 * lv if step else lv
+            step += 1
+            if step % 50 == 0:
+                log(f"step {step} loss {running:.4f} lr {rate:.2e} {time.time() - t0:.0f}s")
+            if eval_every and step % eval_every == 0 and step < steps:
+                accs = {k: round(accuracy(model, enc, v), 3) for k, v in probe.items()}
+                log(f"eval step {step}: {json.dumps(accs)}")
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     elapsed = time.time() - t0
     log(f"trained in {elapsed:.0f}s")
@@ -182,7 +312,10 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     save_processor(processor, out)
     report = run_check(model, processor, world, split) if check else None
     meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-            "threads": threads, "n_entities": n_entities, "parameters": n_params,
+            "threads": threads, "n_entities": len(world.entities), "layout": world.layout.name,
+            "curriculum": world.layout.curriculum, "parameters": n_params,
+            "stages": [{"name": s.name, "share": s.share, "forms": s.weights, "trains": s.trainable,
+                        "lr_scale": s.lr_scale, "align": s.align} for s in stages] if len(stages) > 1 else None,
             "form_weights": weights, "decoder_layers": model.config.text_config.num_hidden_layers,
             "train_seconds": round(elapsed, 1), "check": report}
     (out / "world_model.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,156 @@
+"""The lifelong world layout: a locality pool no edit touches, disjoint acceptance, development
+and train facts, probe identities on every record, and the composition curriculum's sampling."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+
+from mke_plugins.world.build import _Images, locality_pool, make_records, make_split
+from mke_plugins.world.spec import DERIVED, LAYOUTS, LINK_SOURCE, make_world
+from mke_plugins.world.train import sample_batch
+
+LAY = LAYOUTS["lifelong"]
+
+
+@lru_cache(maxsize=2)
+def _world(seed: int = 0):
+    w = make_world(seed, None, "lifelong")
+    split = make_split(w)
+    images = _Images(w, None)  # paths only, no PNGs written
+    recs = {k: make_records(w, split, k, images) for k in ("edit", "dev", "train")}
+    return w, split, recs, locality_pool(w, split, images)
+
+
+def _touched_by(facts: set[tuple[str, str]], probe: dict) -> bool:
+    own = (probe["entity"], probe["relation"])
+    return own in facts or any((d["entity"], d["relation"]) in facts for d in probe.get("derived_from", []))
+
+
+def test_splits_are_disjoint_and_sized_for_a_thousand_edits():
+    w, split, recs, pool = _world()
+    assert len(w.entities) == LAY.n_entities and len(w.relations) == LAY.n_relations
+    assert len(split.edit) == len(set(split.edit)) >= 1000
+    assert len(split.dev) == LAY.n_dev and len(split.train) == LAY.n_train
+    edit, dev, train = set(split.edit), set(split.dev), set(split.train)
+    assert not edit & dev and not edit & train and not dev & train
+    pool_ents = set(split.locality_entities)
+    assert len(pool_ents) == LAY.n_locality_entities
+    assert not pool_ents & {e for e, _ in edit | dev | train}
+    assert len({(p["entity"], p["relation"]) for p in pool}) >= 300
+    assert {p["form"] for p in pool} == {"paired", "text", "image"}
+    # entities whose city is edited in either sequence never learn their country
+    assert split.portability_entities == {e for e, r in edit | dev if r == LINK_SOURCE}
+    # colour pairs stay unique identities
+    assert len({e.colours for e in w.entities}) == len(w.entities)
+
+
+def test_no_locality_probe_of_the_acceptance_sequence_is_touched_by_it():
+    w, split, recs, _ = _world()
+    seq = recs["edit"]
+    edited = {(r["entity"], r["relation"]) for r in seq}
+    assert len(edited) == len(seq) == 1000
+    pool_names = {w.entities[e].name for e in split.locality_entities}
+    for r in seq:
+        for key in ("loc_fact", "m_loc_fact"):
+            assert r[key]["entity"] in pool_names
+            assert not _touched_by(edited, r[key])
+    # fine-grained probes whose fact another edit changes exist, and every probe names its fact
+    fine = [x for r in seq for x in r["fine_locality"]]
+    touched = [x for x in fine if _touched_by(edited, x)]
+    assert fine and 0 < len(touched) < len(fine)
+    for r in seq:
+        for x in r["fine_locality"] + r["portability"]:
+            assert x["entity"] == r["entity"] and x["relation"]
+            if x["relation"] == DERIVED.key:
+                assert x["derived_from"] == [{"entity": r["entity"], "relation": LINK_SOURCE}]
+
+
+def test_records_carry_probe_identities_that_match_their_answers():
+    w, split, recs, pool = _world()
+    by_name = {e.name: e for e in w.entities}
+    for r in recs["dev"][:50] + recs["train"][:50]:
+        e2, e3 = by_name[r["loc_fact"]["entity"]], by_name[r["m_loc_fact"]["entity"]]
+        assert e2.name in r["loc"] and e2.facts[r["loc_fact"]["relation"]] == r["loc_ans"]
+        assert e3.facts[r["m_loc_fact"]["relation"]] == r["m_loc_a"]
+        assert len({x["relation"] for x in r["fine_locality"]} - {DERIVED.key}) == LAY.fine_relations
+    for p in pool[:60]:
+        ent = by_name[p["entity"]]
+        want = w.derived(ent) if p["relation"] == DERIVED.key else ent.facts[p["relation"]]
+        assert p["answer"] == want
+
+
+def test_composition_curriculum_asks_picture_questions_of_direct_entities_only():
+    w, split, _, _ = _world()
+    direct = {e for e in range(len(w.entities)) if split.direct(e)}
+    assert 0 < len(direct) < len(w.entities)
+    seen_forms, composed_text = set(), 0
+    for step in range(6):
+        for item in sample_batch(w, split, 0, step, 64):
+            q = item.question
+            seen_forms.add(q.form)
+            if q.form in ("paired", "image"):
+                assert q.entity in direct
+            elif q.form == "text" and q.entity not in direct:
+                composed_text += 1
+    assert seen_forms == {"paired", "text", "image", "ident"} and composed_text > 0
+
+
+def test_lifelong_layout_is_a_pure_function_of_the_seed():
+    a = make_split(make_world(0, None, "lifelong"))
+    b = make_split(make_world(1, None, "lifelong"))
+    assert a.edit != b.edit
+    again = make_split(make_world(0, None, "lifelong"))
+    assert a.edit == again.edit and a.dev == again.dev and a.locality_entities == again.locality_entities
+    assert np.array_equal(sorted(a.direct_entities), sorted(again.direct_entities))
+
+
+def test_the_bench_plans_the_thousand_edit_sequence_without_locality_collisions(tmp_path):
+    """The bench's collision rule on the full acceptance sequence: no T-Loc / M-Loc probe is refused,
+    and exactly the fine-grained probes whose fact another edit changes become cross-edit probes."""
+    import json
+
+    from mke_plugins import world as world_pkg
+    from mke_plugins.bench.collisions import plan_sequence
+
+    _, _, recs, _ = _world()
+    (tmp_path / "edit.json").write_text(json.dumps(recs["edit"]))
+    reqs = world_pkg.record_paths("edit", tmp_path)
+    plan = plan_sequence(reqs, list(range(len(reqs))))  # raises on a touched T-Loc / M-Loc probe
+    assert not plan.repeated and not plan.anonymous_edits and not plan.unchecked
+    edited = {(r["entity"], r["relation"]) for r in recs["edit"]}
+    want = sum(_touched_by(edited, x) for r in recs["edit"] for x in r["fine_locality"])
+    want += sum(_touched_by(edited - {(r["entity"], r["relation"])}, x)
+                for r in recs["edit"] for x in r["portability"])
+    assert plan.n_touched == want > 0
+    assert {t.kind for p in plan.plans for t in p.touched} <= {"fine_locality", "portability"}
+
+
+def test_bundled_lifelong_model_knows_its_facts_from_text():
+    """The bundled lifelong model answers its trained forms; composed picture questions are reported
+    (the README gives their measured accuracy, below the held-out floor)."""
+    from mke_plugins import world as world_pkg
+    from mke_plugins.world.check import run_check
+
+    meta = json.loads((world_pkg.model_path("lifelong") / "world_model.json").read_text())
+    assert meta["layout"] == "lifelong" and meta["seed"] == 0 and meta["steps"] == LAY.train_steps
+    model, proc = world_pkg.load(world_pkg.model_path("lifelong"))
+    w = make_world(0, None, "lifelong")
+    report = run_check(model, proc, w, make_split(w), n=64)
+    acc = report["accuracy"]
+    assert acc["trained/text"] >= 0.95 and acc["trained/paired"] >= 0.95
+    assert {"composed/paired", "composed/image"} <= set(acc)
+
+
+def test_bench_runs_a_lifelong_sequence_with_checkpoints():
+    from mke_plugins.bench.runner import BenchConfig, methods_from, run_bench
+
+    out = run_bench(BenchConfig(methods=methods_from("FT"), cases=4, mode="sequential", checkpoints=[1, 4],
+                                world="lifelong", hparams="lifelong", generate=False, progress=False))
+    row = out["methods"]["FT"]
+    assert [p["T"] for p in row["curve"]] == [1, 4]
+    assert "world-lifelong-qwen2-vl" in out["model"] and "lifelong-seed0" in out["data"]
+    assert not any("cannot check" in n for n in out["notes"])
+    assert row["locality_acc"] is not None and row["cross_edit_count"] is not None
