@@ -415,7 +415,7 @@ def test_key_init_unit_and_ablation_switches_run(family_setup):
 
 
 def test_bundled_yamls_are_the_expected_set():
-    assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world"])
+    assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world", "lifelong"])
     hp = ASAMHyperParams.from_hparams(HPARAMS_DIR / "world.yaml")
     assert (hp.edit_layers, hp.n_neurons, hp.lar_variants, hp.lar_steps, hp.lar_eps) == ([-1], 2, 8, 5, 0.2)
     assert hp.memory_data and Path(hp.memory_data, "train.json").is_file()

@@ -154,9 +154,9 @@ def test_sequential_mode_accumulates_and_restores():
     cases = r["methods"]["FT"]["cases"]
     assert [c["sequence_length"] for c in cases] == [2, 2, 1]
     assert all(c["generated"] is None and c["rewrite_exact_match"] is None for c in cases)
-    # the world's records name no probe facts: the collisions cannot be checked, and the run says so
-    assert any("cannot check collisions between probes and edits" in n for n in r["notes"])
-    assert r["methods"]["FT"]["cross_edit_count"] is None  # not 0: nothing could be checked
+    # the world's records name every probe's fact: the collisions are checked
+    assert not any("cannot check collisions between probes and edits" in n for n in r["notes"])
+    assert r["methods"]["FT"]["cross_edit_count"] is not None
     # the curve's T is the sequence length; the shorter last sequence counts in the row only
     assert [(p["T"], p["n_cases"]) for p in r["methods"]["FT"]["curve"]] == [(2, 2)]
 

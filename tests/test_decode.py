@@ -304,7 +304,7 @@ def test_one_edit_on_every_family(family, family_setup):
 
 
 def test_bundled_yamls_are_the_expected_set():
-    assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world"])
+    assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world", "lifelong"])
 
 
 @pytest.mark.parametrize("yaml_name", sorted(REAL_YAMLS))

@@ -58,7 +58,7 @@ evaluation of every edit after the last edit of its sequence, with the keys abov
 name the fact each probe asks (``entity`` / ``relation`` of the edit, ``loc_fact`` /
 ``m_loc_fact`` of the T-Loc / M-Loc probe, ``entity`` / ``relation`` / ``derived_from`` of each
 fine-locality and portability item). With them, a T-Loc or M-Loc probe whose fact (or a fact it
-is derived from) an edit of its sequence changes stops the run before the first edit, and a
+is derived from) an edit of its sequence changes is left out of locality (a note counts them), and a
 fine-locality or portability probe whose fact another edit of the sequence changes is left out
 of ``fine_locality_acc`` / ``portability_acc`` and scored as ``cross_edit_consistency`` (token
 accuracy against the newest edited answer made so far; ``cross_edit_success`` all tokens right;

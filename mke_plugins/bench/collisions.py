@@ -9,8 +9,9 @@ portability item):
 
 * the *touched set* of a sequence is the facts its edits change; a probe is touched when its fact,
   or a fact in its ``derived_from``, is in it;
-* a touched T-Loc or M-Loc probe is refused before the first edit (:class:`MKEError` naming the
-  case and the probe): locality probes must come from facts no edit uses;
+* a touched T-Loc or M-Loc probe is left out of locality (it *should* change) and counted, and
+  the run says how many, naming the first: locality probes should come from facts no edit uses,
+  as the lifelong world's locality pool guarantees (its sequences leave none out);
 * a fine-locality probe touched by any edit of the sequence, and a portability probe touched by
   an edit other than its own case's, is never scored as locality or portability: it is scored as
   *cross-edit consistency*, token accuracy against the newest edited answer made so far (for its
@@ -123,6 +124,10 @@ class SequencePlan:
     anonymous_edits: int = 0
     #: facts edited more than once in the sequence
     repeated: list[Fact] = field(default_factory=list)
+    #: "T-Loc" / "M-Loc" -> probes left out of locality because the sequence edits their fact
+    left_out: Counter = field(default_factory=Counter)
+    #: the first probe left out, described for the note
+    first_left_out: str | None = None
 
     @property
     def n_touched(self) -> int:
@@ -146,7 +151,9 @@ def _case_id(request: dict[str, Any], index: int) -> Any:
 
 
 def _check_locality(request: dict[str, Any], index: int, touched: dict[Fact, list[int]], n_edits: int,
-                    plan: SequencePlan, present: set[str]) -> None:
+                    plan: SequencePlan, present: set[str]) -> set[str]:
+    """The T-Loc / M-Loc probe kinds of ``request`` whose fact the sequence edits (left out of locality)."""
+    out: set[str] = set()
     for kind, (key, label) in LOC_FACTS.items():
         if kind not in present:
             continue
@@ -156,11 +163,14 @@ def _check_locality(request: dict[str, Any], index: int, touched: dict[Fact, lis
             plan.unchecked[label] += 1
             continue
         derived = derived_of(request[key], where) if isinstance(request.get(key), dict) else ()
-        for f in (fact, *derived):
-            if f in touched:
-                raise MKEError(f"{where} asks about {f[0]} / {f[1]}, which this sequence edits (edit "
-                               f"{touched[f][0] + 1} of {n_edits}); locality probes must come from "
-                               f"facts no edit of the sequence uses: draw this probe from another fact")
+        hit = next((f for f in (fact, *derived) if f in touched), None)
+        if hit is not None:
+            out.add(kind)
+            plan.left_out[label] += 1
+            if plan.first_left_out is None:
+                plan.first_left_out = (f"{where} asks about {hit[0]} / {hit[1]}, which edit "
+                                       f"{touched[hit][0] + 1} of {n_edits} changes")
+    return out
 
 
 def plan_sequence(requests: Sequence[dict[str, Any]], chunk: Sequence[int]) -> SequencePlan:
@@ -181,7 +191,8 @@ def plan_sequence(requests: Sequence[dict[str, Any]], chunk: Sequence[int]) -> S
             plan.unchecked.update(_label(p.kind) for p in probes if p.kind in (*LOC_FACTS, *ITEM_KINDS))
             plan.plans.append(CasePlan(probes))
             continue
-        _check_locality(request, i, touched, len(chunk), plan, present)
+        drop = _check_locality(request, i, touched, len(chunk), plan, present)
+        probes = [p for p in probes if p.kind not in drop]
         plan.plans.append(_case_plan(requests, chunk, pos, probes, touched, facts, plan))
     return plan
 
@@ -278,6 +289,13 @@ def plan_notes(plans: Sequence[SequencePlan]) -> list[str]:
         notes.append(f"cannot check collisions between probes and edits for {what or 'no'} probe(s): {why}; "
                      f"they are scored as locality / portability even where an edit of their sequence "
                      f"changed their fact")
+    left_out = sum((p.left_out for p in plans), Counter())
+    if left_out:
+        first = next(p.first_left_out for p in plans if p.first_left_out)
+        what = " and ".join(f"{n} {k}" for k, n in sorted(left_out.items()))
+        notes.append(f"{what} probe(s) ask about a fact their own sequence edits (e.g. {first}): left out of "
+                     f"locality, since they should change; draw locality probes from facts no edit uses "
+                     f"(the lifelong world's pool: --world lifelong)")
     repeated = [f for p in plans for f in p.repeated]
     if repeated:
         shown = ", ".join(f"{e} / {r}" for e, r in repeated[:5]) + (", ..." if len(repeated) > 5 else "")

@@ -11,7 +11,7 @@ outputs are computed once per case.
 
 Sequential mode (per method, per sequence of ``sequential_n`` cases, each sequence one unit of
 work, never split): before anything is edited, every sequence's probes are planned
-(:mod:`.collisions`: a T-Loc / M-Loc probe whose fact the sequence edits is refused; fine-locality
+(:mod:`.collisions`: a T-Loc / M-Loc probe whose fact the sequence edits is left out of locality; fine-locality
 and portability probes whose fact another edit of the sequence changes become cross-edit
 consistency probes). Then pre for every case of the sequence on the unedited model (cached, as
 in single mode), and the edits accumulate (EasyEdit's way: each apply gets the model, the last
