@@ -285,10 +285,10 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
                 tids = b.pop("target_ids")
                 logits = model(**b, logits_to_keep=2).logits[:, 0]
                 loss = torch.nn.functional.cross_entropy(logits.float(), tids)
-                if align is not None:
-                    aligned = align.loss(items)
+                if align is not None:  # the term is scored only where it is trained; the capture is dropped
                     if stage.align:
-                        loss = loss + stage.align * aligned
+                        loss = loss + stage.align * align.loss(items)
+                    align.out = None
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
