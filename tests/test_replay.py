@@ -38,8 +38,10 @@ def _hook_state(model: torch.nn.Module) -> list[int]:
     return [len(d) for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
 
 
+@pytest.mark.parametrize("inside", (False, True), ids=("layer", "inside"))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_replayed_logits_are_the_full_forwards(family_model: Any, family: str) -> None:
+def test_replayed_logits_are_the_full_forwards(family_model: Any, family: str, inside: bool) -> None:
+    """``inside``: the parts of the start layer that run before its value module are served from the capture."""
     model, _tok, adapter, batch = _setup(family_model, family)
     n = len(adapter.layers(model))
     with torch.no_grad():
@@ -51,7 +53,7 @@ def test_replayed_logits_are_the_full_forwards(family_model: Any, family: str) -
         with torch.no_grad():
             next(deltas.parameters()).normal_(generator=torch.Generator().manual_seed(start))
         with replay_watch() as watch:
-            with prefix_replay(adapter, model, start) as fwd:
+            with prefix_replay(adapter, model, start, inside=infos[start].value if inside else None) as fwd:
                 deltas.install()
                 try:
                     full = [adapter.forward(model, batch) for _ in range(2)]
@@ -65,6 +67,7 @@ def test_replayed_logits_are_the_full_forwards(family_model: Any, family: str) -
             assert stats.full == 3 and list(stats.reasons) == [DECLINED[family, start]], stats
         else:  # the chain is plain: two passes came from the cache
             assert (stats.captures, stats.replays, stats.full) == (1, 2, 0), stats
+            assert (stats.memoized > 0) == inside, stats  # attention at least runs before the value module
     assert _hook_state(model) == hooks
 
 
@@ -97,9 +100,9 @@ def test_gradients_match_through_the_replay(family_model: Any) -> None:
     model, _tok, adapter, batch = _setup(family_model, "qwen2-vl")
     infos = adapter.layers(model)
     grads = []
-    for use in (False, True):
+    for use, inside in ((False, None), (True, None), (True, infos[2].value)):
         deltas = DeltaSet([ColumnDelta(infos[2].value, [1, 5])])
-        with prefix_replay(adapter, model, 2 if use else None) as fwd:
+        with prefix_replay(adapter, model, 2 if use else None, inside=inside) as fwd:
             deltas.install()
             try:
                 for _ in range(2):
@@ -108,7 +111,7 @@ def test_gradients_match_through_the_replay(family_model: Any) -> None:
             finally:
                 deltas.remove()
         grads.append(g)
-    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
 def test_a_written_prefix_is_caught(family_model: Any) -> None:
@@ -132,6 +135,42 @@ def test_a_written_prefix_is_caught(family_model: Any) -> None:
             with pytest.raises(StalePrefixError, match="below the replay layer was written"):
                 infos[1].value.weight.add_(0.0)
                 fwd.forward(model, batch)
+
+
+def test_a_written_part_of_the_start_layer_is_caught(family_model: Any) -> None:
+    """With ``inside``, a write to the start layer's attention (served from the capture) captures again,
+    or raises under the watch; the value module itself may change freely."""
+    model, _tok, adapter, batch = _setup(family_model, "qwen2-vl")
+    infos = adapter.layers(model)
+    attn = [p for n, p in infos[2].layer.named_parameters() if "attn" in n][0]
+    with torch.no_grad():
+        with prefix_replay(adapter, model, 2, strict=False, inside=infos[2].value) as fwd:
+            fwd.forward(model, batch)
+            saved = attn.clone()
+            attn.mul_(1.5)
+            try:
+                got = fwd.forward(model, batch)
+                assert torch.equal(got, adapter.forward(model, batch))
+                assert fwd.stats.replays == 0 and fwd.stats.captures == 2
+            finally:
+                attn.copy_(saved)
+            fwd.forward(model, batch)  # captures again (the restore is a write too)
+            infos[2].value.weight.add_(0.0)  # the edited module: not part of the memo
+            fwd.forward(model, batch)
+            assert (fwd.stats.captures, fwd.stats.replays) == (3, 1) and fwd.stats.memoized > 0
+        with replay_watch(), prefix_replay(adapter, model, 2, inside=infos[2].value) as fwd:
+            fwd.forward(model, batch)
+            with pytest.raises(StalePrefixError, match="replay layer before the edited module was written"):
+                attn.add_(0.0)
+                fwd.forward(model, batch)
+
+
+def test_inside_must_be_in_the_start_layer(family_model: Any) -> None:
+    model, _tok, adapter, _batch = _setup(family_model, "qwen2-vl")
+    infos = adapter.layers(model)
+    with pytest.raises(ValueError, match="not a submodule of the replay's first decoder layer"):
+        with prefix_replay(adapter, model, 2, inside=infos[1].value):
+            pass
 
 
 def test_trainable_prefix_or_training_mode_runs_the_full_model(family_model: Any) -> None:

@@ -42,6 +42,7 @@ from torch import nn
 
 from mke_plugins.adapters.base import AnswerLogits, Batch, VLMAdapter, unwrap_model
 
+from .layer_memo import LayerMemo, MemoPlan
 from .wrap import gate_open, gate_snapshot
 
 __all__ = ["PrefixReplay", "ReplayStats", "StalePrefixError", "prefix_replay", "replay_watch"]
@@ -65,6 +66,7 @@ class ReplayStats:
     replays: int = 0
     full: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    memoized: int = 0  # modules of layer ``start`` served from the capture on the last replayed pass (``inside``)
 
     def declined(self, reason: str) -> None:
         self.full += 1
@@ -82,6 +84,7 @@ class _Entry:
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]]  # per layer L..: positional args after the state, kwargs
     versions: tuple[int, ...]
     hooks: int
+    memo: MemoPlan | None = None  # parts of layer ``start`` served from the capture (``inside``)
 
 
 @dataclass
@@ -137,7 +140,8 @@ class PrefixReplay:
     adapter's own forward). Use it through :func:`prefix_replay`.
     """
 
-    def __init__(self, adapter: VLMAdapter, model: Any, start: int | None, *, strict: bool = False) -> None:
+    def __init__(self, adapter: VLMAdapter, model: Any, start: int | None, *, strict: bool = False,
+                 inside: nn.Module | None = None) -> None:
         self.adapter = adapter
         self.base = unwrap_model(model)
         self.strict = strict
@@ -151,6 +155,7 @@ class PrefixReplay:
         if start is None:
             return
         self._layers = [i.layer for i in infos[start:]]
+        self._memo = LayerMemo(self._layers[0], inside) if inside is not None else None
         self._norm = adapter.final_norm(self.base)
         self._head = adapter.lm_head(self.base)
         suffix = {id(m) for top in (*self._layers, self._norm, self._head) for m in top.modules()}
@@ -263,7 +268,7 @@ class PrefixReplay:
             return "a parameter below the replay layer was written"
         if _hook_count(self.prefix_modules) != entry.hooks:
             return "the hooks below the replay layer changed"
-        return None
+        return LayerMemo.stale(entry.memo) if entry.memo is not None else None
 
     # -- the two kinds of pass ------------------------------------------------------------------
     def _capture(self, model: Any, batch: Batch, key: tuple[Any, ...]) -> _Captured:
@@ -312,7 +317,8 @@ class PrefixReplay:
             handles.append(self._norm.register_forward_hook(seen_as("norm", n, "out")))
             handles.append(self._head.register_forward_pre_hook(seen_as("head", n + 1, "in"), prepend=True))
             handles.append(self._head.register_forward_hook(seen_as("head", n + 1, "out")))
-            logits = self.adapter.forward(model, batch)
+            with self._memo.recording() if self._memo is not None else contextlib.nullcontext() as memo:
+                logits = self.adapter.forward(model, batch)
         finally:
             for h in handles:
                 h.remove()
@@ -327,8 +333,9 @@ class PrefixReplay:
         hidden = ins[0]
         if len(self._cache) >= MAX_ENTRIES:
             self._cache.pop(next(iter(self._cache)))
+        plan = self._memo.plan(memo) if self._memo is not None else None
         self._cache[key] = _Entry([v for v in _leaves(batch.inputs) if not isinstance(v, (str, int, float))], hidden,
-                                  hidden._version, calls, versions, hooks)  # type: ignore[arg-type]
+                                  hidden._version, calls, versions, hooks, plan)  # type: ignore[arg-type]
         self.stats.captures += 1
         return _Captured(logits, seen["norm.out"])
 
@@ -358,23 +365,30 @@ class PrefixReplay:
         gates = tuple(getattr(model, "gates", ()))
         with gate_open(self.base, *gates) if gates else contextlib.nullcontext():
             h = entry.hidden
-            for layer, (args, kwargs) in zip(self._layers, entry.calls, strict=True):
-                out = layer(h, *args, **kwargs)
+            for i, (layer, (args, kwargs)) in enumerate(zip(self._layers, entry.calls, strict=True)):
+                memo = entry.memo if i == 0 else None
+                with LayerMemo.serving(memo) if memo is not None else contextlib.nullcontext():
+                    out = layer(h, *args, **kwargs)
                 h = out[0] if isinstance(out, tuple) else out
+            self.stats.memoized = len(entry.memo) if entry.memo is not None else 0
             return self._norm(h)
 
 
 @contextlib.contextmanager
 def prefix_replay(adapter: VLMAdapter, model: Any, start: int | None, *,
-                  strict: bool | None = None) -> Iterator[PrefixReplay]:
+                  strict: bool | None = None, inside: nn.Module | None = None) -> Iterator[PrefixReplay]:
     """A :class:`PrefixReplay` from decoder layer ``start`` for the block; its cache is dropped on exit.
 
     ``start`` is the lowest decoder layer whose output the block's edits can change (``None``: no
-    replay). ``strict`` (default: on inside :func:`replay_watch`) raises :class:`StalePrefixError`
-    when the prefix changed under a cached batch instead of running the full model again.
+    replay). ``inside``: the only module of layer ``start`` that the block changes (a value matrix
+    with column offsets); what runs in that layer before it is then served from the capture too
+    (:mod:`~mke_plugins.core.layer_memo`). ``strict`` (default: on inside :func:`replay_watch`) raises
+    :class:`StalePrefixError` when the prefix changed under a cached batch instead of running the full
+    model again.
     """
     watch = _WATCH.get()
-    replay = PrefixReplay(adapter, model, start, strict=watch is not None if strict is None else strict)
+    replay = PrefixReplay(adapter, model, start, strict=watch is not None if strict is None else strict,
+                          inside=inside)
     try:
         yield replay
     finally:

@@ -32,6 +32,7 @@ from mke_plugins.adapters import HookPoint, Query, VLMAdapter, resolve_layers
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import capture
 from mke_plugins.core.modes import frozen
+from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.wrap import gate_open
 
 from . import lar as lar_mod
@@ -152,91 +153,94 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
     delta_full: torch.Tensor | None = None
     delta: torch.Tensor | None = None
     stale_stop = False  # the stop rule held on variants made for an earlier patch: regenerate, check again
-    for step in range(1, int(hparams.max_steps) + 1):
-        fresh = K > 0 and ((step - 1) % int(hparams.lar_regen_every) == 0 or stale_stop)
-        stale_stop = False
-        if fresh:
-            stats.regenerations += 1
-            t0 = time.perf_counter()
-            delta = lar_mod.pgd(model, adapter, batch_k, anchor, rho=float(hparams.lar_eps),
-                                steps=int(hparams.lar_steps), alpha=hparams.step_size(), gen=gen, gate=GATE,
-                                objective=hparams.lar_objective, old_labels=old_labels, mode=hparams.lar_mode)
-            stats.lar_seconds += time.perf_counter() - t0
-            if stats.coherence_first is None:
-                stats.coherence_first = lar_mod.coherence(model, adapter, batch_k, delta, clean_top1, p)
-            delta_full = torch.cat([delta.new_zeros((1, *delta.shape[1:])), delta], dim=0)
-            if step == 1 and hparams.key_init == "unit":
-                with torch.no_grad(), gate_open(model, GATE), lar_mod.perturbed(embed_point, delta_full), \
-                        capture(ffn_points, positions=batch_main.answer_mask) as rec_u:
-                    adapter.forward(model, batch_main)
-                for layer in layers:
-                    init_keys_unit(blocks[layer], rec_u[layer], gen)
+    # the variants enter at layer 0's input and the patches sit in decoder layers: each pass re-runs only the
+    # decoder layers, from what the first full forward of its batch handed to layer 0 (core.replay)
+    with prefix_replay(adapter, model, 0 if hparams.prefix_replay else None) as replayed:
+        for step in range(1, int(hparams.max_steps) + 1):
+            fresh = K > 0 and ((step - 1) % int(hparams.lar_regen_every) == 0 or stale_stop)
+            stale_stop = False
+            if fresh:
+                stats.regenerations += 1
+                t0 = time.perf_counter()
+                delta = lar_mod.pgd(model, replayed, batch_k, anchor, rho=float(hparams.lar_eps),
+                                    steps=int(hparams.lar_steps), alpha=hparams.step_size(), gen=gen, gate=GATE,
+                                    objective=hparams.lar_objective, old_labels=old_labels, mode=hparams.lar_mode)
+                stats.lar_seconds += time.perf_counter() - t0
+                if stats.coherence_first is None:
+                    stats.coherence_first = lar_mod.coherence(model, adapter, batch_k, delta, clean_top1, p)
+                delta_full = torch.cat([delta.new_zeros((1, *delta.shape[1:])), delta], dim=0)
+                if step == 1 and hparams.key_init == "unit":
+                    with torch.no_grad(), gate_open(model, GATE), lar_mod.perturbed(embed_point, delta_full), \
+                            capture(ffn_points, positions=batch_main.answer_mask) as rec_u:
+                        adapter.forward(model, batch_main)
+                    for layer in layers:
+                        init_keys_unit(blocks[layer], rec_u[layer], gen)
 
-        perturb = lar_mod.perturbed(embed_point, delta_full) if K > 0 else contextlib.nullcontext()
-        with gate_open(model, GATE), perturb, \
-                capture(ffn_points, detach=False, seq_shape=(K + 1, T)) as rq, \
-                capture(out_points, detach=False) as ro:
-            answers = adapter.answer_logits(model, batch_main)
-        rows_nll = answers.loss("row")
-        nll = rows_nll[0]
-        _finite(nll, "nll", step)
-        total = nll
-        stats.nll = float(nll.detach())
-        if K > 0:
-            adv = rows_nll[1:].mean()
-            _finite(adv, "adv", step)
-            total = total + float(hparams.lambda_adv) * adv
-            stats.adv = float(adv.detach())
-        act_terms, act_anchor_terms, rcsl_terms, mem_terms = [], [], [], []
-        for layer in layers:
-            q = rq[layer][:, ans]  # (K+1, |ans|, d)
-            act_terms.append(activation_loss(blocks[layer], q, float(hparams.act_margin)))
-            act_anchor_terms.append(activation_loss(blocks[layer], q[:1], float(hparams.act_margin)))
-            if K > 0 and hparams.rcsl:
-                r = ro[layer][:, p]
-                term, fell_back = rcsl_loss(r, rank=int(hparams.rcsl_rank), form=hparams.rcsl_form,
-                                            asym=bool(hparams.asym))
-                stats.svd_fallbacks += int(fell_back)
-                rcsl_terms.append(term)
-            if float(hparams.lambda_mem) > 0 and memory.get(layer) is not None:
-                mem_terms.append(memory_loss(blocks[layer], memory[layer], float(hparams.mem_margin),
-                                             int(hparams.memory_top)))
-        dev = nll.device  # per-layer terms live beside their layers (a model spread over several GPUs)
-        act = torch.stack([t.to(dev) for t in act_terms]).mean()
-        act_anchor = torch.stack([t.to(dev) for t in act_anchor_terms]).mean()
-        _finite(act, "act", step)
-        total = total + float(hparams.lambda_act) * act
-        stats.act = float(act.detach())
-        if rcsl_terms:
-            rc = torch.stack([t.to(dev) for t in rcsl_terms]).mean()
-            _finite(rc, "rcsl", step)
-            total = total + float(hparams.lambda_rcsl) * rc
-            stats.rcsl = float(rc.detach())
-        if mem_terms:
-            mem = torch.stack([t.to(dev) for t in mem_terms]).mean()
-            _finite(mem, "mem", step)
-            total = total + float(hparams.lambda_mem) * mem
-            stats.mem = float(mem.detach())
-        with torch.no_grad():
-            ok_rows = answers.success()
-        stats.rows_correct = float(ok_rows.float().mean())
-        if hparams.stop_on == "unit":
-            done = bool(ok_rows.all()) and float(act.detach()) <= float(hparams.act_tol)
-        else:
-            done = bool(ok_rows[0]) and float(act_anchor.detach()) <= float(hparams.act_tol)
-        if done and K > 0 and not fresh and hparams.lar_fresh_stop:
-            stale_stop = True  # no update: the next outer step regenerates the variants and checks again
-            continue
-        if done:
-            stats.stopped = True
-            break
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if float(hparams.grad_clip) > 0:
-            torch.nn.utils.clip_grad_norm_(params, float(hparams.grad_clip))
-        opt.step()
-        stats.steps += 1
-        del answers, rows_nll, total
+            perturb = lar_mod.perturbed(embed_point, delta_full) if K > 0 else contextlib.nullcontext()
+            with gate_open(model, GATE), perturb, \
+                    capture(ffn_points, detach=False, seq_shape=(K + 1, T)) as rq, \
+                    capture(out_points, detach=False) as ro:
+                answers = replayed.answer_logits(model, batch_main)
+            rows_nll = answers.loss("row")
+            nll = rows_nll[0]
+            _finite(nll, "nll", step)
+            total = nll
+            stats.nll = float(nll.detach())
+            if K > 0:
+                adv = rows_nll[1:].mean()
+                _finite(adv, "adv", step)
+                total = total + float(hparams.lambda_adv) * adv
+                stats.adv = float(adv.detach())
+            act_terms, act_anchor_terms, rcsl_terms, mem_terms = [], [], [], []
+            for layer in layers:
+                q = rq[layer][:, ans]  # (K+1, |ans|, d)
+                act_terms.append(activation_loss(blocks[layer], q, float(hparams.act_margin)))
+                act_anchor_terms.append(activation_loss(blocks[layer], q[:1], float(hparams.act_margin)))
+                if K > 0 and hparams.rcsl:
+                    r = ro[layer][:, p]
+                    term, fell_back = rcsl_loss(r, rank=int(hparams.rcsl_rank), form=hparams.rcsl_form,
+                                                asym=bool(hparams.asym))
+                    stats.svd_fallbacks += int(fell_back)
+                    rcsl_terms.append(term)
+                if float(hparams.lambda_mem) > 0 and memory.get(layer) is not None:
+                    mem_terms.append(memory_loss(blocks[layer], memory[layer], float(hparams.mem_margin),
+                                                 int(hparams.memory_top)))
+            dev = nll.device  # per-layer terms live beside their layers (a model spread over several GPUs)
+            act = torch.stack([t.to(dev) for t in act_terms]).mean()
+            act_anchor = torch.stack([t.to(dev) for t in act_anchor_terms]).mean()
+            _finite(act, "act", step)
+            total = total + float(hparams.lambda_act) * act
+            stats.act = float(act.detach())
+            if rcsl_terms:
+                rc = torch.stack([t.to(dev) for t in rcsl_terms]).mean()
+                _finite(rc, "rcsl", step)
+                total = total + float(hparams.lambda_rcsl) * rc
+                stats.rcsl = float(rc.detach())
+            if mem_terms:
+                mem = torch.stack([t.to(dev) for t in mem_terms]).mean()
+                _finite(mem, "mem", step)
+                total = total + float(hparams.lambda_mem) * mem
+                stats.mem = float(mem.detach())
+            with torch.no_grad():
+                ok_rows = answers.success()
+            stats.rows_correct = float(ok_rows.float().mean())
+            if hparams.stop_on == "unit":
+                done = bool(ok_rows.all()) and float(act.detach()) <= float(hparams.act_tol)
+            else:
+                done = bool(ok_rows[0]) and float(act_anchor.detach()) <= float(hparams.act_tol)
+            if done and K > 0 and not fresh and hparams.lar_fresh_stop:
+                stale_stop = True  # no update: the next outer step regenerates the variants and checks again
+                continue
+            if done:
+                stats.stopped = True
+                break
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if float(hparams.grad_clip) > 0:
+                torch.nn.utils.clip_grad_norm_(params, float(hparams.grad_clip))
+            opt.step()
+            stats.steps += 1
+            del answers, rows_nll, total
     if K > 0 and delta is not None:
         stats.coherence_last = lar_mod.coherence(model, adapter, batch_k, delta, clean_top1, p)
     for b in blocks.values():

@@ -3,10 +3,11 @@
 Each stage trains one fp32 offset row ``z_i`` per neuron of its group, applied by a forward hook
 on the value module (``core.deltas.ColumnDelta``: ``out += a[..., idx] @ Z``, i.e. ``v_i ← v_i + z_i``
 at every position), with loss ``CE(target + EOS) + kl_weight · KL(p_ref ‖ p_edit)`` on the prompt
-positions and Adam; each step re-runs only the decoder layers from the group's lowest one up
-(``core.replay``: same logits, less time). The stage ends early, before any update, once the mean CE is below its
-threshold. The hooks are removed in ``finally``; the offsets are then folded into the weights
-(the sum in fp32, one cast), after the touched columns are snapshotted for an exact restore.
+positions and Adam; each step re-runs only the decoder layers from the group's lowest one up, and
+in that one only what follows its value module (``core.replay``: same logits, less time). The
+stage ends early, before any update, once the mean CE is below its threshold. The hooks are
+removed in ``finally``; the offsets are then folded into the weights (the sum in fp32, one cast),
+after the touched columns are snapshotted for an exact restore.
 
 :func:`run_decode` is the whole algorithm over a list of requests (steps 1–8); it returns the
 edited model, the weight snapshot and one :class:`EditReport` per request. The bench calls it
@@ -162,10 +163,12 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
     deltas = make_deltas(infos, group)
     opt = torch.optim.Adam(list(deltas.parameters()), lr=hparams.lr)
     start = min(layer for layer, _ in group) if hparams.prefix_replay else None
+    inside = infos[start].value if start is not None else None
     try:
         deltas.install()
-        # nothing below the group's lowest layer changes: each step re-runs only the layers from there up
-        with torch.enable_grad(), prefix_replay(adapter, model, start) as replayed:
+        # nothing below the group's lowest layer changes, nor its part before the value module: each step
+        # re-runs only the layers from there up, serving that part from the first pass
+        with torch.enable_grad(), prefix_replay(adapter, model, start, inside=inside) as replayed:
             for _ in range(hparams.max_steps):
                 logits = replayed.forward(model, stage.batch)
                 l_tgt = adapter.loss(model, stage.batch, logits=logits)
