@@ -17,7 +17,7 @@ import torch
 
 from mke_hooks import HparamsError, MKEError, RequestError
 from mke_plugins.adapters import Query, get_adapter, resolve_layers
-from mke_plugins.core.hooks import hook_counts
+from mke_plugins.core.hooks import capture, hook_counts
 from mke_plugins.core.snapshot import assert_same_state, state_of
 from mke_plugins.core.wrap import GatedModel
 from mke_plugins.methods.asam import asam_main, lar, memory, patch, rcsl
@@ -339,6 +339,35 @@ def test_world_edit_succeeds_on_its_unit_and_restores(world_model):
     wc()
     assert_same_state(before, model)
     assert hook_counts(model) == hooks
+    assert patch.existing_state(model) is None
+
+
+def test_scope_threshold_confines_a_finished_edit_to_its_anchor(world_model):
+    """Lifelong mode (core.scope): the trained block gets the anchor's FFN inputs as its scope; the edit
+    still holds on its own prompt, and a prompt outside the scope gets the bare model's logits exactly."""
+    model, tok, reqs = world_model
+    adapter = get_adapter(model, world_hparams())
+    req, other = reqs[4], reqs[5]
+    before = state_of(model)
+    edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, [req], world_hparams(scope_threshold=0.8),
+                                                          return_orig_weights=True)
+    (block,) = patch.existing_state(model).patches.blocks()
+    assert block.scope is not None and block.scope.threshold == 0.8
+    assert wc.stats.edits[0].added_bytes >= block.scope.nbytes > 0
+    own = adapter.batch(model, tok, [Query(req["image"], req["prompt"], req["target"])])
+    away = adapter.batch(model, tok, [Query(None, other["locality_prompt"], other["locality_ground_truth"])])
+    infos = adapter.layers(model)
+    with torch.no_grad():
+        assert bool(adapter.success(adapter.forward(edited, own), own)[0])
+        with capture({0: infos[block.layer].ffn_in}) as rec:
+            bare = adapter.forward(model, away)
+        assert not bool(block.scope.admits(rec[0]).any()), "the probe must lie outside the scope"
+        assert torch.equal(adapter.forward(edited, away), bare)
+        scope, block.scope = block.scope, None  # without it the block would act on the probe
+        assert not torch.equal(adapter.forward(edited, away), bare)
+        block.scope = scope
+    wc()
+    assert_same_state(before, model)
     assert patch.existing_state(model) is None
 
 

@@ -130,3 +130,32 @@ def test_hf_gated_model_is_called_like_the_base(tiny_model):
         assert torch.equal(edited(**batch.inputs).logits, model(**batch.inputs).logits)
         gen = edited.generate(**{k: v for k, v in batch.inputs.items()}, max_new_tokens=1, do_sample=False)
     assert gen.shape[1] == batch.inputs["input_ids"].shape[1] + 1
+
+
+def test_an_input_scope_admits_only_positions_near_its_keys():
+    """core.scope: cosine to the nearest key against the threshold; a scoped block is silent outside it."""
+    from mke_plugins.core.neurons import NeuronBlock
+    from mke_plugins.core.scope import InputScope
+
+    g = torch.Generator().manual_seed(0)
+    anchor = torch.randn(2, 8, generator=g)
+    scope = InputScope.around(anchor * 3.0, 0.9)  # keys are unit rows: the scale does not matter
+    near = anchor[0] + 0.05 * torch.randn(8, generator=g)
+    far = torch.randn(8, generator=g)
+    assert scope.cosine(anchor[1]).item() == pytest.approx(1.0, abs=1e-6)
+    assert scope.admits(torch.stack([near, far])).tolist() == [True, bool(scope.cosine(far) > 0.9)]
+    assert scope.nbytes == 2 * 8 * 4
+    with pytest.raises(ValueError, match="cosine in"):
+        InputScope.around(anchor, 1.0)
+
+    block = NeuronBlock(8, 3, gated=False, act_fn=torch.nn.functional.relu)
+    with torch.no_grad():
+        block.key.copy_(torch.randn(3, 8, generator=g))
+        block.bias.fill_(5.0)  # fires everywhere without a scope
+        block.value.copy_(torch.randn(8, 3, generator=g))
+    q = torch.stack([near, -anchor[0]]).unsqueeze(0)  # (1, 2, d): one position inside, one outside
+    full = block.delta(q)
+    block.scope = InputScope.around(anchor, 0.9)
+    scoped = block.delta(q)
+    assert torch.equal(scoped[0, 0], full[0, 0]) and full[0, 1].abs().sum() > 0
+    assert torch.equal(scoped[0, 1], torch.zeros(8))

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mke_plugins.adapters.base import LayerInfo, VLMAdapter, unwrap_model
+from mke_plugins.core.scope import InputScope
 from mke_plugins.core.wrap import is_gate_open
 
 __all__ = ["NeuronBlock", "NeuronPatches", "drop_patches", "patches_for"]
@@ -53,6 +54,8 @@ class NeuronBlock(nn.Module):
         self.tag = tag
         #: optional callable returning (d,) or (d, n) added to ``value`` (kept out of ``parameters()``)
         self.value_extra: Callable[[], torch.Tensor] | None = None
+        #: optional :class:`~mke_plugins.core.scope.InputScope`: the block acts only at the positions it admits
+        self.scope: InputScope | None = None
 
     @property
     def n(self) -> int:
@@ -66,6 +69,8 @@ class NeuronBlock(nn.Module):
         a = self.act_fn(self.pre(q))
         if self.gated:
             a = a * (q.float() @ self.key_up.t())
+        if self.scope is not None:
+            a = a * self.scope.admits(q).unsqueeze(-1).to(a.dtype)
         return a
 
     def effective_value(self) -> torch.Tensor:

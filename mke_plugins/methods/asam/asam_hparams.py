@@ -36,6 +36,10 @@ class ASAMHyperParams(MultimodalHyperParams):
     lr: float = hp(1e-2, "Adam learning rate on the current edit's patch parameters.", gt=0)
     max_steps: int = hp(100, "Maximum outer optimisation steps per edit.", ge=1)
     grad_clip: float = hp(1.0, "Gradient-norm clip on the patch parameters (0 disables).", ge=0)
+    scope_threshold: float | None = hp(
+        None, "Lifelong mode: once an edit is trained, its blocks act only at positions whose FFN input has a "
+              "cosine above this to one of the edit's anchor representations (core.scope; README, 'Sequential "
+              "editing'). null (default): no scope, the paper's editor.", ge=-1, lt=1)
     prefix_replay: bool = hp(
         True, "Speed only: the PGD passes and the main pass re-run only the decoder layers, from the state the "
               "first full forward handed to layer 0 (vision tower, embeddings, mask and positions are not "

@@ -39,11 +39,12 @@ def check_file_types(requests: list[dict[str, Any]]) -> None:
 
 
 def edit_bytes(ctx: EditContext, tag: Hashable) -> int:
-    """Bytes edit ``tag`` added: its neuron blocks and its memory-bank rows."""
+    """Bytes edit ``tag`` added: its neuron blocks (with their scopes) and its memory-bank rows."""
     state = existing_state(ctx.base)
     blocks = state.patches.blocks(tag=tag)
     rows = [r for t, by_layer in state.extra_rows if t == tag for r in by_layer.values()]
-    return tensor_bytes([p for b in blocks for p in b.parameters()] + rows)
+    scopes = sum(b.scope.nbytes for b in blocks if b.scope is not None)
+    return tensor_bytes([p for b in blocks for p in b.parameters()] + rows) + scopes
 
 
 @edit_method(ASAMHyperParams, fields=EDIT_FIELDS, edited_model=gated_by(GATE))

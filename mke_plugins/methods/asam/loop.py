@@ -33,6 +33,7 @@ from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import capture
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.replay import prefix_replay
+from mke_plugins.core.scope import InputScope
 from mke_plugins.core.wrap import gate_open
 
 from . import lar as lar_mod
@@ -243,8 +244,10 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
             del answers, rows_nll, total
     if K > 0 and delta is not None:
         stats.coherence_last = lar_mod.coherence(model, adapter, batch_k, delta, clean_top1, p)
-    for b in blocks.values():
+    for layer, b in blocks.items():
         b.freeze()
+        if hparams.scope_threshold is not None:  # lifelong mode: the finished edit acts only near its anchor
+            b.scope = InputScope.around(anchor_q[layer], float(hparams.scope_threshold))
     stats.seconds = time.perf_counter() - t_start
     return stats
 

@@ -1,0 +1,56 @@
+"""Input scopes: an edit's change acts only where the input's representation is close to the edit's own.
+
+Why it exists: in sequential (lifelong) editing every edit's change stays in the model while
+hundreds more arrive. A change that acts on inputs far outside its fact (a patch neuron that fires
+on half of all prompts) is harmless after one edit and ruinous after fifty: on the lifelong world's
+development sequence, each ASAM block fires on more than half of the locality pool's probes, and
+after 60 edits only 11 % of those probes keep their answer. The published lifelong editors key
+each edit on the input's representation (GRACE's codebook key and deferral radius, WISE's routing
+activation, T-Patcher's activation margin). :class:`InputScope` is this project's form of it,
+usable by any method whose change is applied at a known point: the unit-normalised
+representations of the edit's own input at that point, and a cosine threshold; a position is
+admitted when its representation's cosine to one of the keys exceeds the threshold.
+
+The scope is a hard 0/1 mask (no gradient flows through it). Methods set it after an edit is
+trained, so the training itself is the method's own; what the scope changes is only where the
+finished edit acts later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["InputScope"]
+
+
+@dataclass(frozen=True)
+class InputScope:
+    """Where an edit acts: positions whose representation has cosine > ``threshold`` to a key."""
+
+    keys: torch.Tensor  # (k, d) fp32 unit rows
+    threshold: float
+
+    @classmethod
+    def around(cls, reps: torch.Tensor, threshold: float) -> "InputScope":
+        """The scope of the representations ``reps`` (``(..., d)``; every row becomes a key)."""
+        if not -1.0 <= threshold < 1.0:
+            raise ValueError(f"a scope threshold is a cosine in [-1, 1), got {threshold}")
+        keys = torch.nn.functional.normalize(reps.detach().reshape(-1, reps.shape[-1]).float(), dim=-1)
+        if keys.shape[0] == 0:
+            raise ValueError("a scope needs at least one representation")
+        return cls(keys, float(threshold))
+
+    def cosine(self, q: torch.Tensor) -> torch.Tensor:
+        """``(...,)`` fp32: the largest cosine of each position of ``q`` (``(..., d)``) to a key."""
+        keys = self.keys.to(q.device)
+        return (torch.nn.functional.normalize(q.detach().float(), dim=-1) @ keys.t()).amax(-1)
+
+    def admits(self, q: torch.Tensor) -> torch.Tensor:
+        """``(...,)`` bool: the positions of ``q`` inside the scope."""
+        return self.cosine(q) > self.threshold
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size()
