@@ -195,6 +195,22 @@ def test_checkpoints_give_a_curve_whose_last_point_is_the_row(curve_result):
     assert not any("cannot check" in n for n in curve_result["notes"])
 
 
+def test_easyedit_sequential_protocol_is_reported_beside_ours(curve_result):
+    """Each case also scored right after its own edit (EasyEdit's ``sequential_edit=True``): the last
+    case's scores equal its end-of-sequence ones (the same model), the row averages them, the table says so."""
+    from mke_plugins.bench.report import table
+    from mke_plugins.bench.score import AT_EDIT_KEYS
+
+    row = curve_result["methods"]["FT"]
+    cases = row["cases"]
+    for key in AT_EDIT_KEYS:
+        assert all(f"{key}_at_edit" in c for c in cases), key
+        assert cases[-1][f"{key}_at_edit"] == cases[-1][key], key
+        assert row[f"{key}_at_edit"] == pytest.approx(sum(c[f"{key}_at_edit"] for c in cases) / len(cases))
+    assert row["rewrite_acc_at_edit"] >= row["rewrite_acc"]  # FT forgets its earlier edits, not the one just made
+    assert "each edit scored right after it was made (EasyEdit's sequential_edit=True): Rel " in table(curve_result)
+
+
 def test_curve_table_and_figure(curve_result, tmp_path):
     from mke_plugins.bench.report import curve_path, has_curve, plot_curve, table
 

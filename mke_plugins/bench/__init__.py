@@ -30,7 +30,11 @@ protocols, both against the unedited model's outputs on the same inputs: ours, `
 and EasyEdit main's (``MultimodalEditor``), ``locality_easyedit`` (top-1 agreement at every position
 of the T-Loc row: prompt, template and answer) / ``multimodal_locality_easyedit`` (top-10 ids
 compared rank by rank at every position of the M-Loc row, picture tokens included); each is averaged
-per case, then over cases, as EasyEdit's per-case ``post`` values are. The cost unit
+per case, then over cases, as EasyEdit's per-case ``post`` values are. Sequential mode scores every
+case after the last edit of its sequence; EasyEdit's ``edit(sequential_edit=True)`` scores each case
+right after its own edit, and the rows also carry that protocol as ``rewrite_acc_at_edit``,
+``rephrase_acc_at_edit``, ``image_rephrase_acc_at_edit``, ``locality_easyedit_at_edit`` and
+``multimodal_locality_easyedit_at_edit`` (sequential mode only; printed under the table). The cost unit
 ``fwdbwd_seconds`` (per case) is one forward+backward pass of the model on that case's edit request,
 all weights trainable: the median of 5 timed passes after 1 untimed warm-up
 (:func:`.cost.fwd_bwd_seconds`); ``fwdbwd_seconds_median`` is its median over cases and

@@ -134,6 +134,13 @@ def table(result: dict[str, Any]) -> str:
                  f"accuracy; T-Loc/M-Loc = agreement with the unedited model's top-1 at the answer positions; "
                  f"(EE) = EasyEdit's protocol: every position, top-1 (T) / top-10 rank by rank (M); "
                  f"DFR/Joint success-based.")
+    for name in names:
+        row = result["methods"][name]
+        if row.get("rewrite_acc_at_edit") is not None:  # sequential mode: EasyEdit's own protocol beside ours
+            cols = [("Rel", "rewrite_acc"), ("T-Gen", "rephrase_acc"), ("M-Gen", "image_rephrase_acc"),
+                    ("T-Loc(EE)", "locality_easyedit"), ("M-Loc(EE)", "multimodal_locality_easyedit")]
+            lines.append(f"{name}, each edit scored right after it was made (EasyEdit's sequential_edit=True): "
+                         + ", ".join(f"{h} {_fmt(row.get(k + '_at_edit'), 'acc')}" for h, k in cols))
     for note in result.get("notes") or []:
         lines.append(f"note: {note}")
     if has_curve(result):

@@ -63,7 +63,7 @@ from .methods import BoundMethod, MethodRequest, bind, bind_rows
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
 from .restore import StateCheck, restore_like_easyedit
 from .resume import Journal, data_digest, unit_key
-from .score import SCHEMA_KEYS, aggregate, score_case
+from .score import AT_EDIT_KEYS, SCHEMA_KEYS, aggregate, score_case
 
 log = logging.getLogger(__name__)
 
@@ -357,16 +357,21 @@ class Bench:
         cases: list[dict[str, Any]] = []
         edited = self.model
         try:
+            at_edit: list[dict[str, Any]] = []
             for made, (i, _, _, _, fwdbwd) in enumerate(prepared, start=1):
                 edited, wc, seconds, mem = self._apply(m, self.requests[i], base_seed + i)
                 done.append((edited, wc))
                 costs.append((seconds, fwdbwd, mem, method_extra(wc)))
+                at_edit.append(self._at_edit(edited, prepared[made - 1]))
                 tick(m.label)
                 if made not in ts:
                     continue
                 last = made == len(chunk)
                 cases = [self._sequence_case(m, edited, prepared[k], made, costs[k] if last else None, len(chunk))
                          for k in range(made)]
+                if last:
+                    for case, scores in zip(cases, at_edit, strict=True):
+                        case.update(scores)
                 if made in on_curve:  # a shorter last sequence's own end counts in the row, not on the curve
                     points.append(Checkpoint(made, cases, [c[0] for c in costs],
                                              [_added_bytes(c[3]) for c in costs]))
@@ -377,6 +382,14 @@ class Bench:
         if check is not None:
             check.verify(self.model, m.label, f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
         return cases, points
+
+    def _at_edit(self, edited: Any, prepared: tuple[Any, ...]) -> dict[str, Any]:
+        """EasyEdit's sequential protocol: the case just edited, scored at once, before the next edit."""
+        i, _, pb, pre, _ = prepared
+        if pb is None:
+            pb = build_batches(self.adapter, self.model, self.tok, prepared[1].probes, self.probe_batch)
+        case = self._case(i, self.requests[i], pb, pre, run_probes(self.adapter, edited, pb), None)
+        return {f"{k}_at_edit": case.get(k) for k in AT_EDIT_KEYS}
 
     def _sequence_case(self, m: BoundMethod, edited: Any, prepared: tuple[Any, ...], made: int,
                        cost: tuple[Any, ...] | None, length: int) -> dict[str, Any]:

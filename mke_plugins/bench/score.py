@@ -50,6 +50,11 @@ CASE_MEAN_KEYS = (
     "pre_image_only_acc", "pre_portability_acc", "cross_edit_consistency", "cross_edit_success",
 )
 
+#: EasyEdit's sequential protocol (``MultimodalEditor.edit(sequential_edit=True)``): each case scored
+#: right after its own edit, on the model holding every edit made so far (sequential mode only)
+AT_EDIT_KEYS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_easyedit",
+                "multimodal_locality_easyedit")
+
 
 def _mean(values: Iterable[float | bool | None]) -> float | None:
     return scoring.mean_or_none(list(values))
@@ -128,6 +133,9 @@ def aggregate_extra(extras: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def aggregate(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The method row from its per-case results (metrics, decoupling and cost)."""
     row: dict[str, Any] = {k: _mean(c.get(k) for c in cases) for k in CASE_MEAN_KEYS}
+    for k in (f"{key}_at_edit" for key in AT_EDIT_KEYS):
+        if any(k in c for c in cases):
+            row[k] = _mean(c.get(k) for c in cases)
     dec = scoring.decoupling([c.get("rewrite_success") for c in cases],
                              [c.get("text_only_success") for c in cases],
                              [c.get("image_only_success") for c in cases])

@@ -1,0 +1,69 @@
+"""EasyEdit's own sequential editing agrees with the bench's sequential run of the same edits.
+
+``MultimodalEditor.edit(..., sequential_edit=True)`` makes every edit in turn on one model, with
+pre measured before the first, and scores each record right after its *own* edit, on the model
+holding every edit made so far. ``mke-plugins bench --mode sequential`` scores every record after the
+last edit, and reports EasyEdit's protocol beside it (the ``*_at_edit`` keys). Here the first 100
+edits of the lifelong world's acceptance sequence run through both, with DECODE (seeded inside each
+edit, so both runs make the same edits). The mean rewrite accuracy and EasyEdit-protocol locality
+(every position; top-1 for text, top-10 rank by rank for the picture probe) under EasyEdit's
+protocol must agree within 0.02. The lifelong world's locality probes come from a pool no edit
+touches, so both sides score the same probes.
+
+Slow (about 8 minutes on a 2-core CPU): it runs only with the host check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from world_host import install, value, world_inputs
+
+pytestmark = pytest.mark.host
+
+METHOD = "DECODE"
+EDITS = 100
+TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module")
+def installed(easyedit: Any) -> Any:
+    yield from install(METHOD)
+
+
+def test_sequential_edit_agrees_with_the_bench(installed: Any, scratch: Any) -> None:
+    import torch
+    from easyeditor import MultimodalEditor
+
+    from mke_plugins import world
+    from mke_plugins.bench import BenchConfig, methods_from, run_bench
+    from mke_plugins.hparams import load_hparams
+
+    ours = run_bench(BenchConfig(methods=methods_from(METHOD), cases=EDITS, mode="sequential", world="lifelong",
+                                 hparams="lifelong", progress=False, generate=False))["methods"][METHOD]
+
+    hp = load_hparams(METHOD, "lifelong", device="cpu")
+    assert hp.model_name == str(world.model_path("lifelong"))
+    editor = MultimodalEditor.from_hparams(hp)
+    records = world.record_paths("edit", root=world.data_dir(layout="lifelong"))[:EDITS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics, _, _ = editor.edit(**world_inputs(records), sequential_edit=True, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(metrics) == EDITS
+
+    def mean(key: str) -> float:
+        return sum(value(m["post"][key]) for m in metrics) / len(metrics)
+
+    pairs = {"rewrite_acc_at_edit": ("rewrite_acc", mean("rewrite_acc")),
+             "locality_easyedit_at_edit": ("locality_acc", mean("locality_acc")),
+             "multimodal_locality_easyedit_at_edit": ("multimodal_locality_acc", mean("multimodal_locality_acc"))}
+    assert mean("rewrite_acc") > 0.0, "no edit took"
+    for ours_key, (theirs_key, theirs) in pairs.items():
+        assert abs(ours[ours_key] - theirs) <= TOLERANCE, (
+            f"after {EDITS} sequential {METHOD} edits: bench {ours_key} = {ours[ours_key]:.4f}, "
+            f"EasyEdit's MultimodalEditor {theirs_key} = {theirs:.4f}")
