@@ -383,20 +383,25 @@ class Bench:
             check.verify(self.model, m.label, f"of a {len(chunk)}-edit sequence (cases {chunk[0]}..{chunk[-1]})")
         return cases, points
 
+    def _kept_batches(self, prepared: tuple[Any, ...]) -> ProbeBatches:
+        """A sequence case's probe batches: kept from the pre pass, or (beyond keep_batches_mb) the same
+        batches built again (the processor needs no model state)."""
+        _, cp, pb, _, _ = prepared
+        return pb if pb is not None else build_batches(self.adapter, self.model, self.tok, cp.probes,
+                                                       self.probe_batch)
+
     def _at_edit(self, edited: Any, prepared: tuple[Any, ...]) -> dict[str, Any]:
         """EasyEdit's sequential protocol: the case just edited, scored at once, before the next edit."""
-        i, _, pb, pre, _ = prepared
-        if pb is None:
-            pb = build_batches(self.adapter, self.model, self.tok, prepared[1].probes, self.probe_batch)
+        i, _, _, pre, _ = prepared
+        pb = self._kept_batches(prepared)
         case = self._case(i, self.requests[i], pb, pre, run_probes(self.adapter, edited, pb), None)
         return {f"{k}_at_edit": case.get(k) for k in AT_EDIT_KEYS}
 
     def _sequence_case(self, m: BoundMethod, edited: Any, prepared: tuple[Any, ...], made: int,
                        cost: tuple[Any, ...] | None, length: int) -> dict[str, Any]:
         """One case of a sequence scored on ``edited`` after ``made`` edits; ``cost``: at the end only."""
-        i, cp, pb, pre, _ = prepared
-        if pb is None:  # beyond keep_batches_mb: the same batches, built again (the processor needs no model state)
-            pb = build_batches(self.adapter, self.model, self.tok, cp.probes, self.probe_batch)
+        i, cp, _, pre, _ = prepared
+        pb = self._kept_batches(prepared)
         post = run_probes(self.adapter, edited, pb)
         generated = None
         if cost is not None:  # greedy decoding once, after the last edit

@@ -47,9 +47,10 @@ def _hooks(m: nn.Module) -> int:
 
 @dataclass
 class _Recorded:
-    output: Any
+    output: Any  # None for a module that first finished after the edited module started
     versions: tuple[int, ...]
     calls: int = 1
+    after: bool = False  # finished after the edited module started: never served
 
 
 @dataclass
@@ -95,8 +96,8 @@ class LayerMemo:
                 seen.calls += 1
             elif not state["started"]:
                 record[id(m)] = _Recorded(out, tuple(t._version for t in _tensors(out)))
-            else:  # ran only after the edited module: never served
-                record[id(m)] = _Recorded(None, (), calls=2)
+            else:
+                record[id(m)] = _Recorded(None, (), after=True)
 
         handles = [self.inside.register_forward_pre_hook(start, prepend=True)]
         try:
@@ -125,7 +126,7 @@ class LayerMemo:
 
     @staticmethod
     def _servable(m: nn.Module, rec: _Recorded | None) -> bool:
-        if rec is None or rec.calls != 1 or "forward" in m.__dict__:
+        if rec is None or rec.after or rec.calls != 1 or "forward" in m.__dict__:
             return False
         if any(s.training for s in m.modules()) or any(p.requires_grad for p in m.parameters()):
             return False
