@@ -13,7 +13,7 @@ base neuron-patch editor: anchor-only NLL, activation loss and stopping, the sam
 
 :func:`run_asam` edits a list of requests in turn; every finished edit freezes its blocks and
 appends its anchor's FFN-input states (unpatched model) to the memory bank, so later edits learn
-to stay silent on it.
+to stay silent on it (not with ``lambda_mem: 0``, where no memory loss would read them).
 """
 
 from __future__ import annotations
@@ -277,9 +277,10 @@ def run_asam(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hpa
             tag = state.new_tag()
             undo(functools.partial(undo_edit, model, tag))
             stats = edit_one(model, tok, adapter, query, hparams, state, layers, memory, tag)
-            rows = ffn_states(model, tok, adapter, [query], layers, positions=hparams.memory_positions,
-                              seed=int(hparams.seed), dtype=bank_dtypes(model, adapter, layers))
-            state.extra_rows.append((tag, rows))
+            if float(hparams.lambda_mem) > 0:  # with no memory loss the rows would never be read
+                rows = ffn_states(model, tok, adapter, [query], layers, positions=hparams.memory_positions,
+                                  seed=int(hparams.seed), dtype=bank_dtypes(model, adapter, layers))
+                state.extra_rows.append((tag, rows))
             stats.memory_states, stats.memory_source, stats.memory_seconds = n_bank, source, bank_seconds
             tags.append(tag)
             all_stats.append(stats)

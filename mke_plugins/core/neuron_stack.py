@@ -1,0 +1,147 @@
+"""Many frozen neuron blocks of one layer evaluated as one: a handful of matmuls instead of a loop.
+
+Why it exists: in sequential (lifelong) editing every finished edit leaves its
+:class:`~mke_plugins.core.neurons.NeuronBlock` in place, and the layer's hook used to run each
+block in turn on every forward pass. After 1,000 edits that is 1,000 small matmul chains per
+pass, and the time per edit grows with T although each new edit trains only its own block.
+:class:`FrozenStack` concatenates the keys, biases and values of the blocks that can no longer
+change (every parameter frozen, no ``value_extra``) and, when they carry
+:class:`~mke_plugins.core.scope.InputScope` s, their scope keys, so the whole group costs one
+pass of a few matmuls whatever its size. A position's scope test is the same as the block's own
+(largest cosine to one of the block's keys above the block's threshold), done for every block at
+once with a segment maximum.
+
+The result equals the per-block sum up to float rounding (the sums run in another order); a
+single block is never stacked, so a single edit's arithmetic is unchanged. The stack is rebuilt
+when its blocks change: one is added, removed, unfrozen, given another scope, or written in
+place (parameter versions).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mke_plugins.core.scope import InputScope
+
+__all__ = ["FrozenStack", "split_stack", "stackable"]
+
+
+def stackable(block: "object") -> bool:
+    """Whether ``block`` (a NeuronBlock) can join a stack: nothing of it trains or changes per call."""
+    return getattr(block, "value_extra", None) is None and not any(p.requires_grad for p in block.parameters())
+
+
+class FrozenStack:
+    """The blocks ``blocks`` (same layer, all :func:`stackable`, same kind) as one block of their neurons."""
+
+    def __init__(self, blocks: Sequence["object"]) -> None:
+        first = blocks[0]
+        self.blocks = list(blocks)
+        self.gated, self.act_fn = first.gated, first.act_fn
+        self._params = [p for b in self.blocks for p in b.parameters()]
+        self._scopes = [b.scope for b in self.blocks]
+        self._version = self._versions()
+        with torch.no_grad():
+            self.key = torch.cat([b.key for b in self.blocks])  # (N, d)
+            self.key_up = torch.cat([b.key_up for b in self.blocks]) if self.gated else None
+            self.bias = torch.cat([b.bias for b in self.blocks])  # (N,)
+            self.value_t = torch.cat([b.value for b in self.blocks], dim=1).t().contiguous()  # (N, d)
+            dev = self.key.device
+            # neuron -> block index, for turning a per-block scope test into a per-neuron mask
+            self.neuron_block = torch.cat([torch.full((b.n,), i, dtype=torch.long, device=dev)
+                                           for i, b in enumerate(self.blocks)])
+            scoped = [(i, b.scope) for i, b in enumerate(self.blocks) if b.scope is not None]
+            self.open = torch.tensor([b.scope is None for b in self.blocks], device=dev)  # (B,) never masked
+            self.block_size = torch.tensor([b.n for b in self.blocks], dtype=torch.long, device=dev)
+            self.block_start = torch.cumsum(self.block_size, 0) - self.block_size
+            self.open_neurons = self.open.index_select(0, self.neuron_block).nonzero(as_tuple=True)[0]
+            if scoped:
+                self.scope_keys = torch.cat([s.keys.to(dev) for _, s in scoped])  # (S, d) unit rows
+                self.key_block = torch.cat([torch.full((s.keys.shape[0],), i, dtype=torch.long, device=dev)
+                                            for i, s in scoped])
+                self.threshold = torch.tensor([s.threshold if s is not None else 0.0 for s in self._scopes],
+                                              dtype=torch.float32, device=dev)
+                self.min_threshold = min(s.threshold for _, s in scoped)
+            else:
+                self.scope_keys = None
+
+    def _versions(self) -> int:
+        return sum(p._version for p in self._params)
+
+    def matches(self, blocks: Sequence["object"]) -> bool:
+        """Whether this stack still stands for exactly ``blocks`` as they are now."""
+        return (len(blocks) == len(self.blocks) and all(a is b for a, b in zip(blocks, self.blocks))
+                and all(b.scope is s for b, s in zip(blocks, self._scopes))
+                and not any(p.requires_grad for p in self._params) and self._versions() == self._version)
+
+    def _admitted_pairs(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, blocks)``: every (row of ``flat``, scoped block) pair where the block admits the row."""
+        cos = torch.nn.functional.normalize(flat.detach(), dim=-1) @ self.scope_keys.t()  # (P, S)
+        rows = (cos.amax(1) > self.min_threshold).nonzero(as_tuple=True)[0]  # most rows are in no scope
+        if rows.numel() == 0:
+            return rows, rows
+        sub = cos.index_select(0, rows)
+        best = sub.new_full((rows.numel(), len(self.blocks)), -2.0)
+        best.scatter_reduce_(1, self.key_block.expand(rows.numel(), -1), sub, reduce="amax")
+        r, blk = ((best > self.threshold) & ~self.open).nonzero(as_tuple=True)
+        return rows[r], blk
+
+    def _act(self, q: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations of all neurons (``neurons`` None: ``(P, N)``) or of one neuron per row of ``q``."""
+        if neurons is None:
+            a = self.act_fn(q @ self.key.t() + self.bias)
+            return a * (q @ self.key_up.t()) if self.gated else a
+        a = self.act_fn((q * self.key[neurons]).sum(-1) + self.bias[neurons])
+        return a * (q * self.key_up[neurons]).sum(-1) if self.gated else a
+
+    def delta(self, q: torch.Tensor) -> torch.Tensor:
+        """The fp32 FFN-output change of all stacked blocks, shape ``(..., d)``.
+
+        Without scopes every neuron runs on every position (three matmuls). With scopes, only the
+        (position, neuron) pairs whose block admits the position are computed: after many edits a
+        position lies inside a few scopes at most, so the cost is the scope test's one matmul.
+        """
+        flat = q.float().reshape(-1, q.shape[-1])
+        if self.scope_keys is None:
+            out = self._act(flat) @ self.value_t
+        else:
+            out = flat.new_zeros(flat.shape)
+            if self.open_neurons.numel():  # blocks without a scope act everywhere
+                on = self.open_neurons
+                a = self.act_fn(flat @ self.key[on].t() + self.bias[on])
+                a = a * (flat @ self.key_up[on].t()) if self.gated else a
+                out = out + a @ self.value_t[on]
+            pos, blk = self._admitted_pairs(flat)
+            if pos.numel():  # every neuron of every admitting block, at that position
+                counts = self.block_size[blk]
+                rows = pos.repeat_interleave(counts)
+                first = (self.block_start[blk] - (torch.cumsum(counts, 0) - counts)).repeat_interleave(counts)
+                neurons = first + torch.arange(rows.numel(), device=rows.device)
+                contrib = self._act(flat[rows], neurons).unsqueeze(-1) * self.value_t[neurons]
+                out = out.index_add(0, rows, contrib)
+        return out.reshape(*q.shape[:-1], out.shape[-1])
+
+
+def _same_kind(blocks: Sequence["object"]) -> bool:
+    return all(b.gated == blocks[0].gated and b.act_fn is blocks[0].act_fn for b in blocks)
+
+
+def split_stack(blocks: Sequence["object"], cached: FrozenStack | None) -> tuple[FrozenStack | None, list]:
+    """``(stack, rest)``: one stack of the leading run of stackable blocks (``cached`` while it still
+    stands for them) and the blocks left to run one by one. Fewer than two stackable blocks: no stack.
+
+    A cached stack is checked cheaply (identities, scopes, versions); the blocks after it are only
+    tested for stackability when one of them may have joined the run (a finished edit froze).
+    """
+    if cached is not None and len(blocks) >= len(cached.blocks) and cached.matches(blocks[:len(cached.blocks)]):
+        n = len(cached.blocks)
+        if n == len(blocks) or not stackable(blocks[n]):
+            return cached, list(blocks[n:])
+    n = 0
+    while n < len(blocks) and stackable(blocks[n]):
+        n += 1
+    if n < 2 or not _same_kind(blocks[:n]):
+        return None, list(blocks)
+    return FrozenStack(blocks[:n]), list(blocks[n:])

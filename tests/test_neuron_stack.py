@@ -1,0 +1,120 @@
+"""core.neuron_stack: many frozen neuron blocks evaluated as one give the per-block sum, and the stack follows its blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mke_plugins.core.neuron_stack import FrozenStack, split_stack
+from mke_plugins.core.neurons import NeuronBlock
+from mke_plugins.core.scope import InputScope
+
+D = 16
+
+
+def _blocks(n_blocks: int, *, gated: bool, scoped: bool, seed: int = 0) -> list[NeuronBlock]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_blocks):
+        b = NeuronBlock(D, 1 + i % 3, gated=gated, act_fn=F.silu if gated else F.gelu, tag=i)
+        with torch.no_grad():
+            for p in b.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        if scoped and i % 4 != 3:  # every fourth block has no scope: it acts everywhere
+            b.scope = InputScope.around(torch.randn(1 + i % 2, D, generator=gen), 0.2 + 0.05 * (i % 5))
+        out.append(b.freeze())
+    return out
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("scoped", [True, False])
+def test_a_stack_gives_the_per_block_sum(gated, scoped):
+    blocks = _blocks(12, gated=gated, scoped=scoped)
+    q = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    loop = sum(b.delta(q) for b in blocks)
+    stack = FrozenStack(blocks)
+    got = stack.delta(q)
+    assert got.shape == loop.shape
+    torch.testing.assert_close(got, loop, rtol=1e-5, atol=1e-5)
+    if scoped:  # the scopes really decide: some positions are outside some blocks' scopes
+        admitted = torch.stack([b.scope.admits(q) for b in blocks if b.scope is not None])
+        assert admitted.any() and not admitted.all()
+    # the stack is differentiable in its input (later edits train through it)
+    (g_stack,) = torch.autograd.grad(got.sum(), q)
+    (g_loop,) = torch.autograd.grad(loop.sum(), q)
+    torch.testing.assert_close(g_stack, g_loop, rtol=1e-4, atol=1e-4)
+
+
+def test_outside_every_scope_the_stack_adds_exactly_zero():
+    blocks = _blocks(6, gated=True, scoped=True)
+    blocks = [b for b in blocks if b.scope is not None]
+    far = -torch.cat([b.scope.keys for b in blocks]).sum(0)  # a direction no key is near
+    for b in blocks:
+        b.scope = InputScope(b.scope.keys, 0.999)
+    out = FrozenStack(blocks).delta(far.expand(2, 5, D))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_the_stack_follows_its_blocks():
+    blocks = _blocks(5, gated=True, scoped=True)
+    live = NeuronBlock(D, 2, gated=True, act_fn=F.silu)  # still training: runs on its own
+    stack, rest = split_stack([*blocks, live], None)
+    assert stack is not None and stack.blocks == blocks and rest == [live]
+    assert split_stack([*blocks, live], stack)[0] is stack  # nothing changed: reused
+    live.freeze()
+    grown, rest = split_stack([*blocks, live], stack)
+    assert grown is not stack and grown.blocks == [*blocks, live] and rest == []
+    with torch.no_grad():
+        blocks[2].value.mul_(2.0)  # written in place: rebuilt
+    assert split_stack([*blocks, live], grown)[0] is not grown
+    again, _ = split_stack([*blocks, live], None)
+    blocks[1].scope = None  # another scope: rebuilt
+    assert split_stack([*blocks, live], again)[0] is not again
+    assert split_stack(blocks[:1], None) == (None, blocks[:1])  # one block: never stacked, arithmetic unchanged
+    blocks[0].value_extra = lambda: torch.zeros(D)  # a value that may change per call: never stacked
+    stack, rest = split_stack(blocks, None)
+    assert rest[0] is blocks[0] and stack is None
+
+
+def test_the_layer_hook_runs_finished_blocks_as_one_stack(tiny_model, tiny_dir):
+    """On a model: frozen blocks go through one stack, the training block on its own, and the
+    output equals the block-by-block sum's."""
+    from types import SimpleNamespace
+
+    from mke_plugins.adapters import Query, get_adapter
+    from mke_plugins.core.hooks import capture
+    from mke_plugins.core.neurons import patches_for
+    from mke_plugins.core.wrap import gate_open
+    from mke_plugins.testing.images import make_image
+
+    model, tok = tiny_model("qwen2-vl")
+    adapter = get_adapter(model, SimpleNamespace(model_name=str(tiny_dir("qwen2-vl"))))
+    batch = adapter.batch(model, tok, [Query([make_image(0)], "What is in the picture?", "a red circle")])
+    info = adapter.layers(model)[-1]
+    patches = patches_for(model, adapter, gate="t-stack")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), capture({"q": info.ffn_in}) as rec:
+        adapter.forward(model, batch)
+    q = rec["q"][0]
+    blocks = []
+    for i in range(6):
+        b = patches.add_block(-1, 2, tag=i)
+        with torch.no_grad():
+            for p in b.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        if i < 5:
+            b.scope = InputScope.around(q[[i, i + 3]], 0.9)
+            b.freeze()
+        blocks.append(b)
+    try:
+        with torch.no_grad(), gate_open(model, patches.gate), capture({"out": info.ffn_out}) as rec_s:
+            adapter.forward(model, batch)
+        slot = patches._slots[info.index]
+        assert slot.stack is not None and slot.stack.blocks == blocks[:5]
+        with torch.no_grad(), capture({"out": info.ffn_out}) as rec0:
+            adapter.forward(model, batch)
+        want = rec0["out"][0].float() + sum(b.delta(q) for b in blocks)
+        torch.testing.assert_close(rec_s["out"][0].float(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        patches.remove_all()
