@@ -39,7 +39,9 @@ class ASAMHyperParams(MultimodalHyperParams):
     scope_threshold: float | None = hp(
         None, "Lifelong mode: once an edit is trained, its blocks act only at positions whose FFN input has a "
               "cosine above this to one of the edit's anchor representations (core.scope; README, 'Sequential "
-              "editing'). null (default): no scope, the paper's editor.", ge=-1, lt=1)
+              "editing'). null (default): no scope, the paper's editor. Recommended for sequential editing: 0.8 "
+              "with lambda_mem: 0 (the scope then does the memory loss's work, in a third of the time).",
+        ge=-1, lt=1)
     prefix_replay: bool = hp(
         True, "Speed only: the PGD passes and the main pass re-run only the decoder layers, from the state the "
               "first full forward handed to layer 0 (vision tower, embeddings, mask and positions are not "
