@@ -303,6 +303,63 @@ def test_one_edit_on_every_family(family, family_setup):
 
 
 
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "blip2", "minigpt4"])
+def test_lifelong_mode_routes_kept_apart_edits_on_every_family(family, family_setup):
+    """route_threshold: no weight is written, the edit acts through the RoutedModel on its own input,
+    an input far from it gets the bare model's logits bit for bit, and restore removes every hook."""
+    from mke_plugins.core.routing import RoutedModel, routed_edits
+
+    model, tok, adapter, name = family_setup(family)
+    # tiny random models give every position nearly the same late-layer state: a threshold this close to 1
+    # admits the edit's own input (cosine 1 to its key) and nothing else
+    hp = tiny_hparams(name, max_steps=3, route_threshold=0.9999)
+    reqs = [{"prompt": "What is shown?", "target": "Rome", "image": native_image(family)},
+            {"prompt": "Which river is this?", "target": "Nile", "image": native_image(family)}]
+    own = adapter.batch(model, tok, [Query(reqs[0]["image"], reqs[0]["prompt"], "Rome")])
+    far = adapter.batch(model, tok, [Query(None, "Count to three, slowly and out loud:", "one two")])
+    with torch.no_grad():
+        loss0, far0 = adapter.loss(model, own), adapter.forward(model, far)
+    before, hooks = state_of(model), hook_counts(model)
+    e1, h1 = decode_main.apply_decode_to_multimodal_model(model, tok, reqs[:1], hp, return_orig_weights=True)
+    e2, h2 = decode_main.apply_decode_to_multimodal_model(e1, tok, reqs[1:], hp, return_orig_weights=True)
+    assert isinstance(e2, RoutedModel) and e2.model is model
+    assert_same_state(before, model)  # nothing folded
+    store = routed_edits(model, create=False)
+    assert len(store.edits) == 2 and h1.stats.edits[0].added_bytes == store.edits[0].nbytes > 0
+    with torch.no_grad():
+        assert adapter.loss(e2, own) < loss0, f"{family}: the routed edit does not act on its own input"
+        assert torch.equal(adapter.loss(model, own), loss0)  # the bare model runs no edit
+        assert torch.equal(adapter.forward(e2, far), far0)  # routed off: the bare logits exactly
+    h1()  # out of order
+    assert len(store.edits) == 1
+    h2()
+    assert routed_edits(model, create=False) is None and hook_counts(model) == hooks
+    assert_same_state(before, model)
+
+
+def test_lifelong_mode_failing_half_way_leaves_no_routed_edit(family_setup, monkeypatch):
+    from mke_plugins.core.routing import routed_edits
+
+    model, tok, adapter, name = family_setup("qwen2-vl")
+    hp = tiny_hparams(name, max_steps=3, route_threshold=0.9)
+    reqs = [{"prompt": "What is shown?", "target": "Rome", "image": native_image("qwen2-vl")},
+            {"prompt": "Which river is this?", "target": "Nile", "image": native_image("qwen2-vl")}]
+    before, hooks = state_of(model), hook_counts(model)
+    real, calls = offsets.train_stage, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # the second edit's first stage
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(offsets, "train_stage", failing)
+    with pytest.raises(KeyboardInterrupt):
+        decode_main.apply_decode_to_multimodal_model(model, tok, reqs, hp)
+    assert routed_edits(model, create=False) is None and hook_counts(model) == hooks
+    assert_same_state(before, model)
+
+
 def test_bundled_yamls_are_the_expected_set():
     assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world", "lifelong"])
 

@@ -68,5 +68,12 @@ class DECODEHyperParams(MultimodalHyperParams):
     append_eos: bool = hp(
         True, "Train on target + the family's end-of-answer token (reference: true); ignored for "
               "families without one.")
+    route_threshold: float | None = hp(
+        None, "Lifelong mode: keep each edit's offsets apart instead of folding them, and apply an edit to an input "
+              "(every position) only when some position of it has a cosine above this to one of the edit's own "
+              "queries at the routing layer (core.routing; README, 'Sequential editing'). null (default): fold, "
+              "the paper's editor.", ge=-1, lt=1)
+    route_layer: int = hp(
+        -1, "Lifelong mode: the decoder layer whose FFN input routes the edits (negative counts from the top).")
     seed: int = hp(42, "Seed for every nondeterministic step (torch RNG is seeded per edit).", ge=0)
 

@@ -17,9 +17,10 @@ directly; ``decode_main`` wraps it in EasyEdit's apply signature.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,12 @@ from mke_plugins.core.deltas import ColumnDelta, DeltaSet
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.replay import prefix_replay
+from mke_plugins.core.routing import RoutedEdits, routed_edits
 from mke_plugins.core.snapshot import WeightSnapshot
 
 from .decode_hparams import DECODEHyperParams
 from .localize import Localization, Neuron, StageInput, jaccard, kl_chunk, localize
+from .routed import route_keys, routed_edit
 
 # -- reports ------------------------------------------------------------------------------
 
@@ -63,6 +66,7 @@ class EditReport:
     stages: list[StageReport] = field(default_factory=list)
     localize_seconds: float = 0.0
     seconds: float = 0.0
+    added_bytes: int = 0  # lifelong mode: the routed edit's keys and offsets
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,8 +157,13 @@ FIX = "lower `lr` or `kl_weight`, or load the model in float32."
 
 def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group: Sequence[Neuron],
                 infos: Sequence[LayerInfo], threshold: float, hparams: DECODEHyperParams,
-                snapshot: WeightSnapshot, name: str) -> StageReport:
-    """Optimise the group's offsets on the stage batch, then fold them (README, "Algorithm", step 7)."""
+                snapshot: WeightSnapshot, name: str,
+                kept: list[tuple[list[int], DeltaSet]] | None = None) -> StageReport:
+    """Optimise the group's offsets on the stage batch, then fold them (README, "Algorithm", step 7).
+
+    ``kept`` (lifelong mode, :mod:`.routed`): instead of folding, append ``(layers, offsets)`` to it;
+    the caller keeps them applied by hook for the edit's later stages.
+    """
     report = StageReport(name, len(group))
     if not group:
         report.skipped = True
@@ -190,7 +199,11 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
                 del logits, loss, l_tgt, l_loc
     finally:
         deltas.remove()
-    if report.steps:  # an early stop before any update leaves the weights untouched
+    if report.steps and kept is not None:
+        for z in deltas.parameters():
+            z.requires_grad_(False)
+        kept.append((sorted(by_layer(group)), deltas))
+    elif report.steps:  # an early stop before any update leaves the weights untouched
         deltas.fold(model, snapshot)
     report.seconds = time.perf_counter() - t0
     return report
@@ -213,10 +226,14 @@ def plan_stages(loc: Localization, hparams: DECODEHyperParams) -> list[tuple[str
 
 def edit_request(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[str, Any],
                  hparams: DECODEHyperParams, snapshot: WeightSnapshot,
-                 infos: list[LayerInfo] | None = None) -> EditReport:
-    """One edit: localise on the model as it is, then run the stages and fold each."""
+                 infos: list[LayerInfo] | None = None, store: RoutedEdits | None = None,
+                 tag: Hashable = None) -> EditReport:
+    """One edit: localise on the model as it is, then run the stages and fold each (``store``: keep
+    them apart and add them to the routed edits as ``tag`` instead, :mod:`.routed`)."""
     t0 = time.perf_counter()
     infos = infos if infos is not None else adapter.layers(model)
+    keys = route_keys(adapter, model, tok, request, store) if store is not None else None
+    kept: list[tuple[list[int], DeltaSet]] | None = [] if store is not None else None
     loc = localize(adapter, model, tok, request, hparams, infos)
     t_loc = time.perf_counter() - t0
     report = EditReport(n_text=sorted(loc.n_text), n_image=sorted(loc.n_image),
@@ -228,23 +245,46 @@ def edit_request(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[
             report.stages.append(StageReport(name, 0, skipped=True))
             continue
         threshold = getattr(hparams, STAGE_THRESHOLDS[name])
-        report.stages.append(train_stage(adapter, model, stage, group, infos, threshold, hparams, snapshot, name))
+        if kept:  # the edit's earlier stages stay applied while this one trains
+            for _, deltas in kept:
+                deltas.install()
+        try:
+            report.stages.append(train_stage(adapter, model, stage, group, infos, threshold, hparams, snapshot,
+                                             name, kept=kept))
+        finally:
+            for _, deltas in kept or ():
+                deltas.remove()
+    if store is not None and kept:
+        edit = routed_edit(tag, keys, float(hparams.route_threshold), kept)
+        store.add(edit)
+        report.added_bytes = edit.nbytes
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def run_decode(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hparams: DECODEHyperParams,
-               *, adapter: VLMAdapter | None = None, snapshot: WeightSnapshot | None = None) -> DecodeResult:
+               *, adapter: VLMAdapter | None = None, snapshot: WeightSnapshot | None = None,
+               undo: Callable[[Callable[[], Any]], Any] | None = None) -> DecodeResult:
     """DECODE over ``requests`` in order (each its own edit), folding into ``model`` in place.
 
     Requests must already be validated (``decode_main`` does it). ``snapshot`` receives the
-    original bits of every column this call changes (the earliest copy wins on restore).
+    original bits of every column this call changes (the earliest copy wins on restore). In
+    lifelong mode (``route_threshold``) nothing is folded: each edit joins the model's routed edits,
+    and ``undo`` receives, before the edit starts, the callable that removes it.
     """
     adapter = adapter or get_adapter(model, hparams)
     snapshot = snapshot if snapshot is not None else WeightSnapshot(model)
+    store = None
+    if hparams.route_threshold is not None:
+        store = routed_edits(model, adapter, route_layer=int(hparams.route_layer))
     reports = []
     with frozen(model), seeded(model, hparams.seed):  # eval mode, every parameter frozen, flags put back
         infos = adapter.layers(model)
         for request in requests:
-            reports.append(edit_request(adapter, model, tok, request, hparams, snapshot, infos))
+            tag = None
+            if store is not None:
+                tag = object()
+                if undo is not None:
+                    undo(functools.partial(store.remove, tag))
+            reports.append(edit_request(adapter, model, tok, request, hparams, snapshot, infos, store, tag))
     return DecodeResult(model, snapshot, reports)
