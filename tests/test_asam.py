@@ -414,7 +414,7 @@ def test_lifelong_mode_keeps_no_bank_rows_and_runs_finished_edits_as_one_stack(w
     st = patch.existing_state(model)
     blocks = st.patches.blocks()
     assert len(blocks) == 3 and st.extra_rows == [] and all(b.frozen and b.scope is not None for b in blocks)
-    for b, e in zip(blocks, wc.stats.edits):  # an edit holds its block and its scope, nothing else
+    for b, e in zip(blocks, wc.stats.edits, strict=True):  # an edit holds its block and its scope, nothing else
         assert e.added_bytes == sum(p.numel() * 4 for p in b.parameters()) + b.scope.nbytes
     for r in reqs[:3]:
         b = adapter.batch(model, tok, [Query(r["image"], r["prompt"], r["target"])])

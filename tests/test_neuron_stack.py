@@ -1,4 +1,4 @@
-"""core.neuron_stack: many frozen neuron blocks evaluated as one give the per-block sum, and the stack follows its blocks."""
+"""core.neuron_stack: frozen neuron blocks evaluated as one give the per-block sum; the stack follows its blocks."""
 
 from __future__ import annotations
 

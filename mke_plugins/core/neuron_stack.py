@@ -23,8 +23,6 @@ from typing import Sequence
 
 import torch
 
-from mke_plugins.core.scope import InputScope
-
 __all__ = ["FrozenStack", "split_stack", "stackable"]
 
 
@@ -72,8 +70,8 @@ class FrozenStack:
 
     def matches(self, blocks: Sequence["object"]) -> bool:
         """Whether this stack still stands for exactly ``blocks`` as they are now."""
-        return (len(blocks) == len(self.blocks) and all(a is b for a, b in zip(blocks, self.blocks))
-                and all(b.scope is s for b, s in zip(blocks, self._scopes))
+        return (len(blocks) == len(self.blocks) and all(a is b for a, b in zip(blocks, self.blocks, strict=True))
+                and all(b.scope is s for b, s in zip(blocks, self._scopes, strict=True))
                 and not any(p.requires_grad for p in self._params) and self._versions() == self._version)
 
     def _admitted_pairs(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@
 Runs :func:`~mke_plugins.methods.decode.offsets.run_decode` over the requests, with the template's
 snapshot receiving the original bits of every value column it changes, so ``weights_copy`` copies
 them back bit for bit. In lifelong mode (``route_threshold``) the edits are kept apart and routed
-(:mod:`.routed`) and the returned model is a ``RoutedModel``. Hparams, requests, flags, undo on failure and stats are the method
-template's (:mod:`mke_plugins.core.template`).
+(:mod:`.routed`) and the returned model is a ``RoutedModel``. Hparams, requests, flags, undo on
+failure and stats are the method template's (:mod:`mke_plugins.core.template`).
 """
 
 from __future__ import annotations
