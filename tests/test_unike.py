@@ -98,6 +98,11 @@ def test_every_yaml_loads_and_layers_fit_the_family_structure(family_model) -> N
         assert resolve_layers(hp.layers, n) == list(range(n - 4, n))
     world = UniKEHyperParams.from_hparams(HERE / "world.yaml")
     assert world.archive.endswith("archives/world.pt") and world.layers == [-2, -1] and world.top_k == 4
+    lifelong = UniKEHyperParams.from_hparams(HERE / "lifelong.yaml")  # the lifelong world's copy, its own archive
+    assert lifelong.archive.endswith("archives/lifelong.pt") and Path(lifelong.archive).is_file()
+    assert "lifelong" in lifelong.model_name and (lifelong.layers, lifelong.top_k) == (world.layers, world.top_k)
+    meta = read_payload(lifelong.archive)["meta"]
+    assert meta["format"] == "mke-unike/1" and meta["layers"] == [2, 3] and meta["n_triplets"] > 0
 
 
 def test_names_and_validation() -> None:

@@ -141,12 +141,14 @@ class RoutedEdits:
         lead = a.shape[0]
         if lead % rows:
             raise RuntimeError(f"routed edits: {lead} rows reach layer {layer} for a decision on {rows}")
-        mask = decision.to(a.device).index_select(1, slot.owner).repeat_interleave(lead // rows, dim=0)  # (lead, C)
-        if not bool(mask.any()):
+        mask = decision.to(a.device).index_select(1, slot.owner)  # (rows, C)
+        cols = mask.any(0).nonzero(as_tuple=True)[0]  # only the columns of edits some row admits
+        if cols.numel() == 0:
             return None
-        sel = a[..., slot.idx].to(slot.Z.dtype)
-        shape = (lead,) + (1,) * (sel.dim() - 2) + (mask.shape[1],)
-        return output + ((sel * mask.view(shape).to(sel.dtype)) @ slot.Z).to(output.dtype)
+        mask = mask[:, cols].repeat_interleave(lead // rows, dim=0)  # (lead, c)
+        sel = a[..., slot.idx[cols]].to(slot.Z.dtype)
+        shape = (lead,) + (1,) * (sel.dim() - 2) + (cols.numel(),)
+        return output + ((sel * mask.view(shape).to(sel.dtype)) @ slot.Z[cols]).to(output.dtype)
 
     # -- routing ---------------------------------------------------------------------------------
     def decide(self, reps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
