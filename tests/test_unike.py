@@ -268,6 +268,28 @@ def test_sequential_edits_accumulate_and_undo_in_any_order(qwen) -> None:
     assert hook_counts(model) == hooks and runtime_for(model, create=False) is None
 
 
+def test_scope_threshold_confines_finished_neurons_to_their_edit(qwen) -> None:
+    """Lifelong mode: every finished block carries an input scope around its edit's own (shifted) inputs,
+    counted in the edit's bytes; the edit still holds, and the blocks come off exactly."""
+    from mke_plugins.core.scope import InputScope
+    from mke_plugins.methods.unike.runtime import runtime_for
+
+    model = qwen["model"]
+    recs = _records("qwen2-vl", 2, offset=60)
+    before, hooks = state_of(model), hook_counts(model)
+    e1, h1 = _apply(qwen, recs, scope_threshold=0.9, negatives_from_edits=False)
+    rt = runtime_for(model, create=False)
+    blocks = [b for bs in rt.blocks.values() for b in bs]
+    assert len(blocks) == 4 and all(isinstance(b.scope, InputScope) and b.scope.threshold == 0.9 for b in blocks)
+    assert sum(e.added_bytes for e in h1.stats.edits) >= sum(b.scope.nbytes for b in blocks) > 0
+    for r in recs:
+        assert _nll(qwen, e1, r) < _nll(qwen, model, r)
+    for b in blocks:  # far from every key: the scoped block adds nothing there
+        assert torch.equal(b.delta(-b.scope.keys.sum(0, keepdim=True) * 10), torch.zeros(1, b.value.shape[0]))
+    h1()
+    assert_same_state(before, model) and hook_counts(model) == hooks
+
+
 @pytest.mark.parametrize("over,blocks,memory", [({"use_external": False}, 2, False),
                                                 ({"use_intrinsic": False}, 0, True),
                                                 ({"alpha_mode": "fixed", "use_zeta": False}, 2, True)])

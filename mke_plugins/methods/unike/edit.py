@@ -6,7 +6,8 @@
 5. add n_e key-value neurons per layer, keys centred on μ_l at the *shifted* FFN inputs;
 6. train keys, biases, values and a per-edit W_ζ with the shifts and earlier blocks active,
    effective values V + β·W_ζ ζ (paper Eq. 6);
-7. fold β·W_ζ ζ into the values, drop W_ζ, freeze.
+7. fold β·W_ζ ζ into the values, drop W_ζ, freeze (lifelong mode: give each block an input scope
+   around the edit's own shifted FFN inputs).
 
 Only ``prompt``, ``target`` and ``image`` are read; rephrase and locality fields are evaluation
 data. The model's own parameters are never written.
@@ -28,6 +29,7 @@ from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import capture
 from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.requests import query_of
+from mke_plugins.core.scope import InputScope
 from mke_plugins.core.wrap import gate_open
 
 from .archive import Archive
@@ -212,11 +214,13 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
 
     # 7. fold β W_ζ ζ into the values, drop W_ζ, freeze
     with torch.no_grad():
-        for blk in blocks:
+        for layer, blk in zip(layers, blocks, strict=True):
             if blk.value_extra is not None:
                 blk.value.add_(blk.value_extra().unsqueeze(1))
                 blk.value_extra = None
             blk.freeze()
+            if hparams.scope_threshold is not None:  # lifelong mode: the finished edit acts only near its own inputs
+                blk.scope = InputScope.around(shifted[layer], float(hparams.scope_threshold))
     rep.seconds = time.time() - t0
     return rep
 

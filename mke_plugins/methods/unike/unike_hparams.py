@@ -100,6 +100,12 @@ class UniKEHyperParams(MultimodalHyperParams):
                                  "it fell by less than margin_tol over the last N steps whose NLL was below "
                                  "stop_loss (it has settled: the rule that lets an edit stop before "
                                  "max_edit_steps on the world; README, 'Measurements').", ge=0)
+    scope_threshold: float | None = hp(
+        None, "Lifelong mode: once an edit is trained, its neurons act only at positions whose FFN input has a "
+              "cosine above this to one of the edit's own (shifted) answer-position FFN inputs (core.scope; "
+              "README, 'Sequential editing'). null (default): no scope, UniKE as specified. Recommended for long "
+              "sequences: 0.8 with negatives_from_edits: false (the scopes keep edits apart; the margin over every "
+              "earlier edit's input costs time that grows with the sequence).", ge=-1, lt=1)
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:

@@ -42,7 +42,8 @@ def side_bytes(rt: UniKERuntime) -> int:
     """Bytes of every UniKE neuron block and memory entry on the model."""
     blocks = [p for bs in rt.blocks.values() for b in bs for p in b.parameters()]
     rows = [v for m in rt.memories.values() for v, _ in m.entries.values()]
-    return tensor_bytes(blocks + rows)
+    scopes = sum(b.scope.nbytes for bs in rt.blocks.values() for b in bs if b.scope is not None)
+    return tensor_bytes(blocks + rows) + scopes
 
 
 def edit_stats(rep: EditReport, added_bytes: int) -> EditStats:
