@@ -321,6 +321,11 @@ def test_lifelong_mode_routes_kept_apart_edits_on_every_family(family, family_se
         loss0, far0 = adapter.loss(model, own), adapter.forward(model, far)
     before, hooks = state_of(model), hook_counts(model)
     e1, h1 = decode_main.apply_decode_to_multimodal_model(model, tok, reqs[:1], hp, return_orig_weights=True)
+    from mke_plugins.methods.decode.routed import route_keys
+
+    store = routed_edits(model, create=False)  # a new edit trains with the earlier edits its queries reach
+    assert route_keys(adapter, model, tok, reqs[0], store)[1].tolist() == [[True]]
+    assert route_keys(adapter, model, tok, reqs[1], store)[1].tolist() == [[False]]
     e2, h2 = decode_main.apply_decode_to_multimodal_model(e1, tok, reqs[1:], hp, return_orig_weights=True)
     assert isinstance(e2, RoutedModel) and e2.model is model
     assert_same_state(before, model)  # nothing folded

@@ -232,8 +232,24 @@ def edit_request(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[
     them apart and add them to the routed edits as ``tag`` instead, :mod:`.routed`)."""
     t0 = time.perf_counter()
     infos = infos if infos is not None else adapter.layers(model)
-    keys = route_keys(adapter, model, tok, request, store) if store is not None else None
+    keys, admitted = route_keys(adapter, model, tok, request, store) if store is not None else (None, None)
     kept: list[tuple[list[int], DeltaSet]] | None = [] if store is not None else None
+    with contextlib.ExitStack() as routed:
+        if admitted is not None:  # earlier routed edits this fact's queries reach stay in force throughout
+            routed.enter_context(store.routed(admitted))
+        report = _localize_and_train(adapter, model, tok, request, hparams, snapshot, infos, kept, t0)
+    if store is not None and kept:
+        edit = routed_edit(tag, keys, float(hparams.route_threshold), kept)
+        store.add(edit)
+        report.added_bytes = edit.nbytes
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _localize_and_train(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[str, Any],
+                        hparams: DECODEHyperParams, snapshot: WeightSnapshot, infos: list[LayerInfo],
+                        kept: list[tuple[list[int], DeltaSet]] | None, t0: float) -> EditReport:
+    """Steps 1–7 of one request (``kept``: lifelong mode, the stages' offsets collected, not folded)."""
     loc = localize(adapter, model, tok, request, hparams, infos)
     t_loc = time.perf_counter() - t0
     report = EditReport(n_text=sorted(loc.n_text), n_image=sorted(loc.n_image),
@@ -254,11 +270,6 @@ def edit_request(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[
         finally:
             for _, deltas in kept or ():
                 deltas.remove()
-    if store is not None and kept:
-        edit = routed_edit(tag, keys, float(hparams.route_threshold), kept)
-        store.add(edit)
-        report.added_bytes = edit.nbytes
-    report.seconds = time.perf_counter() - t0
     return report
 
 

@@ -7,8 +7,10 @@ before (a later stage trains on top of the earlier stage's offsets, now applied 
 folded), but the finished offsets go to the model's :class:`~mke_plugins.core.routing.RoutedEdits`
 with the edit's routing keys: the FFN input at ``route_layer`` of the edit's own three queries
 (text, image, paired) at their answer-predicting positions, on the model before the edit. The
-edited model is a :class:`~mke_plugins.core.routing.RoutedModel`, which applies an edit to a whole
-input when that input comes close enough to one of its keys. No weight is written.
+edit localises and trains with the earlier edits its own queries route to in force, so it is made
+on the model as that model answers this fact. The edited model is a
+:class:`~mke_plugins.core.routing.RoutedModel`, which applies an edit to a whole input when that
+input comes close enough to one of its keys. No weight is written.
 """
 
 from __future__ import annotations
@@ -27,19 +29,25 @@ from .localize import stage_queries
 
 
 def route_keys(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[str, Any],
-               store: RoutedEdits) -> torch.Tensor:
-    """``(k, d)`` unit rows: the routing point's states at the answer-predicting positions of the
-    request's text, image and paired queries, on the model as it is (no routed edit active)."""
+               store: RoutedEdits) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(keys, admitted)``. ``keys`` ``(k, d)``: unit rows, the routing point's states at the
+    answer-predicting positions of the request's text, image and paired queries, on the model with no
+    routed edit active. ``admitted`` ``(1, E)``: the earlier edits any of those queries routes to
+    (``None`` when there are none yet): the model as it answers this fact, which the edit trains on."""
     q = stage_queries(request)
-    rows = []
+    rows, admitted = [], None
     for query in (q.text, q.image, q.paired):
         if query is None:
             continue
         batch = adapter.batch(model, tok, [query])
-        with torch.no_grad(), capture({"r": store.route_point}, positions=batch.answer_mask) as rec:
+        with torch.no_grad(), capture({"r": store.route_point}, seq_shape=tuple(batch.labels.shape)) as rec:
             adapter.forward(model, batch)
-        rows.append(rec["r"].float())
-    return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
+        states = rec["r"]
+        rows.append(states[batch.answer_mask.to(states.device)].float())
+        if store.edits:
+            here = store.decide(states, batch.attention_mask)
+            admitted = here if admitted is None else admitted | here
+    return torch.nn.functional.normalize(torch.cat(rows), dim=-1), admitted
 
 
 def routed_edit(tag: Hashable, keys: torch.Tensor, threshold: float, stages: list[tuple[list[int], DeltaSet]]
