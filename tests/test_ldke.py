@@ -382,7 +382,10 @@ def test_runtime_errors_name_the_field(family_setup):
 
 
 def test_bundled_yamls_are_the_expected_set():
-    assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world"])
+    assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world", "lifelong"])
+    lifelong = LDKEHyperParams.from_hparams(HPARAMS_DIR / "lifelong.yaml")  # the lifelong world's copy, own archive
+    assert lifelong.classifier_archive.endswith("archives/lifelong.pt") and Path(lifelong.classifier_archive).is_file()
+    assert "lifelong" in lifelong.model_name
     training = sorted(p.stem for p in (HPARAMS_DIR / "training").glob("*.yaml"))
     assert training == sorted([*REAL_YAMLS, "world", "lifelong"])
 
