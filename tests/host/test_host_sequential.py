@@ -11,7 +11,10 @@ same records without them, and both runs make the same edits). The mean rewrite 
 protocol must agree within 0.02. The lifelong world's locality probes come from a pool no edit
 touches, so both sides score the same probes.
 
-Slow (about 8 minutes on a 2-core CPU): it runs only with the host check.
+DECODE's lifelong mode (``route_threshold``) is checked the same way on the first 10 edits: its
+edited model is a ``RoutedModel``, which EasyEdit's evaluators must call for the edits to count.
+
+Slow (about 10 minutes on a 2-core CPU): it runs only with the host check.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ pytestmark = pytest.mark.host
 
 METHOD = "DECODE"
 EDITS = 100
+ROUTED_EDITS = 10  # the lifelong mode's edits run capped here (about 4 s each, twice)
 TOLERANCE = 0.02
 
 
@@ -35,6 +39,15 @@ def installed(easyedit: Any) -> Any:
 
 
 def test_sequential_edit_agrees_with_the_bench(installed: Any, scratch: Any) -> None:
+    _compare(scratch, METHOD, {}, EDITS)
+
+
+def test_routed_decode_sequential_edit_agrees_with_the_bench(installed: Any, scratch: Any) -> None:
+    """DECODE's lifelong mode returns a ``RoutedModel``: EasyEdit's editor must score through it."""
+    _compare(scratch, f"{METHOD}[route_threshold=0.8]", {"route_threshold": 0.8}, ROUTED_EDITS)
+
+
+def _compare(scratch: Any, label: str, overrides: dict[str, Any], edits: int) -> None:
     import json
 
     import torch
@@ -45,25 +58,25 @@ def test_sequential_edit_agrees_with_the_bench(installed: Any, scratch: Any) -> 
     from mke_plugins.hparams import load_hparams
 
     data = world.data_dir(layout="lifelong")
-    raw = json.loads((data / "edit.json").read_text())[:EDITS]
+    raw = json.loads((data / "edit.json").read_text())[:edits]
     stripped = scratch / "edit.json"  # EasyEdit's editor never passes the unimodal prompts to a method
     stripped.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("text_only_prompt", "image_only_prompt")}
                                     for r in raw]))
-    ours = run_bench(BenchConfig(methods=methods_from(METHOD), data=str(stripped), image_root=str(data), cases=EDITS,
+    ours = run_bench(BenchConfig(methods=methods_from(label), data=str(stripped), image_root=str(data), cases=edits,
                                  mode="sequential", world="lifelong", hparams="lifelong", progress=False,
-                                 generate=False))["methods"][METHOD]
+                                 generate=False))["methods"][label]
 
-    hp = load_hparams(METHOD, "lifelong", device="cpu")
+    hp = load_hparams(METHOD, "lifelong", device="cpu", **overrides)
     assert hp.model_name == str(world.model_path("lifelong"))
     editor = MultimodalEditor.from_hparams(hp)
-    records = world.record_paths("edit", root=data)[:EDITS]
+    records = world.record_paths("edit", root=data)[:edits]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         metrics, _, _ = editor.edit(**world_inputs(records), sequential_edit=True, verbose=False)
     finally:
         torch.set_num_threads(threads)
-    assert len(metrics) == EDITS
+    assert len(metrics) == edits
 
     def mean(key: str) -> float:
         return sum(value(m["post"][key]) for m in metrics) / len(metrics)
@@ -75,5 +88,5 @@ def test_sequential_edit_agrees_with_the_bench(installed: Any, scratch: Any) -> 
     print({k: (round(ours[k], 4), round(v, 4)) for k, (_, v) in pairs.items()})  # shown with -s
     for ours_key, (theirs_key, theirs) in pairs.items():
         assert abs(ours[ours_key] - theirs) <= TOLERANCE + 1e-9, (
-            f"after {EDITS} sequential {METHOD} edits: bench {ours_key} = {ours[ours_key]:.4f}, "
+            f"after {edits} sequential {label} edits: bench {ours_key} = {ours[ours_key]:.4f}, "
             f"EasyEdit's MultimodalEditor {theirs_key} = {theirs:.4f}")
