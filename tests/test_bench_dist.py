@@ -115,31 +115,16 @@ def _units(path: Path) -> int:
         return 0
 
 
-def _run_until(path: Path, units: int, sig: int, tries: int = 3) -> subprocess.Popen[str]:
-    """Start the single-mode run and send ``sig`` once ``units`` units are in its journal.
-
-    On a loaded machine this poller can be starved for seconds while the run goes on; a signal that
-    would land with (nearly) every unit done tests nothing, so that attempt is dropped and run again.
-    """
-    total = CASES * 2  # FT and LoRA
-    for _ in range(tries):
-        for p in path.parent.glob(f"{path.name}*"):
-            p.unlink()
-        proc = subprocess.Popen([sys.executable, "-m", "mke_plugins", "bench", *SINGLE, "--json", str(path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                                cwd=path.parent)
-        deadline = time.monotonic() + 300
-        while _units(path) < units and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before {units} units: {proc.stderr.read()[-2000:]}"
-        if _units(path) > total - 3:  # too late to interrupt half-way: try again
-            proc.kill()
-            proc.communicate(timeout=120)
-            continue
-        proc.send_signal(sig)
-        proc.wait(timeout=120)
-        return proc
-    raise AssertionError(f"in {tries} tries the poller never saw the run before its last units (machine too busy)")
+def _run_until(path: Path, units: int, sig: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "mke_plugins", "bench", *SINGLE, "--json", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=path.parent)
+    deadline = time.monotonic() + 300
+    while _units(path) < units and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before {units} units: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
 
 
 def test_sigkill_half_way_then_resume_gives_the_uninterrupted_quality_columns(one_process, tmp_path):
