@@ -9,7 +9,8 @@ change (every parameter frozen, no ``value_extra``) and, when they carry
 :class:`~mke_plugins.core.scope.InputScope` s, their scope keys, so the whole group costs one
 pass of a few matmuls whatever its size. A position's scope test is the same as the block's own
 (largest cosine to one of the block's keys above the block's threshold), done for every block at
-once with a segment maximum.
+once (:func:`~mke_plugins.core.scope.admitted_pairs`); only the neurons of the blocks that admit a
+position are computed there.
 
 The result equals the per-block sum up to float rounding (the sums run in another order); a
 single block is never stacked, so a single edit's arithmetic is unchanged. The stack is rebuilt
@@ -22,6 +23,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from mke_plugins.core.scope import admitted_pairs
 
 __all__ = ["FrozenStack", "split_stack", "stackable"]
 
@@ -51,17 +54,17 @@ class FrozenStack:
             self.neuron_block = torch.cat([torch.full((b.n,), i, dtype=torch.long, device=dev)
                                            for i, b in enumerate(self.blocks)])
             scoped = [(i, b.scope) for i, b in enumerate(self.blocks) if b.scope is not None]
-            self.open = torch.tensor([b.scope is None for b in self.blocks], device=dev)  # (B,) never masked
             self.block_size = torch.tensor([b.n for b in self.blocks], dtype=torch.long, device=dev)
             self.block_start = torch.cumsum(self.block_size, 0) - self.block_size
-            self.open_neurons = self.open.index_select(0, self.neuron_block).nonzero(as_tuple=True)[0]
+            open_blocks = torch.tensor([b.scope is None for b in self.blocks], device=dev)  # never masked
+            self.open_neurons = open_blocks.index_select(0, self.neuron_block).nonzero(as_tuple=True)[0]
             if scoped:
                 self.scope_keys = torch.cat([s.keys.to(dev) for _, s in scoped])  # (S, d) unit rows
                 self.key_block = torch.cat([torch.full((s.keys.shape[0],), i, dtype=torch.long, device=dev)
                                             for i, s in scoped])
-                self.threshold = torch.tensor([s.threshold if s is not None else 0.0 for s in self._scopes],
+                # an open block has no keys: its threshold is never passed (it acts everywhere instead)
+                self.threshold = torch.tensor([s.threshold if s is not None else float("inf") for s in self._scopes],
                                               dtype=torch.float32, device=dev)
-                self.min_threshold = min(s.threshold for _, s in scoped)
             else:
                 self.scope_keys = None
 
@@ -74,23 +77,16 @@ class FrozenStack:
                 and all(b.scope is s for b, s in zip(blocks, self._scopes, strict=True))
                 and not any(p.requires_grad for p in self._params) and self._versions() == self._version)
 
-    def _admitted_pairs(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positions, blocks)``: every (row of ``flat``, scoped block) pair where the block admits the row."""
-        cos = torch.nn.functional.normalize(flat.detach(), dim=-1) @ self.scope_keys.t()  # (P, S)
-        rows = (cos.amax(1) > self.min_threshold).nonzero(as_tuple=True)[0]  # most rows are in no scope
-        if rows.numel() == 0:
-            return rows, rows
-        sub = cos.index_select(0, rows)
-        best = sub.new_full((rows.numel(), len(self.blocks)), -2.0)
-        best.scatter_reduce_(1, self.key_block.expand(rows.numel(), -1), sub, reduce="amax")
-        r, blk = ((best > self.threshold) & ~self.open).nonzero(as_tuple=True)
-        return rows[r], blk
+    def _dense(self, q: torch.Tensor, on: torch.Tensor | None = None) -> torch.Tensor:
+        """``(P, N)`` activations of every neuron (or ``(P, |on|)`` of the neurons ``on``) at every row of ``q``."""
+        key, bias, up = self.key, self.bias, self.key_up
+        if on is not None:
+            key, bias, up = key[on], bias[on], (up[on] if up is not None else None)
+        a = self.act_fn(q @ key.t() + bias)
+        return a * (q @ up.t()) if self.gated else a
 
-    def _act(self, q: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
-        """Activations of all neurons (``neurons`` None: ``(P, N)``) or of one neuron per row of ``q``."""
-        if neurons is None:
-            a = self.act_fn(q @ self.key.t() + self.bias)
-            return a * (q @ self.key_up.t()) if self.gated else a
+    def _paired(self, q: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+        """``(P,)`` activation of neuron ``neurons[i]`` at row ``q[i]``."""
         a = self.act_fn((q * self.key[neurons]).sum(-1) + self.bias[neurons])
         return a * (q * self.key_up[neurons]).sum(-1) if self.gated else a
 
@@ -103,21 +99,18 @@ class FrozenStack:
         """
         flat = q.float().reshape(-1, q.shape[-1])
         if self.scope_keys is None:
-            out = self._act(flat) @ self.value_t
+            out = self._dense(flat) @ self.value_t
         else:
             out = flat.new_zeros(flat.shape)
             if self.open_neurons.numel():  # blocks without a scope act everywhere
-                on = self.open_neurons
-                a = self.act_fn(flat @ self.key[on].t() + self.bias[on])
-                a = a * (flat @ self.key_up[on].t()) if self.gated else a
-                out = out + a @ self.value_t[on]
-            pos, blk = self._admitted_pairs(flat)
+                out = out + self._dense(flat, self.open_neurons) @ self.value_t[self.open_neurons]
+            pos, blk = admitted_pairs(flat, self.scope_keys, self.key_block, self.threshold)
             if pos.numel():  # every neuron of every admitting block, at that position
                 counts = self.block_size[blk]
                 rows = pos.repeat_interleave(counts)
                 first = (self.block_start[blk] - (torch.cumsum(counts, 0) - counts)).repeat_interleave(counts)
                 neurons = first + torch.arange(rows.numel(), device=rows.device)
-                contrib = self._act(flat[rows], neurons).unsqueeze(-1) * self.value_t[neurons]
+                contrib = self._paired(flat[rows], neurons).unsqueeze(-1) * self.value_t[neurons]
                 out = out.index_add(0, rows, contrib)
         return out.reshape(*q.shape[:-1], out.shape[-1])
 

@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mke_plugins.adapters.base import HookPoint, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import capture
+from mke_plugins.core.scope import admitted_pairs
 from mke_plugins.core.wrap import GatedModel
 
 __all__ = ["RoutedEdit", "RoutedEdits", "RoutedModel", "routed_edits"]
@@ -154,15 +155,15 @@ class RoutedEdits:
     def decide(self, reps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """``(B, E)`` bool from the routing point's ``(B, T, d)`` states (``valid``: ``(B, T)`` non-padding)."""
         B, T, _ = reps.shape
-        flat = torch.nn.functional.normalize(reps.detach().float().reshape(B * T, -1), dim=-1)
-        keys = self._keys.to(flat.device)
-        cos = flat @ keys.t()  # (B*T, S)
+        flat = reps.reshape(B * T, -1)
+        row_of = torch.arange(B, device=reps.device).repeat_interleave(T)
         if valid is not None:
-            cos = cos.masked_fill(~valid.to(flat.device).reshape(B * T, 1).bool(), -2.0)
-        best = cos.new_full((B * T, len(self.edits)), -2.0)
-        best.scatter_reduce_(1, self._key_edit.to(flat.device).expand(B * T, -1), cos, reduce="amax")
-        admitted = best > self._thresholds.to(flat.device)
-        return admitted.view(B, T, -1).any(1)
+            keep = valid.to(reps.device).reshape(B * T).bool()
+            flat, row_of = flat[keep], row_of[keep]
+        pos, edit = admitted_pairs(flat, self._keys, self._key_edit, self._thresholds)
+        decision = torch.zeros(B, len(self.edits), dtype=torch.bool, device=reps.device)
+        decision[row_of[pos], edit] = True
+        return decision
 
     @contextlib.contextmanager
     def routed(self, decision: torch.Tensor) -> Iterator[None]:
@@ -227,11 +228,14 @@ class RoutedModel(GatedModel):
     def _store(self) -> RoutedEdits | None:
         return routed_edits(self.model, create=False)
 
-    def _run(self, fn: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _run(self, fn: Any, args: tuple, kwargs: dict[str, Any], route_kwargs: dict[str, Any] | None = None) -> Any:
+        """``fn(*args, **kwargs)`` with each row's routed edits, decided by a bare-model forward on
+        ``route_kwargs`` (default ``kwargs``)."""
         store = self._store()
         if store is None or not store.edits:
             return fn(*args, **kwargs)
-        decision = store.route(lambda: self.model(*args, **kwargs), _valid_rows(kwargs))
+        given = kwargs if route_kwargs is None else route_kwargs
+        decision = store.route(lambda: self.model(*args, **given), _valid_rows(kwargs))
         with store.routed(decision):
             return fn(*args, **kwargs)
 
@@ -242,13 +246,9 @@ class RoutedModel(GatedModel):
         return self._run(super().forward, args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        store = self._store()
-        if store is None or not store.edits:
-            return super().generate(*args, **kwargs)
+        """Routes once, on the prompt (a forward without ``generate``'s own keywords), for every step."""
         prompt = {k: v for k, v in kwargs.items() if k not in _GENERATE_ONLY}
-        decision = store.route(lambda: self.model(*args, **prompt), _valid_rows(kwargs))
-        with store.routed(decision):
-            return super().generate(*args, **kwargs)
+        return self._run(super().generate, args, kwargs, prompt)
 
     def __repr__(self) -> str:
         return f"RoutedModel(gates={list(self.gates)}, model={type(self.model).__name__})"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InputScope"]
+__all__ = ["InputScope", "admitted_pairs"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,26 @@ class InputScope:
     @property
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()
+
+
+def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, thresholds: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Many scopes' test at once: ``(rows, owners)``, every pair where a row of ``states`` (``(P, d)``)
+    has cosine above the owner's threshold to one of the owner's keys.
+
+    ``keys`` (``(S, d)`` unit rows) are the keys of all owners, ``owner`` (``(S,)``) the owner of each
+    key, ``thresholds`` (``(n,)``) one per owner (``inf``: an owner never admits). One matmul for all
+    keys; the per-owner maximum is taken only on the rows above the lowest threshold, since after many
+    edits most rows lie in no scope. Used by the neuron stack (:mod:`.neuron_stack`) and the
+    per-input routing (:mod:`.routing`).
+    """
+    cos = torch.nn.functional.normalize(states.detach().float(), dim=-1) @ keys.to(states.device).t()  # (P, S)
+    thresholds = thresholds.to(states.device)
+    rows = (cos.amax(1) > thresholds.min()).nonzero(as_tuple=True)[0]
+    if rows.numel() == 0:
+        return rows, rows
+    sub = cos.index_select(0, rows)
+    best = sub.new_full((rows.numel(), thresholds.numel()), -2.0)
+    best.scatter_reduce_(1, owner.to(states.device).expand(rows.numel(), -1), sub, reduce="amax")
+    r, who = (best > thresholds).nonzero(as_tuple=True)
+    return rows[r], who
