@@ -518,3 +518,38 @@ def test_train_cli_hparams_key_picks_the_bundled_yaml_and_unknown_keys_list_the_
     assert "--hparams" in err and "qwen9" in err and "qwen2vl-7b" in err
     assert main(["train", "LDKE", "--model", "qwen2vl-7b"]) == 2  # the old spelling of a training YAML key
     assert "write `--hparams qwen2vl-7b`" in capsys.readouterr().err
+
+
+def test_pairs_objective_scores_every_input_against_every_key(world_subset, tmp_path):
+    """objective: pairs labels each input by its own record, learns, calibrates on memory routing, and is seeded."""
+    from mke_plugins.methods.ldke import pairs
+    from mke_plugins.methods.ldke.ldke_train import train_archive
+    from mke_plugins.methods.ldke.trainable import LDKERouterTrainable
+    from mke_plugins.train import make_trainer
+
+    model, tok, records = world_subset
+    recs = ldke_data.routing_records(records[:8], seed=0, locality_negatives=False)
+    assert not any(q.prompt == r["locality_prompt"] for rec in recs for q in rec.easy for r in records[:8])
+    hp = _train_hp(objective="pairs", pair_steps=40, pair_batch=32, prior_edits=4, val_fraction=0.25,
+                   locality_negatives=False)
+    trainable = LDKERouterTrainable(model, hp, None)
+    trainable.tok = tok
+    data = pairs.PairSet(recs, trainable.phi)
+    assert data.y.shape == (len(data), len(recs)) and data.y.sum(1).max() == 1
+    for r, rec in enumerate(recs):  # the key is its own record's positive and no other's
+        assert data.y[data.keys[r]].nonzero().flatten().tolist() == [r]
+    assert all(data.kinds[i] == "positive" for i in data.y.any(1).nonzero().flatten().tolist())
+    before = pairs.routing_rates(trainable.head, data)["balanced_accuracy"]
+    hp_fit = _train_hp(objective="pairs", pair_steps=60, pair_batch=32)
+    pairs.fit_pairs(trainable.head, data, data, hp_fit, progress=False)
+    after = pairs.routing_rates(trainable.head, data)
+    assert after["balanced_accuracy"] > before and after["memory"] == len(recs)
+
+    a = train_archive(hp, out=tmp_path / "a.pt", records=records, model=model, tok=tok, make_trainer=make_trainer,
+                      progress=False)
+    b = train_archive(hp, records=records, model=model, tok=tok, make_trainer=make_trainer, progress=False)
+    assert a["meta"]["trainer"] == "pairs" and a["mu_count"] == 4 and a["tau"] in router.TAU_GRID
+    assert a["loc_prompts"] == [] and a["val_rates"]["memory"] == a["meta"]["val_keys"]
+    for k, v in a["head"]["state"].items():
+        assert torch.equal(v, b["head"]["state"][k]), f"head {k} differs between two seeded runs"
+    assert router.load_archive(tmp_path / "a.pt")["meta"]["best_step"] >= 1

@@ -67,8 +67,9 @@ def _forms(o: dict[str, Any]) -> list[Query]:
 
 
 def routing_records(records: Sequence[dict[str, Any]], *, hard_negatives: bool = True,
-                    max_others: int = 4, seed: int = 0) -> list[RoutingRecord]:
-    """Build the labelled inputs of every record (world / MMEdit-style request dicts)."""
+                    max_others: int = 4, seed: int = 0, locality_negatives: bool = True) -> list[RoutingRecord]:
+    """Build the labelled inputs of every record (world / MMEdit-style request dicts); without
+    ``locality_negatives`` a record's own locality probes are left out."""
     rng = random.Random(seed)
     out = []
     by_entity: dict[str, list[int]] = {}
@@ -87,9 +88,9 @@ def routing_records(records: Sequence[dict[str, Any]], *, hard_negatives: bool =
         rec.positives += [_probe(p) for p in (r.get("portability") or [])]
         if _present(r.get("image_rephrase")):
             rec.image_positives.append(Query(r["image_rephrase"], prompt, target))
-        if _present(r.get("locality_prompt")) and _present(r.get("locality_ground_truth")):
+        if locality_negatives and _present(r.get("locality_prompt")) and _present(r.get("locality_ground_truth")):
             rec.easy.append(Query(None, r["locality_prompt"], str(r["locality_ground_truth"])))
-        if all(_present(r.get(k)) for k in ("multimodal_locality_image", "multimodal_locality_prompt",
+        if locality_negatives and all(_present(r.get(k)) for k in ("multimodal_locality_image", "multimodal_locality_prompt",
                                             "multimodal_locality_ground_truth")):
             rec.easy.append(Query(r["multimodal_locality_image"], r["multimodal_locality_prompt"],
                                   str(r["multimodal_locality_ground_truth"])))

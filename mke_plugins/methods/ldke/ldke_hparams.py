@@ -145,6 +145,21 @@ class LDKETrainingHyperParams(_RouterFields, EasyEditTrainerFields, MultimodalHy
     debug: bool = hp(True, "EasyEdit: with save false, no checkpoint files are written per validation.")
     save: bool = hp(False, "EasyEdit: write trainer checkpoints.")
     silent: bool = hp(True, "EasyEdit: no per-step logging.")
+    objective: Literal["trainer", "pairs"] = hp(
+        "trainer", "How the head is trained: 'trainer' (EasyEdit's MultimodalTrainer loop: each input against its "
+                   "own edit's key, tau per pair) or 'pairs' (every training input against every training key on "
+                   "cached features, tau by routing over the validation memory; for sequential editing, README "
+                   "'Lifelong mode'). The trainer fields below are read by 'trainer' only.")
+    pair_steps: int = hp(1500, "objective: pairs: optimisation steps (validated 10 times, best head kept).", ge=1)
+    pair_batch: int = hp(128, "objective: pairs: training inputs per step, each scored against every training key.",
+                         ge=1)
+    pair_positive_weight: float = hp(0.5, "objective: pairs: a positive pair weighs this times the number of "
+                                          "training keys (an input has one own key and every other as negative).",
+                                     gt=0)
+    locality_negatives: bool = hp(True, "Use each training record's locality probes as negatives. false where "
+                                        "those probes are the evaluation's locality pool (the lifelong world), "
+                                        "so the router never sees them.")
+    pair_weight_decay: float = hp(0.1, "objective: pairs: AdamW weight decay of the head.", ge=0)
     neg_per_pos: int = hp(3, "Negatives sampled per positive.", ge=1)
     hard_negative_fraction: float = hp(0.5, "Share of the negatives that are hard (same image or same entity).",
                                        ge=0, le=1)

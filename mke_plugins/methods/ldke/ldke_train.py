@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 
 def _loc_prompts(records: Sequence[dict[str, Any]], n: int) -> list[dict[str, str]]:
-    out = []
-    for r in records:
+    out: list[dict[str, str]] = []
+    for r in records[:0] if n <= 0 else records:
         if r.get("locality_prompt") and r.get("locality_ground_truth"):
             out.append({"prompt": str(r["locality_prompt"]), "answer": str(r["locality_ground_truth"])})
         if len(out) >= n:
@@ -77,12 +77,18 @@ def train_archive(hp: Any, *, model: Any, tok: Any, records: Sequence[dict[str, 
     train_recs, val_recs = split_by_entity(records, hp.val_fraction, hp.seed)
     adapter = get_adapter(model, hp)
     hard = hp.hard_negatives
-    train_set = LDKERoutingDataset(routing_records(train_recs, hard_negatives=hard, seed=hp.seed), adapter, model, tok,
+    loc = hp.locality_negatives
+    train_set = LDKERoutingDataset(routing_records(train_recs, hard_negatives=hard, seed=hp.seed, locality_negatives=loc),
+                                   adapter, model, tok,
                                    neg_per_pos=hp.neg_per_pos, hard_negative_fraction=hp.hard_negative_fraction,
                                    seed=hp.seed)
-    val_set = LDKERoutingDataset(routing_records(val_recs, hard_negatives=True, seed=hp.seed + 1), adapter, model,
+    val_set = LDKERoutingDataset(routing_records(val_recs, hard_negatives=True, seed=hp.seed + 1,
+                                                 locality_negatives=loc), adapter, model,
                                  tok, neg_per_pos=hp.neg_per_pos, hard_negative_fraction=hp.hard_negative_fraction,
                                  seed=hp.seed + 1)
+    if hp.objective == "pairs":
+        return _pairs_archive(hp, model, train_set, val_set, tok=tok, train_recs=train_recs, val_recs=val_recs,
+                              out=out, progress=progress)
     epochs = int(hp.max_epochs)
     run_hp = copy.deepcopy(hp)
     run_hp.max_epochs = 1
@@ -109,18 +115,42 @@ def train_archive(hp: Any, *, model: Any, tok: Any, records: Sequence[dict[str, 
     assert best is not None
     trainable.head.load_state_dict(best[2])
     cal = trainable.calibrate(val_set)
-    trainable.loc_prompts = _loc_prompts(train_recs, hp.loc_prompts)
+    trainable.loc_prompts = _loc_prompts(train_recs, hp.loc_prompts if loc else 0)
     trainable.meta = {
         "trainer": kind, "epochs": epochs, "best_epoch": best[1], "train_records": len(train_recs),
         "val_records": len(val_recs), "seed": hp.seed, "hard_negatives": hard, "seconds": time.perf_counter() - t0,
-        "history": history, "hparams": {k: (str(v) if k == "dtype" else v) for k, v in hp.to_dict().items()
-                                        if isinstance(v, (str, int, float, bool, type(None), list))},
+        "history": history, "hparams": _hparams_meta(hp),
     }
     archive = trainable.state_dict()
     if out is not None:
         save_archive(archive, out)
     log.info("LDKE archive: best epoch %d, tau %.2f, validation %s", best[1], cal["tau"], cal)
     return archive
+
+
+def _pairs_archive(hp: Any, model: Any, train_set: Any, val_set: Any, *, tok: Any, train_recs: Sequence[dict[str, Any]],
+                   val_recs: Sequence[dict[str, Any]], out: str | Path | None, progress: bool) -> dict[str, Any]:
+    """``objective: pairs`` (``pairs.py``): no trainer loop; the same trainable's head, mu and archive."""
+    from .pairs import train_pairs
+    from .router import save_archive
+    from .trainable import LDKERouterTrainable
+
+    trainable = LDKERouterTrainable(model, hp)
+    trainable.tok = tok
+    meta = train_pairs(trainable, train_set.records, val_set.records, hp, progress=progress)
+    trainable.loc_prompts = _loc_prompts(train_recs, hp.loc_prompts if hp.locality_negatives else 0)
+    trainable.meta = {**meta, "train_records": len(train_recs), "val_records": len(val_recs), "seed": hp.seed,
+                      "hard_negatives": hp.hard_negatives, "hparams": _hparams_meta(hp)}
+    archive = trainable.state_dict()
+    if out is not None:
+        save_archive(archive, out)
+    log.info("LDKE archive (pairs): tau %.2f, validation %s", trainable.tau, trainable.val_rates)
+    return archive
+
+
+def _hparams_meta(hp: Any) -> dict[str, Any]:
+    return {k: (str(v) if k == "dtype" else v) for k, v in hp.to_dict().items()
+            if isinstance(v, (str, int, float, bool, type(None), list))}
 
 
 def untrained_archive(hp: Any, *, model: Any, out: str | Path) -> dict[str, Any]:

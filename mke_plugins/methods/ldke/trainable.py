@@ -229,6 +229,16 @@ class LDKERouterTrainable(_editable_base()):
         self.mu_sum += p[:take].sum(0)
         self.mu_count += take
 
+    def accumulate_mu(self, keys: Sequence[Query], chunk: int = 8) -> None:
+        """Average the layer shares of these edit inputs into mu (up to ``prior_edits``), outside a trainer loop."""
+        from .data import host_part
+
+        for i in range(0, len(keys), chunk):
+            if self.mu_count >= self.prior_edits:
+                break
+            batch = self.adapter.batch(self.model, self._tok(), list(keys[i:i + chunk]))
+            self._accumulate_mu(self._view(host_part(batch)))
+
     # -- scoring, validation, calibration ------------------------------------------------------
     def phi(self, queries: Sequence[Query], chunk: int = 32) -> torch.Tensor:
         """phi of adapter queries (no gradient), in chunks."""
