@@ -536,7 +536,7 @@ def test_pairs_objective_scores_every_input_against_every_key(world_subset, tmp_
     trainable.tok = tok
     data = pairs.PairSet(recs, trainable.phi)
     assert data.y.shape == (len(data), len(recs)) and data.y.sum(1).max() == 1
-    for r, rec in enumerate(recs):  # the key is its own record's positive and no other's
+    for r in range(len(recs)):  # the key is its own record's positive and no other's
         assert data.y[data.keys[r]].nonzero().flatten().tolist() == [r]
     assert all(data.kinds[i] == "positive" for i in data.y.any(1).nonzero().flatten().tolist())
     before = pairs.routing_rates(trainable.head, data)["balanced_accuracy"]

@@ -88,10 +88,10 @@ def routing_records(records: Sequence[dict[str, Any]], *, hard_negatives: bool =
         rec.positives += [_probe(p) for p in (r.get("portability") or [])]
         if _present(r.get("image_rephrase")):
             rec.image_positives.append(Query(r["image_rephrase"], prompt, target))
+        loc_fields = ("multimodal_locality_image", "multimodal_locality_prompt", "multimodal_locality_ground_truth")
         if locality_negatives and _present(r.get("locality_prompt")) and _present(r.get("locality_ground_truth")):
             rec.easy.append(Query(None, r["locality_prompt"], str(r["locality_ground_truth"])))
-        if locality_negatives and all(_present(r.get(k)) for k in ("multimodal_locality_image", "multimodal_locality_prompt",
-                                            "multimodal_locality_ground_truth")):
+        if locality_negatives and all(_present(r.get(k)) for k in loc_fields):
             rec.easy.append(Query(r["multimodal_locality_image"], r["multimodal_locality_prompt"],
                                   str(r["multimodal_locality_ground_truth"])))
         others = [j for j in range(len(records)) if j != i]

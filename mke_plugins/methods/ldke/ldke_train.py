@@ -78,8 +78,8 @@ def train_archive(hp: Any, *, model: Any, tok: Any, records: Sequence[dict[str, 
     adapter = get_adapter(model, hp)
     hard = hp.hard_negatives
     loc = hp.locality_negatives
-    train_set = LDKERoutingDataset(routing_records(train_recs, hard_negatives=hard, seed=hp.seed, locality_negatives=loc),
-                                   adapter, model, tok,
+    train_set = LDKERoutingDataset(routing_records(train_recs, hard_negatives=hard, seed=hp.seed,
+                                                   locality_negatives=loc), adapter, model, tok,
                                    neg_per_pos=hp.neg_per_pos, hard_negative_fraction=hp.hard_negative_fraction,
                                    seed=hp.seed)
     val_set = LDKERoutingDataset(routing_records(val_recs, hard_negatives=True, seed=hp.seed + 1,

@@ -156,7 +156,8 @@ def fit_pairs(head: RouterHead, train: PairSet, val: PairSet, hp: Any, *, progre
             head.train()
             history.append({"step": step, "loss": float(loss.detach()), **result})
             if best is None or result["balanced_accuracy"] >= best[0]:  # ties: the later head
-                best = (result["balanced_accuracy"], step, {k: v.detach().clone() for k, v in head.state_dict().items()})
+                kept = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                best = (result["balanced_accuracy"], step, kept)
     assert best is not None
     head.load_state_dict(best[2])
     head.eval()
