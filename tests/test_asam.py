@@ -408,12 +408,13 @@ def test_lifelong_mode_keeps_no_bank_rows_and_runs_finished_edits_as_one_stack(w
     the finished edits' blocks run as one stack, every edit still holds, and restore is exact."""
     model, tok, reqs = world_model
     adapter = get_adapter(model, world_hparams())
-    hp = world_hparams(lar_variants=2, lar_masks=["joint", "image"], lar_steps=2, scope_threshold=0.8, lambda_mem=0)
+    hp = world_hparams(lar_variants=2, lar_masks=["joint", "image"], lar_steps=2, scope_threshold=0.8, lambda_mem=0,
+                       scope_exclusive=True)
     before = state_of(model)
     edited, wc = asam_main.apply_asam_to_multimodal_model(model, tok, reqs[:3], hp, return_orig_weights=True)
     st = patch.existing_state(model)
     blocks = st.patches.blocks()
-    assert len(blocks) == 3 and st.extra_rows == [] and all(b.frozen and b.scope is not None for b in blocks)
+    assert len(blocks) == 3 and st.extra_rows == [] and all(b.frozen and b.scope.exclusive for b in blocks)
     for b, e in zip(blocks, wc.stats.edits, strict=True):  # an edit holds its block and its scope, nothing else
         assert e.added_bytes == sum(p.numel() * 4 for p in b.parameters()) + b.scope.nbytes
     for r in reqs[:3]:
@@ -421,7 +422,7 @@ def test_lifelong_mode_keeps_no_bank_rows_and_runs_finished_edits_as_one_stack(w
         with torch.no_grad():
             assert bool(adapter.success(adapter.forward(edited, b), b)[0])
     slot = next(iter(st.patches._slots.values()))
-    assert slot.stack is not None and slot.stack.blocks == blocks
+    assert slot.stack is not None and slot.stack.blocks == blocks and slot.stack.exclusive
     wc()
     assert_same_state(before, model)
     assert patch.existing_state(model) is None

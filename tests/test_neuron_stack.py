@@ -56,6 +56,33 @@ def test_outside_every_scope_the_stack_adds_exactly_zero():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_exclusive_scopes_let_only_the_closest_admitting_block_act():
+    """With every scope exclusive, each position gets exactly the block whose key is closest among those
+    that admit it (the per-block sum of that block alone), and nothing where no scope admits."""
+    from mke_plugins.core.scope import admitted_pairs
+
+    blocks = [b for b in _blocks(12, gated=True, scoped=True) if b.scope is not None]
+    for b in blocks:
+        b.scope = InputScope.around(b.scope.keys, 0.1, exclusive=True)
+    q = torch.randn(4, 9, D, generator=torch.Generator().manual_seed(3))
+    flat = q.reshape(-1, D)
+    cos = torch.stack([b.scope.cosine(flat) for b in blocks], 1)  # (P, blocks)
+    inside = cos > 0.1
+    assert (inside.sum(1) >= 2).any(), "some position must lie in several scopes for the test to mean anything"
+    best = cos.masked_fill(~inside, -2.0).argmax(1)
+    # the closest admitting block admits its position, so its own delta there is its whole contribution
+    want = torch.stack([blocks[int(best[i])].delta(flat[i:i + 1]).squeeze(0) if inside[i].any() else torch.zeros(D)
+                        for i in range(flat.shape[0])])
+    got = FrozenStack(blocks).delta(q).reshape(-1, D)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    summed = FrozenStack([*blocks[:-1], _blocks(1, gated=True, scoped=True, seed=9)[0]])
+    assert not summed.exclusive  # one non-exclusive scope: every admitting block acts, as without the switch
+    keys = torch.cat([b.scope.keys for b in blocks])
+    owner = torch.cat([torch.full((b.scope.keys.shape[0],), i) for i, b in enumerate(blocks)])
+    rows, who = admitted_pairs(flat, keys, owner, torch.full((len(blocks),), 0.1), exclusive=True)
+    assert rows.tolist() == inside.any(1).nonzero().flatten().tolist() and torch.equal(who, best[rows])
+
+
 def test_the_stack_follows_its_blocks():
     blocks = _blocks(5, gated=True, scoped=True)
     live = NeuronBlock(D, 2, gated=True, act_fn=F.silu)  # still training: runs on its own

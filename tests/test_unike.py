@@ -277,10 +277,11 @@ def test_scope_threshold_confines_finished_neurons_to_their_edit(qwen) -> None:
     model = qwen["model"]
     recs = _records("qwen2-vl", 2, offset=60)
     before, hooks = state_of(model), hook_counts(model)
-    e1, h1 = _apply(qwen, recs, scope_threshold=0.9, negatives_from_edits=False)
+    e1, h1 = _apply(qwen, recs, scope_threshold=0.9, negatives_from_edits=False, scope_exclusive=True)
     rt = runtime_for(model, create=False)
     blocks = [b for bs in rt.blocks.values() for b in bs]
     assert len(blocks) == 4 and all(isinstance(b.scope, InputScope) and b.scope.threshold == 0.9 for b in blocks)
+    assert all(b.scope.exclusive for b in blocks)
     assert sum(e.added_bytes for e in h1.stats.edits) >= sum(b.scope.nbytes for b in blocks) > 0
     for r in recs:
         assert _nll(qwen, e1, r) < _nll(qwen, model, r)

@@ -10,7 +10,8 @@ change (every parameter frozen, no ``value_extra``) and, when they carry
 pass of a few matmuls whatever its size. A position's scope test is the same as the block's own
 (largest cosine to one of the block's keys above the block's threshold), done for every block at
 once (:func:`~mke_plugins.core.scope.admitted_pairs`); only the neurons of the blocks that admit a
-position are computed there.
+position are computed there. When every scope is ``exclusive``, only the admitting block with the
+closest key acts at a position (a lifelong-mode switch: the stack then is not the per-block sum).
 
 The result equals the per-block sum up to float rounding (the sums run in another order); a
 single block is never stacked, so a single edit's arithmetic is unchanged. The stack is rebuilt
@@ -65,6 +66,7 @@ class FrozenStack:
                 # an open block has no keys: its threshold is never passed (it acts everywhere instead)
                 self.threshold = torch.tensor([s.threshold if s is not None else float("inf") for s in self._scopes],
                                               dtype=torch.float32, device=dev)
+                self.exclusive = all(s.exclusive for _, s in scoped)
             else:
                 self.scope_keys = None
 
@@ -104,7 +106,7 @@ class FrozenStack:
             out = flat.new_zeros(flat.shape)
             if self.open_neurons.numel():  # blocks without a scope act everywhere
                 out = out + self._dense(flat, self.open_neurons) @ self.value_t[self.open_neurons]
-            pos, blk = admitted_pairs(flat, self.scope_keys, self.key_block, self.threshold)
+            pos, blk = admitted_pairs(flat, self.scope_keys, self.key_block, self.threshold, self.exclusive)
             if pos.numel():  # every neuron of every admitting block, at that position
                 counts = self.block_size[blk]
                 rows = pos.repeat_interleave(counts)

@@ -31,16 +31,19 @@ class InputScope:
 
     keys: torch.Tensor  # (k, d) fp32 unit rows
     threshold: float
+    #: where several exclusive scopes of one layer admit a position, only the one with the closest key acts
+    #: there (neuron stack); the edits of one fact area then do not add up on each other's inputs
+    exclusive: bool = False
 
     @classmethod
-    def around(cls, reps: torch.Tensor, threshold: float) -> "InputScope":
+    def around(cls, reps: torch.Tensor, threshold: float, exclusive: bool = False) -> "InputScope":
         """The scope of the representations ``reps`` (``(..., d)``; every row becomes a key)."""
         if not -1.0 <= threshold < 1.0:
             raise ValueError(f"a scope threshold is a cosine in [-1, 1), got {threshold}")
         keys = torch.nn.functional.normalize(reps.detach().reshape(-1, reps.shape[-1]).float(), dim=-1)
         if keys.shape[0] == 0:
             raise ValueError("a scope needs at least one representation")
-        return cls(keys, float(threshold))
+        return cls(keys, float(threshold), bool(exclusive))
 
     def cosine(self, q: torch.Tensor) -> torch.Tensor:
         """``(...,)`` fp32: the largest cosine of each position of ``q`` (``(..., d)``) to a key."""
@@ -56,8 +59,8 @@ class InputScope:
         return self.keys.numel() * self.keys.element_size()
 
 
-def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, thresholds: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, thresholds: torch.Tensor,
+                   exclusive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Many scopes' test at once: ``(rows, owners)``, every pair where a row of ``states`` (``(P, d)``)
     has cosine above the owner's threshold to one of the owner's keys.
 
@@ -65,7 +68,8 @@ def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor
     key, ``thresholds`` (``(n,)``) one per owner (``inf``: an owner never admits). One matmul for all
     keys; the per-owner maximum is taken only on the rows above the lowest threshold, since after many
     edits most rows lie in no scope. Used by the neuron stack (:mod:`.neuron_stack`) and the
-    per-input routing (:mod:`.routing`).
+    per-input routing (:mod:`.routing`). With ``exclusive`` a row keeps only its best owner (the largest
+    cosine among those above their thresholds; ties: the first owner).
     """
     cos = torch.nn.functional.normalize(states.detach().float(), dim=-1) @ keys.to(states.device).t()  # (P, S)
     thresholds = thresholds.to(states.device)
@@ -75,5 +79,9 @@ def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor
     sub = cos.index_select(0, rows)
     best = sub.new_full((rows.numel(), thresholds.numel()), -2.0)
     best.scatter_reduce_(1, owner.to(states.device).expand(rows.numel(), -1), sub, reduce="amax")
+    if exclusive:
+        score, who = best.masked_fill(best <= thresholds, float("-inf")).max(1)
+        keep = score > float("-inf")
+        return rows[keep], who[keep]
     r, who = (best > thresholds).nonzero(as_tuple=True)
     return rows[r], who

@@ -42,6 +42,10 @@ class ASAMHyperParams(MultimodalHyperParams):
               "editing'). null (default): no scope, the paper's editor. Recommended for sequential editing: 0.8 "
               "with lambda_mem: 0 (the scope then does the memory loss's work, in a third of the time).",
         ge=-1, lt=1)
+    scope_exclusive: bool = hp(
+        False, "Lifelong mode, with scope_threshold: where the scopes of several finished edits admit a position, "
+               "only the edit with the closest key acts there (core.scope), so edits of neighbouring facts do not "
+               "add up on each other's inputs. false: every admitting edit acts.")
     prefix_replay: bool = hp(
         True, "Speed only: the PGD passes and the main pass re-run only the decoder layers, from the state the "
               "first full forward handed to layer 0 (vision tower, embeddings, mask and positions are not "

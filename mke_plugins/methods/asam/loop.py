@@ -247,7 +247,7 @@ def edit_one(model: nn.Module, tok: Any, adapter: VLMAdapter, query: Query, hpar
     for layer, b in blocks.items():
         b.freeze()
         if hparams.scope_threshold is not None:  # lifelong mode: the finished edit acts only near its anchor
-            b.scope = InputScope.around(anchor_q[layer], float(hparams.scope_threshold))
+            b.scope = InputScope.around(anchor_q[layer], float(hparams.scope_threshold), hparams.scope_exclusive)
     stats.seconds = time.perf_counter() - t_start
     return stats
 

@@ -220,7 +220,8 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
                 blk.value_extra = None
             blk.freeze()
             if hparams.scope_threshold is not None:  # lifelong mode: the finished edit acts only near its own inputs
-                blk.scope = InputScope.around(shifted[layer], float(hparams.scope_threshold))
+                blk.scope = InputScope.around(shifted[layer], float(hparams.scope_threshold),
+                                                hparams.scope_exclusive)
     rep.seconds = time.time() - t0
     return rep
 

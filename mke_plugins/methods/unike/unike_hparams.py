@@ -106,6 +106,10 @@ class UniKEHyperParams(MultimodalHyperParams):
               "README, 'Sequential editing'). null (default): no scope, UniKE as specified. Recommended for long "
               "sequences: 0.8 with negatives_from_edits: false (the scopes keep edits apart; the margin over every "
               "earlier edit's input costs time that grows with the sequence).", ge=-1, lt=1)
+    scope_exclusive: bool = hp(
+        False, "Lifelong mode, with scope_threshold: where the scopes of several finished edits admit a position, "
+               "only the edit with the closest key acts there (core.scope), so edits of neighbouring facts do not "
+               "add up on each other's inputs. false: every admitting edit acts.")
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:
