@@ -312,7 +312,7 @@ def test_lifelong_mode_routes_kept_apart_edits_on_every_family(family, family_se
     model, tok, adapter, name = family_setup(family)
     # tiny random models give every position nearly the same late-layer state: a threshold this close to 1
     # admits the edit's own input (cosine 1 to its key) and nothing else
-    hp = tiny_hparams(name, max_steps=3, route_threshold=0.9999)
+    hp = tiny_hparams(name, max_steps=3, route_threshold=0.9999, route_exclusive=True)
     reqs = [{"prompt": "What is shown?", "target": "Rome", "image": native_image(family)},
             {"prompt": "Which river is this?", "target": "Nile", "image": native_image(family)}]
     own = adapter.batch(model, tok, [Query(reqs[0]["image"], reqs[0]["prompt"], "Rome")])
@@ -331,6 +331,7 @@ def test_lifelong_mode_routes_kept_apart_edits_on_every_family(family, family_se
     assert_same_state(before, model)  # nothing folded
     store = routed_edits(model, create=False)
     assert len(store.edits) == 2 and h1.stats.edits[0].added_bytes == store.edits[0].nbytes > 0
+    assert store.exclusive and all(e.exclusive for e in store.edits)
     with torch.no_grad():
         assert adapter.loss(e2, own) < loss0, f"{family}: the routed edit does not act on its own input"
         assert torch.equal(adapter.loss(model, own), loss0)  # the bare model runs no edit

@@ -89,3 +89,21 @@ def test_decide_takes_the_best_position_and_ignores_padding():
     valid = torch.tensor([[True, True], [False, True]])
     assert store.decide(reps, valid).tolist() == [[True, False], [False, False]]
     assert store.decide(reps, None).tolist() == [[True, False], [False, True]]
+
+
+def test_exclusive_routing_gives_a_row_only_its_closest_admitted_edit():
+    from mke_plugins.core.routing import RoutedEdits
+
+    store = RoutedEdits.__new__(RoutedEdits)  # decide() needs only the keys
+    store.edits = [SimpleNamespace(), SimpleNamespace(), SimpleNamespace()]
+    store._keys = torch.eye(3)
+    store._key_edit = torch.tensor([0, 1, 2])
+    store._thresholds = torch.tensor([0.5, 0.5, 0.5])
+    reps = torch.tensor([[[1.0, 0.9, 0.0], [0.0, 1.0, 0.2]],    # row 0: edits 0 and 1 admit; edit 1 is closest
+                         [[0.0, 0.0, 0.0], [0.1, 0.0, 0.0]]])   # row 1: only edit 0 admits (exactly one axis)
+    store.exclusive = False
+    assert store.decide(reps, None).tolist() == [[True, True, False], [True, False, False]]
+    store.exclusive = True
+    assert store.decide(reps, None).tolist() == [[False, True, False], [True, False, False]]
+    valid = torch.tensor([[True, False], [True, True]])  # the closest position is padding: the next best wins
+    assert store.decide(reps, valid).tolist() == [[True, False, False], [True, False, False]]

@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mke_plugins.adapters.base import HookPoint, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import capture
-from mke_plugins.core.scope import admitted_pairs
+from mke_plugins.core.scope import admitted_pairs, owner_cosines
 from mke_plugins.core.wrap import GatedModel
 
 __all__ = ["RoutedEdit", "RoutedEdits", "RoutedModel", "routed_edits"]
@@ -50,6 +50,9 @@ class RoutedEdit:
     keys: torch.Tensor
     threshold: float
     offsets: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    #: when every edit is exclusive, a row gets only its closest admitted edit (the largest cosine over its
+    #: positions), not every edit that admits it
+    exclusive: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +89,7 @@ class RoutedEdits:
         self.edits: list[RoutedEdit] = []
         self._layers: dict[int, _Layer] = {}
         self._keys = self._key_edit = self._thresholds = None
+        self.exclusive = False
         self.decision: torch.Tensor | None = None  # (B, E) bool while a routed call runs
 
     @property
@@ -130,6 +134,7 @@ class RoutedEdits:
             self._key_edit = torch.cat([torch.full((e.keys.shape[0],), i, dtype=torch.long)
                                         for i, e in enumerate(self.edits)])
             self._thresholds = torch.tensor([e.threshold for e in self.edits], dtype=torch.float32)
+            self.exclusive = all(e.exclusive for e in self.edits)
 
     # -- the offsets' hook ---------------------------------------------------------------------
     def _hook(self, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -160,8 +165,16 @@ class RoutedEdits:
         if valid is not None:
             keep = valid.to(reps.device).reshape(B * T).bool()
             flat, row_of = flat[keep], row_of[keep]
-        pos, edit = admitted_pairs(flat, self._keys, self._key_edit, self._thresholds)
         decision = torch.zeros(B, len(self.edits), dtype=torch.bool, device=reps.device)
+        if getattr(self, "exclusive", False):  # per row: the closest edit among those admitting it
+            best = owner_cosines(flat, self._keys, self._key_edit, len(self.edits))
+            row_best = best.new_full((B, len(self.edits)), -2.0).scatter_reduce_(
+                0, row_of.unsqueeze(1).expand_as(best), best, reduce="amax")
+            score, edit = row_best.masked_fill(row_best <= self._thresholds.to(best.device), float("-inf")).max(1)
+            rows = (score > float("-inf")).nonzero(as_tuple=True)[0]
+            decision[rows, edit[rows]] = True
+            return decision
+        pos, edit = admitted_pairs(flat, self._keys, self._key_edit, self._thresholds)
         decision[row_of[pos], edit] = True
         return decision
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InputScope", "admitted_pairs"]
+__all__ = ["InputScope", "admitted_pairs", "owner_cosines"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,17 @@ class InputScope:
         return self.keys.numel() * self.keys.element_size()
 
 
+def owner_cosines(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, n_owners: int) -> torch.Tensor:
+    """``(P, n_owners)``: each row's largest cosine to each owner's keys (-2 for an owner with no key)."""
+    cos = torch.nn.functional.normalize(states.detach().float(), dim=-1) @ keys.to(states.device).t()
+    return _owner_max(cos, owner.to(states.device), n_owners)
+
+
+def _owner_max(cos: torch.Tensor, owner: torch.Tensor, n_owners: int) -> torch.Tensor:
+    best = cos.new_full((cos.shape[0], n_owners), -2.0)
+    return best.scatter_reduce_(1, owner.expand(cos.shape[0], -1), cos, reduce="amax")
+
+
 def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, thresholds: torch.Tensor,
                    exclusive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Many scopes' test at once: ``(rows, owners)``, every pair where a row of ``states`` (``(P, d)``)
@@ -76,9 +87,7 @@ def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor
     rows = (cos.amax(1) > thresholds.min()).nonzero(as_tuple=True)[0]
     if rows.numel() == 0:
         return rows, rows
-    sub = cos.index_select(0, rows)
-    best = sub.new_full((rows.numel(), thresholds.numel()), -2.0)
-    best.scatter_reduce_(1, owner.to(states.device).expand(rows.numel(), -1), sub, reduce="amax")
+    best = _owner_max(cos.index_select(0, rows), owner.to(states.device), thresholds.numel())
     if exclusive:
         score, who = best.masked_fill(best <= thresholds, float("-inf")).max(1)
         keep = score > float("-inf")

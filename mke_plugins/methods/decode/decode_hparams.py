@@ -75,5 +75,8 @@ class DECODEHyperParams(MultimodalHyperParams):
               "the paper's editor.", ge=-1, lt=1)
     route_layer: int = hp(
         -1, "Lifelong mode: the decoder layer whose FFN input routes the edits (negative counts from the top).")
+    route_exclusive: bool = hp(
+        False, "Lifelong mode, with route_threshold: an input gets only its closest admitted edit (the largest "
+               "cosine over its positions), not every edit whose threshold it passes.")
     seed: int = hp(42, "Seed for every nondeterministic step (torch RNG is seeded per edit).", ge=0)
 

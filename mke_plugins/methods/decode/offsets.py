@@ -239,7 +239,7 @@ def edit_request(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[
             routed.enter_context(store.routed(admitted))
         report = _localize_and_train(adapter, model, tok, request, hparams, snapshot, infos, kept, t0)
     if store is not None and kept:
-        edit = routed_edit(tag, keys, float(hparams.route_threshold), kept)
+        edit = routed_edit(tag, keys, float(hparams.route_threshold), kept, hparams.route_exclusive)
         store.add(edit)
         report.added_bytes = edit.nbytes
     report.seconds = time.perf_counter() - t0

@@ -50,8 +50,8 @@ def route_keys(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[st
     return torch.nn.functional.normalize(torch.cat(rows), dim=-1), admitted
 
 
-def routed_edit(tag: Hashable, keys: torch.Tensor, threshold: float, stages: list[tuple[list[int], DeltaSet]]
-                ) -> RoutedEdit:
+def routed_edit(tag: Hashable, keys: torch.Tensor, threshold: float, stages: list[tuple[list[int], DeltaSet]],
+                exclusive: bool = False) -> RoutedEdit:
     """The finished stages' offsets as one routed edit: per layer, the columns and ``Z`` rows of every stage
     (a neuron edited in both stages appears twice, and its two rows add up, as two folds would)."""
     by_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -60,4 +60,4 @@ def routed_edit(tag: Hashable, keys: torch.Tensor, threshold: float, stages: lis
             by_layer.setdefault(layer, []).append((d.idx, d.Z.detach().clone()))
     offsets = {layer: (torch.cat([i for i, _ in parts]), torch.cat([z for _, z in parts]))
                for layer, parts in by_layer.items()}
-    return RoutedEdit(tag, keys, float(threshold), offsets)
+    return RoutedEdit(tag, keys, float(threshold), offsets, exclusive)
