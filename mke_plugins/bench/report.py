@@ -254,8 +254,8 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"mke-plugins bench: {result['cases']} cases, {result['mode']}{seq}; model "
                  f"{Path(result['model']).name}", fontsize=11)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    rows = _legend(fig, handles, labels)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * rows, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -265,6 +265,14 @@ def curve_path(plot_path: str | Path) -> Path:
     """Where the curve figure of ``--plot FILE`` goes: ``FILE`` with ``-curve`` before its suffix."""
     p = Path(plot_path)
     return p.with_name(f"{p.stem}-curve{p.suffix}")
+
+
+def _legend(fig: Any, handles: list, labels: list[str]) -> int:
+    """One legend under the panels, as many columns as the longest label lets fit; returns its rows."""
+    width_chars = fig.get_figwidth() * 11  # about 11 legend characters per inch at the default font size
+    ncol = max(1, min(len(labels), 6, int(width_chars // (max(map(len, labels), default=1) + 6))))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
+    return -(-len(labels) // ncol)
 
 
 def plot_curve(result: dict[str, Any], path: str | Path) -> Path:
@@ -310,10 +318,10 @@ def plot_curve(result: dict[str, Any], path: str | Path) -> Path:
         ax.axis("off")
     handles = {name: plt.Line2D([], [], color=method_colour(name), marker="o", label=name)
                for name in result["methods"]}
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    rows = _legend(fig, list(handles.values()), list(handles))
     fig.suptitle(f"mke-plugins bench: every edit made so far, after T sequential edits ({result['cases']} cases; "
                  f"model {Path(result['model']).name})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.015 + 0.018 * rows, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
