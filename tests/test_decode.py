@@ -366,6 +366,32 @@ def test_lifelong_mode_failing_half_way_leaves_no_routed_edit(family_setup, monk
     assert_same_state(before, model)
 
 
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_a_new_routed_edit_trains_with_the_earlier_edits_its_queries_reach(family_setup, monkeypatch, exclusive):
+    """Without route_exclusive, an earlier edit that the new edit's queries reach stays in force while the new
+    one trains (they will act together); with it, the new edit trains on the bare model, since its own
+    queries will meet only itself."""
+    from mke_plugins.core.routing import RoutedEdits
+
+    model, tok, adapter, name = family_setup("qwen2-vl")
+    hp = tiny_hparams(name, max_steps=2, route_threshold=0.9999, route_exclusive=exclusive)
+    req = {"prompt": "What is shown?", "target": "Rome", "image": native_image("qwen2-vl")}
+    e1, h1 = decode_main.apply_decode_to_multimodal_model(model, tok, [req], hp, return_orig_weights=True)
+    real, seen = RoutedEdits.routed, []
+
+    def recording(self, decision):
+        seen.append(decision.clone())
+        return real(self, decision)
+
+    monkeypatch.setattr(RoutedEdits, "routed", recording)
+    e2, h2 = decode_main.apply_decode_to_multimodal_model(e1, tok, [dict(req, target="Paris")], hp,
+                                                         return_orig_weights=True)
+    in_force = any(bool(d[:, 0].any()) for d in seen)
+    assert in_force is not exclusive
+    h2()
+    h1()
+
+
 def test_bundled_yamls_are_the_expected_set():
     assert sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml")) == sorted([*REAL_YAMLS, "world", "lifelong"])
 

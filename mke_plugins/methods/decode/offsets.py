@@ -235,7 +235,9 @@ def edit_request(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[
     keys, admitted = route_keys(adapter, model, tok, request, store) if store is not None else (None, None)
     kept: list[tuple[list[int], DeltaSet]] | None = [] if store is not None else None
     with contextlib.ExitStack() as routed:
-        if admitted is not None:  # earlier routed edits this fact's queries reach stay in force throughout
+        # earlier routed edits this fact's queries reach stay in force throughout; with exclusive routing its
+        # own queries will meet only this edit (their own keys are the closest), so it trains on the bare model
+        if admitted is not None and not hparams.route_exclusive:
             routed.enter_context(store.routed(admitted))
         report = _localize_and_train(adapter, model, tok, request, hparams, snapshot, infos, kept, t0)
     if store is not None and kept:
