@@ -84,6 +84,7 @@ def test_decide_takes_the_best_position_and_ignores_padding():
     store._keys = torch.eye(3)[:2]  # edit 0 keyed on axis 0, edit 1 on axis 1
     store._key_edit = torch.tensor([0, 1])
     store._thresholds = torch.tensor([0.9, 0.9])
+    store.exclusive = False
     reps = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.1]],    # row 0: second position near edit 0
                          [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])   # row 1: first position near edit 1, but padding
     valid = torch.tensor([[True, True], [False, True]])

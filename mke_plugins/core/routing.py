@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mke_plugins.adapters.base import HookPoint, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import capture
-from mke_plugins.core.scope import admitted_pairs, owner_cosines
+from mke_plugins.core.scope import admitted_pairs
 from mke_plugins.core.wrap import GatedModel
 
 __all__ = ["RoutedEdit", "RoutedEdits", "RoutedModel", "routed_edits"]
@@ -165,17 +165,10 @@ class RoutedEdits:
         if valid is not None:
             keep = valid.to(reps.device).reshape(B * T).bool()
             flat, row_of = flat[keep], row_of[keep]
+        rows, edit = admitted_pairs(flat, self._keys, self._key_edit, self._thresholds, self.exclusive,
+                                    groups=row_of, n_groups=B)
         decision = torch.zeros(B, len(self.edits), dtype=torch.bool, device=reps.device)
-        if getattr(self, "exclusive", False):  # per row: the closest edit among those admitting it
-            best = owner_cosines(flat, self._keys, self._key_edit, len(self.edits))
-            row_best = best.new_full((B, len(self.edits)), -2.0).scatter_reduce_(
-                0, row_of.unsqueeze(1).expand_as(best), best, reduce="amax")
-            score, edit = row_best.masked_fill(row_best <= self._thresholds.to(best.device), float("-inf")).max(1)
-            rows = (score > float("-inf")).nonzero(as_tuple=True)[0]
-            decision[rows, edit[rows]] = True
-            return decision
-        pos, edit = admitted_pairs(flat, self._keys, self._key_edit, self._thresholds)
-        decision[row_of[pos], edit] = True
+        decision[rows, edit] = True
         return decision
 
     @contextlib.contextmanager

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InputScope", "admitted_pairs", "owner_cosines"]
+__all__ = ["InputScope", "admitted_pairs"]
 
 
 @dataclass(frozen=True)
@@ -59,19 +59,9 @@ class InputScope:
         return self.keys.numel() * self.keys.element_size()
 
 
-def owner_cosines(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, n_owners: int) -> torch.Tensor:
-    """``(P, n_owners)``: each row's largest cosine to each owner's keys (-2 for an owner with no key)."""
-    cos = torch.nn.functional.normalize(states.detach().float(), dim=-1) @ keys.to(states.device).t()
-    return _owner_max(cos, owner.to(states.device), n_owners)
-
-
-def _owner_max(cos: torch.Tensor, owner: torch.Tensor, n_owners: int) -> torch.Tensor:
-    best = cos.new_full((cos.shape[0], n_owners), -2.0)
-    return best.scatter_reduce_(1, owner.expand(cos.shape[0], -1), cos, reduce="amax")
-
-
 def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, thresholds: torch.Tensor,
-                   exclusive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   exclusive: bool = False, groups: torch.Tensor | None = None, n_groups: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Many scopes' test at once: ``(rows, owners)``, every pair where a row of ``states`` (``(P, d)``)
     has cosine above the owner's threshold to one of the owner's keys.
 
@@ -80,14 +70,22 @@ def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor
     keys; the per-owner maximum is taken only on the rows above the lowest threshold, since after many
     edits most rows lie in no scope. Used by the neuron stack (:mod:`.neuron_stack`) and the
     per-input routing (:mod:`.routing`). With ``exclusive`` a row keeps only its best owner (the largest
-    cosine among those above their thresholds; ties: the first owner).
+    cosine among those above their thresholds; ties: the first owner). ``groups`` (``(P,)`` group index
+    of each row, ``n_groups`` groups) pools rows first: a group's cosine to an owner is that of its best
+    row, and the returned indices are groups (the routing's input rows, pooled over their positions).
     """
     cos = torch.nn.functional.normalize(states.detach().float(), dim=-1) @ keys.to(states.device).t()  # (P, S)
     thresholds = thresholds.to(states.device)
     rows = (cos.amax(1) > thresholds.min()).nonzero(as_tuple=True)[0]
     if rows.numel() == 0:
         return rows, rows
-    best = _owner_max(cos.index_select(0, rows), owner.to(states.device), thresholds.numel())
+    sub = cos.index_select(0, rows)
+    best = sub.new_full((rows.numel(), thresholds.numel()), -2.0)
+    best.scatter_reduce_(1, owner.to(states.device).expand(rows.numel(), -1), sub, reduce="amax")
+    if groups is not None:  # rows in no scope were dropped above: they cannot raise a group past a threshold
+        g = groups.to(states.device).index_select(0, rows).unsqueeze(1).expand_as(best)
+        best = best.new_full((n_groups, best.shape[1]), -2.0).scatter_reduce_(0, g, best, reduce="amax")
+        rows = torch.arange(n_groups, device=states.device)
     if exclusive:
         score, who = best.masked_fill(best <= thresholds, float("-inf")).max(1)
         keep = score > float("-inf")
