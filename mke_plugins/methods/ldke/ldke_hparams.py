@@ -156,10 +156,10 @@ class LDKETrainingHyperParams(_RouterFields, EasyEditTrainerFields, MultimodalHy
     pair_positive_weight: float = hp(0.5, "objective: pairs: a positive pair weighs this times the number of "
                                           "training keys (an input has one own key and every other as negative).",
                                      gt=0)
+    pair_weight_decay: float = hp(0.1, "objective: pairs: AdamW weight decay of the head.", ge=0)
     locality_negatives: bool = hp(True, "Use each training record's locality probes as negatives. false where "
                                         "those probes are the evaluation's locality pool (the lifelong world), "
                                         "so the router never sees them.")
-    pair_weight_decay: float = hp(0.1, "objective: pairs: AdamW weight decay of the head.", ge=0)
     neg_per_pos: int = hp(3, "Negatives sampled per positive.", ge=1)
     hard_negative_fraction: float = hp(0.5, "Share of the negatives that are hard (same image or same entity).",
                                        ge=0, le=1)

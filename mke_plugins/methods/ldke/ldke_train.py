@@ -37,9 +37,14 @@ from mke_hooks import TrainArgs
 log = logging.getLogger(__name__)
 
 
-def _loc_prompts(records: Sequence[dict[str, Any]], n: int) -> list[dict[str, str]]:
+def _loc_prompts(records: Sequence[dict[str, Any]], hp: Any) -> list[dict[str, str]]:
+    """Up to ``hp.loc_prompts`` training-split locality prompts for the archive (none without
+    ``locality_negatives``: those probes are then the evaluation's and stay unseen)."""
+    n = int(hp.loc_prompts) if hp.locality_negatives else 0
     out: list[dict[str, str]] = []
-    for r in records[:0] if n <= 0 else records:
+    if n <= 0:
+        return out
+    for r in records:
         if r.get("locality_prompt") and r.get("locality_ground_truth"):
             out.append({"prompt": str(r["locality_prompt"]), "answer": str(r["locality_ground_truth"])})
         if len(out) >= n:
@@ -115,7 +120,7 @@ def train_archive(hp: Any, *, model: Any, tok: Any, records: Sequence[dict[str, 
     assert best is not None
     trainable.head.load_state_dict(best[2])
     cal = trainable.calibrate(val_set)
-    trainable.loc_prompts = _loc_prompts(train_recs, hp.loc_prompts if loc else 0)
+    trainable.loc_prompts = _loc_prompts(train_recs, hp)
     trainable.meta = {
         "trainer": kind, "epochs": epochs, "best_epoch": best[1], "train_records": len(train_recs),
         "val_records": len(val_recs), "seed": hp.seed, "hard_negatives": hard, "seconds": time.perf_counter() - t0,
@@ -138,7 +143,7 @@ def _pairs_archive(hp: Any, model: Any, train_set: Any, val_set: Any, *, tok: An
     trainable = LDKERouterTrainable(model, hp)
     trainable.tok = tok
     meta = train_pairs(trainable, train_set.records, val_set.records, hp, progress=progress)
-    trainable.loc_prompts = _loc_prompts(train_recs, hp.loc_prompts if hp.locality_negatives else 0)
+    trainable.loc_prompts = _loc_prompts(train_recs, hp)
     trainable.meta = {**meta, "train_records": len(train_recs), "val_records": len(val_recs), "seed": hp.seed,
                       "hard_negatives": hp.hard_negatives, "hparams": _hparams_meta(hp)}
     archive = trainable.state_dict()

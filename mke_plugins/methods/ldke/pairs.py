@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from mke_plugins.adapters.base import Query
 
 from .data import RoutingRecord
-from .router import TAU_GRID, RouterHead
+from .router import RouterHead, balanced_accuracy, calibrate_threshold, rates
 
 
 def _query_id(q: Query) -> tuple[Any, ...]:
@@ -100,28 +100,19 @@ def routing_rates(head: RouterHead, data: PairSet, tau: float | None = None) -> 
     """Memory routing on ``data``: positives reaching their own key, negatives reaching any key, and
     their balanced accuracy, at ``tau`` or (None) at the best grid value (ties: closest to 0.5)."""
     best, own = memory_routing(head, data)
-    kinds = data.kinds
-    pos = torch.tensor([k == "positive" for k in kinds])
-    hard = torch.tensor([k == "hard" for k in kinds])
-    neg = ~pos
-
-    def bacc(t: float) -> float:
-        tpr = float(((best >= t) & own)[pos].float().mean()) if pos.any() else 0.0
-        tnr = float((best < t)[neg].float().mean()) if neg.any() else 0.0
-        return 0.5 * (tpr + tnr)
-
+    # a positive routed to another key counts as not routed: its score is below every threshold
+    reached = torch.where(own, best, torch.full_like(best, -1.0))
+    by_kind = {kind: [float(v) for v, k in zip(reached if kind == "positive" else best, data.kinds, strict=True)
+                      if k == kind] for kind in ("positive", "hard", "easy")}
+    negatives = by_kind["hard"] + by_kind["easy"]
     if tau is None:
-        scores = [bacc(t) for t in TAU_GRID]
-        top = max(scores)
-        tau = min((t for t, s in zip(TAU_GRID, scores, strict=True) if s == top), key=lambda t: (abs(t - 0.5), t))
-
-    def share(mask: torch.Tensor, routed: torch.Tensor) -> float | None:
-        return float(routed[mask].float().mean()) if mask.any() else None
-
-    routed = best >= tau
-    return {"tau": float(tau), "balanced_accuracy": bacc(tau), "rate/positive": share(pos, routed & own),
-            "rate/hard_negative": share(hard, routed), "rate/easy_negative": share(neg & ~hard, routed),
-            "rate/balanced_accuracy": bacc(tau), "memory": len(data.keys)}
+        tau, bacc = calibrate_threshold(by_kind["positive"], negatives)
+    else:
+        bacc = balanced_accuracy(by_kind["positive"], negatives, tau)
+    shares = rates(by_kind["positive"], by_kind["hard"], by_kind["easy"], tau)
+    return {"tau": float(tau), "balanced_accuracy": bacc, "rate/positive": shares["positive"],
+            "rate/hard_negative": shares["hard_negative"], "rate/easy_negative": shares["easy_negative"],
+            "rate/balanced_accuracy": bacc, "memory": len(data.keys)}
 
 
 def fit_pairs(head: RouterHead, train: PairSet, val: PairSet, hp: Any, *, progress: bool = True
