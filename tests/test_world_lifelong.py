@@ -68,6 +68,20 @@ def test_no_locality_probe_of_the_acceptance_sequence_is_touched_by_it():
                 assert x["derived_from"] == [{"entity": r["entity"], "relation": LINK_SOURCE}]
 
 
+def test_train_records_probe_train_facts_only():
+    """What an offline stage reads (train.json) names no fact of the pool or of either sequence."""
+    w, split, recs, pool = _world()
+    train = {(w.entities[e].name, r) for e, r in split.train}
+    scored = {(p["entity"], p["relation"]) for p in pool}
+    scored |= {(x["entity"], x["relation"]) for k in ("edit", "dev") for x in recs[k]}
+    for r in recs["train"]:
+        for key in ("loc_fact", "m_loc_fact"):
+            fact = (r[key]["entity"], r[key]["relation"])
+            assert fact in train and fact not in scored and r[key]["entity"] != r["entity"]
+    # the sequences' records still ask the pool, whose facts train.json never names
+    assert all(r["loc_fact"]["entity"] in {p["entity"] for p in pool} for r in recs["edit"][:50])
+
+
 def test_records_carry_probe_identities_that_match_their_answers():
     w, split, recs, pool = _world()
     by_name = {e.name: e for e in w.entities}

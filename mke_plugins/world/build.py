@@ -13,9 +13,10 @@ split holds every other fact, never an edit-split fact.
 
 Split rule (``lifelong`` layout): a locality pool of whole entities that nothing else uses (its
 facts, in every query form, are ``locality.json``, and every record's T-Loc and M-Loc probe asks
-one of them), and, over the other entities, three disjoint fact sets drawn at random: the
-acceptance sequence (``edit.json``, in sequence order), the development sequence (``dev.json``)
-and the train split. Entities whose ``lives_in`` fact is in either sequence never see the
+one of them, except a train record's: its probes ask other train-split facts, so nothing the offline
+stages read names a pool fact), and, over the other entities, three disjoint fact sets drawn at
+random: the acceptance sequence (``edit.json``, in sequence order), the development sequence
+(``dev.json``) and the train split. Entities whose ``lives_in`` fact is in either sequence never see the
 derived question in training. Every probe names its fact (``loc_fact``, ``m_loc_fact``, and
 ``entity`` / ``relation`` / ``derived_from`` on each ``fine_locality`` and ``portability``
 item), so a bench can tell which probes an edit sequence touches.
@@ -44,7 +45,7 @@ from .spec import (
     make_world,
 )
 
-FORMAT_VERSION = 3  # bump whenever generated content changes (cache key)
+FORMAT_VERSION = 4  # bump whenever generated content changes (cache key)
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,30 @@ def _fact(world: World, e: int, rel: str) -> dict[str, Any]:
     return out
 
 
+def _probe_fact(world: World, split: Split, e: int, rng: np.random.Generator,
+                train_record: bool) -> tuple[int, str]:
+    """The (entity, relation) a record's T-Loc or M-Loc probe asks, in two draws of ``rng``.
+
+    Single layout: any other entity's fact. Lifelong layout: a fact of the locality pool, which
+    no edit touches, for the sequences' records; for a train record, a train-split fact of
+    another entity, so that nothing an offline stage reads names a pool fact the sequences are
+    scored on. Every branch makes two draws over more than one choice, so the records' other
+    fields (drawn from the same stream) do not depend on which branch ran.
+    """
+    rels = [r.key for r in world.relations]
+    if not split.locality_entities:
+        o = int(rng.integers(len(world.entities) - 1))
+        return (o + 1 if o >= e else o), rels[int(rng.integers(len(rels)))]
+    if not train_record:
+        pool = split.locality_entities
+        return pool[int(rng.integers(len(pool)))], rels[int(rng.integers(len(rels)))]
+    r = rels[int(rng.integers(len(rels)))]
+    owners = sorted(o for o, r2 in split.train if r2 == r and o != e)
+    return owners[int(rng.integers(len(owners)))], r
+
+
 def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generator,
-            images: _Images, case_id: int) -> dict[str, Any]:
+            images: _Images, case_id: int, train_record: bool = False) -> dict[str, Any]:
     ent = world.entities[e]
     relation = world.relation(rel)
     old = ent.facts[rel]
@@ -159,19 +182,10 @@ def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generat
     t = int(rng.integers(len(relation.train_templates)))
     img = images(e, int(rng.integers(TRAIN_RENDERINGS)))
     img_re = images(e, TRAIN_RENDERINGS + int(rng.integers(HELDOUT_RENDERINGS)))
-    n_ent = len(world.entities)
     rels = [r.key for r in world.relations]
-    pool = split.locality_entities
-
-    def other_entity() -> int:
-        if pool:  # the lifelong layout: locality probes ask the pool, which no edit touches
-            return pool[int(rng.integers(len(pool)))]
-        o = int(rng.integers(n_ent - 1))
-        return o + 1 if o >= e else o
-
-    e2, r2 = other_entity(), rels[int(rng.integers(len(rels)))]
+    e2, r2 = _probe_fact(world, split, e, rng, train_record)
     q_loc = Question("text", e2, r2, int(rng.integers(3)))
-    e3, r3 = other_entity(), rels[int(rng.integers(len(rels)))]
+    e3, r3 = _probe_fact(world, split, e, rng, train_record)
     q_mloc = Question("image", e3, r3, int(rng.integers(3)))
     m_loc = images(e3, int(rng.integers(TRAIN_RENDERINGS)))
 
@@ -226,7 +240,7 @@ def _record(world: World, split: Split, e: int, rel: str, rng: np.random.Generat
 def make_records(world: World, split: Split, which: str, images: _Images) -> list[dict[str, Any]]:
     facts = {"edit": split.edit, "train": split.train, "dev": split.dev}[which]
     rng = np.random.default_rng([world.seed, {"edit": 4, "train": 5, "dev": 9}[which]])
-    return [_record(world, split, e, r, rng, images, i) for i, (e, r) in enumerate(facts)]
+    return [_record(world, split, e, r, rng, images, i, which == "train") for i, (e, r) in enumerate(facts)]
 
 
 def locality_pool(world: World, split: Split, images: _Images) -> list[dict[str, Any]]:
