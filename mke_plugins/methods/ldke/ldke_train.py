@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def _loc_prompts(records: Sequence[dict[str, Any]], hp: Any) -> list[dict[str, str]]:
     """Up to ``hp.loc_prompts`` training-split locality prompts for the archive (none without
-    ``locality_negatives``: those probes are then the evaluation's and stay unseen)."""
+    ``locality_negatives``: the router then never sees a record's locality probes)."""
     n = int(hp.loc_prompts) if hp.locality_negatives else 0
     out: list[dict[str, str]] = []
     if n <= 0:
