@@ -112,6 +112,49 @@ def test_composition_curriculum_asks_picture_questions_of_direct_entities_only()
     assert seen_forms == {"paired", "text", "image", "ident"} and composed_text > 0
 
 
+def test_composition_named_curriculum_trains_named_slots_and_unseen_words_as_noise():
+    import pytest
+
+    from mke_plugins.world.queries import Question, prompt
+    from mke_plugins.world.spec import THING
+    from mke_plugins.world.train import (
+        NAMED_TEXT,
+        _filler_words,
+        _stages,
+        _unseen_words,
+        augment,
+        named_item,
+        with_curriculum,
+    )
+
+    w, split, _, _ = _world()
+    unseen = _unseen_words(w)
+    trained = {x for r in w.relations + (DERIVED,) for t in r.train_templates for x in t.split()}
+    assert unseen and "material" not in unseen and not set(unseen) & trained
+    assert not set(unseen) & set(_filler_words(w))  # the plain curricula's noise stays as it was
+    # the named slot: the name, then the image-only question, as text (no picture)
+    item = named_item(w, sample_batch(w, split, 0, 0, 1, weights={"text": 1.0})[0])
+    q = item.question
+    image_q = prompt(w, Question("image", q.entity, q.relation, q.template))
+    assert item.rendering is None and not q.has_image and THING in item.text.lower()
+    assert item.text == f"{w.entities[q.entity].name} : {image_q}"
+    # only the composition-named curriculum trains it, in its text and tuning stages, for every entity
+    assert all("named" not in (st.weights or {}) for st in _stages(w, {"text": 1.0}))
+    wn = make_world(0, None, with_curriculum("lifelong", "composition-named"))
+    text_stage, *_, tune = _stages(wn, {"text": 1.0})
+    assert "named" in text_stage.weights and "named" in tune.weights
+    batch = sample_batch(wn, split, 0, 1, 256, weights=text_stage.weights)
+    named = [it for it in batch if it.text and " : " in it.text]
+    direct = {e for e in range(len(w.entities)) if split.direct(e)}
+    assert abs(len(named) - NAMED_TEXT * 256) < 40 and {it.question.entity for it in named} - direct
+    # an unseen word can be inserted as noise, and the subject always survives
+    rng = np.random.default_rng(0)
+    noisy = [augment(w, it, rng, unseen) for it in sample_batch(w, split, 0, 2, 200, augmented=False)]
+    assert any(x in (it.text or "") for it in noisy for x in unseen)
+    with pytest.raises(ValueError, match="--curriculum"):
+        with_curriculum("single", "composition-named")
+
+
 def test_lifelong_layout_is_a_pure_function_of_the_seed():
     a = make_split(make_world(0, None, "lifelong"))
     b = make_split(make_world(1, None, "lifelong"))

@@ -27,10 +27,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import check_variant, train
+    from .train import check_variant, train, with_curriculum
 
     try:
-        check_variant(args.forms, args.layers, args.layout)
+        check_variant(args.forms, args.layers, with_curriculum(args.layout, args.curriculum))
     except ValueError as exc:
         print(f"mke-plugins world train: {exc}", file=sys.stderr)
         return 2
@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else LAYOUTS[args.layout].train_steps
     meta = train(out, seed=args.seed, steps=steps, batch_size=args.batch_size, lr=args.lr,
                  threads=args.threads, log=lambda s: print(s, flush=True), forms=args.forms, n_layers=args.layers,
-                 layout=args.layout)
+                 layout=args.layout, curriculum=args.curriculum)
     print(json.dumps(meta["check"], indent=2))
     print(f"saved to {out}")
     return 0 if meta["check"]["floor_met"] else 1
@@ -114,6 +114,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "default paired=1,text=1,image=2,ident=2): for world variants")
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers (default 4, the bundled model's): for world variants")
+    p.add_argument("--curriculum", default=None, choices=("composition", "composition-named"),
+                   help="a layout that learns by composition (lifelong) trained with another staged curriculum "
+                        "(default: the layout's; composition-named adds the named-slot text form and the "
+                        "held-out templates' words as noise, world README): for world variants")
     _layout_arg(p)
     p.set_defaults(func=_cmd_train)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,14 +26,36 @@ from .build import make_split
 from .check import accuracy, check_sets, run_check, sample_items
 from .data import PATCH, Encoder, Item, check_against_processor
 from .modeling import build_config, build_processor, build_tokenizer, save_processor
-from .queries import prompt
+from .queries import prompt, templates
 from .render import SIZE
-from .spec import DEFAULT_SEED, DERIVED, THING, TRAIN_RENDERINGS, get_layout, make_world, split_words
+from .spec import (
+    DEFAULT_SEED,
+    DERIVED,
+    EXTRA_WORDS,
+    IDENT_HELDOUT,
+    IDENT_TRAIN,
+    THING,
+    TRAIN_RENDERINGS,
+    Layout,
+    form_question,
+    get_layout,
+    make_world,
+    split_words,
+)
 
 FORM_WEIGHTS = {"paired": 1, "text": 1, "image": 2, "ident": 2}
+#: weight of the named-slot text form in the ``composition-named`` curriculum's text stage (the
+#: rest is the text form) and in its tuning stage (beside COMPOSITION_WEIGHTS' forms)
+NAMED_TEXT, NAMED_TUNE = 0.7, 1.5
+#: whether named-slot questions get the word-level augmentation of the other training questions
+AUGMENT_NAMED = False
 #: the composition curriculum (``lifelong`` layout): facts mostly from text, pictures aligned to
 #: names, the picture question forms for the layout's direct entities only
 COMPOSITION_WEIGHTS = {"paired": 1, "text": 3, "image": 1.5, "ident": 1.5}
+#: curricula: ``forms`` trains every form of every fact; ``composition`` is staged (below);
+#: ``composition-named`` adds the named-slot text form (:func:`named_item`) for every entity to the
+#: text and tuning stages, and the held-out templates' words (:func:`_unseen_words`) to the noise
+CURRICULA = ("forms", "composition", "composition-named")
 #: temperature of the CLIP-style picture-to-name alignment term (composition curriculum)
 ALIGN_TEMPERATURE = 0.1
 #: word-level augmentation of training questions, so held-out phrasings generalise: in
@@ -54,13 +76,43 @@ def _filler_words(world) -> list[str]:
     return sorted({w for w, c in count.items() if c >= 3} | {"is", "of", "a", "an"})
 
 
+def _unseen_words(world) -> list[str]:
+    """Words of the vocabulary that no training question, answer or identification prompt uses
+    (those of the held-out templates only). Their embedding rows would otherwise stay at
+    initialisation, which no pretrained language model has; the composition curriculum mixes them
+    into the filler noise of :func:`augment`, so they are known words that cue no relation."""
+    seen = set(EXTRA_WORDS) | {"?", ".", ","}
+    held: set[str] = set()
+    for r in world.relations + (DERIVED,):
+        for t in r.train_templates:
+            seen |= set(split_words(t.replace("{n}", "")))
+        seen |= set(r.objects)
+        for t in r.heldout_templates:
+            held |= set(split_words(t.replace("{n}", "")))
+    for t in IDENT_TRAIN:
+        seen |= set(split_words(t))
+    for t in IDENT_HELDOUT:
+        held |= set(split_words(t))
+    return sorted(held - seen)
+
+
+def named_item(world, item: Item) -> Item:
+    """The named-slot text form of a text item: the subject's name where a picture would stand,
+    then the image-only question ("Name : What is the thing in the picture made of?"). Text data
+    shaped like a picture question, so that picture tokens aligned to a name are read the way the
+    name is (composition), as captioned pictures in an MLLM's text corpus would teach."""
+    q = item.question
+    t = templates(world, "image", q.relation, False)[q.template]
+    return Item(q, None, f"{world.entities[q.entity].name} : {form_question(t, THING)}")
+
+
 def augment(world, item: Item, rng: np.random.Generator, fillers: list[str]) -> Item:
     """``item`` with a randomly thinned / padded question (subject words are kept)."""
     if rng.random() >= AUG_RATE:
         return item
     q = item.question
     subject = set(split_words(THING)) | {world.entities[q.entity].name}
-    words = split_words(prompt(world, q))
+    words = split_words(item.text if item.text is not None else prompt(world, q))
     kept = [w for w in words if w in subject or rng.random() >= WORD_DROP]
     if rng.random() < INSERT_RATE:
         kept.insert(int(rng.integers(len(kept) + 1)), fillers[int(rng.integers(len(fillers)))])
@@ -90,12 +142,25 @@ def form_weights(spec: str | dict[str, float] | None, base: dict[str, float] | N
     return weights
 
 
+def with_curriculum(layout: str | Layout, curriculum: str | None) -> Layout:
+    """``layout`` trained with ``curriculum`` instead of its own (``None``: its own);
+    ``ValueError`` naming the option where that cannot be."""
+    lay = get_layout(layout)
+    if curriculum is None or curriculum == lay.curriculum:
+        return lay
+    staged = [c for c in CURRICULA if c != "forms"]
+    if curriculum not in staged or lay.curriculum == "forms":
+        raise ValueError(f"--curriculum {curriculum!r}: a layout that learns by composition can train with "
+                         f"{staged}; the {lay.name} layout trains with {lay.curriculum!r} only")
+    return replace(lay, curriculum=curriculum)
+
+
 def check_variant(forms: str | dict[str, float] | None, n_layers: int | None,
-                  layout: str = "single") -> dict[str, float]:
+                  layout: str | Layout = "single") -> dict[str, float]:
     """The form weights of a world variant; ``ValueError`` naming the option for what cannot train."""
     if n_layers is not None and n_layers < 1:
         raise ValueError(f"--layers {n_layers}: need at least 1 decoder layer")
-    base = COMPOSITION_WEIGHTS if get_layout(layout).curriculum == "composition" else FORM_WEIGHTS
+    base = FORM_WEIGHTS if get_layout(layout).curriculum == "forms" else COMPOSITION_WEIGHTS
     try:
         return form_weights(forms, base)
     except ValueError as exc:
@@ -110,16 +175,22 @@ def sample_batch(world, split, seed: int, step: int, batch_size: int,
     entities only.
     """
     rng = np.random.default_rng([seed, 6, step])
-    composition = world.layout.curriculum == "composition"
+    composition = world.layout.curriculum.startswith("composition")
     weights = weights or (COMPOSITION_WEIGHTS if composition else FORM_WEIGHTS)
     direct = [e for e in range(len(world.entities)) if split.direct(e)] if composition else None
     forms = list(weights)
     p = np.array([weights[f] for f in forms], dtype=np.float64)
     picks = rng.choice(len(forms), size=batch_size, p=p / p.sum())
     fillers = _filler_words(world)
+    if world.layout.curriculum == "composition-named":
+        fillers = sorted(set(fillers) | set(_unseen_words(world)))
     items: list[Item] = []
     for k in picks:
         form = forms[int(k)]
+        if form == "named":
+            item = named_item(world, sample_items(world, split, rng, "text", 1)[0])
+            items.append(augment(world, item, rng, fillers) if augmented and AUGMENT_NAMED else item)
+            continue
         item = sample_items(world, split, rng, form, 1,
                             entities=direct if form in ("paired", "image") else None)[0]
         items.append(augment(world, item, rng, fillers) if augmented else item)
@@ -207,10 +278,14 @@ COMPOSITION_STAGES = (
 
 
 def _stages(world: Any, weights: dict[str, float]) -> tuple[Stage, ...]:
-    if world.layout.curriculum == "composition":
-        return tuple(Stage(s.name, s.share, weights if s.name == "tune" else s.weights, s.trainable,
-                           s.lr_scale, s.align) for s in COMPOSITION_STAGES)
-    return (Stage("forms", 1.0, weights, "all"),)
+    if world.layout.curriculum == "forms":
+        return (Stage("forms", 1.0, weights, "all"),)
+    stages = [Stage(s.name, s.share, weights if s.name == "tune" else s.weights, s.trainable, s.lr_scale, s.align)
+              for s in COMPOSITION_STAGES]
+    if world.layout.curriculum == "composition-named":
+        stages[0] = replace(stages[0], weights={"text": 1.0 - NAMED_TEXT, "named": NAMED_TEXT})
+        stages[-1] = replace(stages[-1], weights={**weights, "named": NAMED_TUNE})
+    return tuple(stages)
 
 
 def _optimizer(model: Any, trainable: str, lr: float) -> torch.optim.Optimizer:
@@ -233,15 +308,17 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
           lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
           log: Callable[[str], None] = print, n_entities: int | None = None,
           check: bool = True, forms: str | dict[str, float] | None = None,
-          n_layers: int | None = None, layout: str = "single") -> dict[str, Any]:
+          n_layers: int | None = None, layout: str = "single", curriculum: str | None = None) -> dict[str, Any]:
     """Train, save with ``save_pretrained`` into ``out`` and return its metadata (with the
     final check report under ``check`` unless ``check=False``).
 
-    ``forms`` reweights the query-form mix (:func:`form_weights`) and ``n_layers`` sets the
-    decoder depth: both exist to train world *variants* for diagnosis; the bundled model uses
-    the defaults, and the metadata records what was used. A layout with the composition
+    ``forms`` reweights the query-form mix (:func:`form_weights`), ``n_layers`` sets the
+    decoder depth and ``curriculum`` picks another staged curriculum (:data:`CURRICULA`) for a
+    layout that learns by composition: all exist to train world *variants*; the bundled model
+    uses the defaults, and the metadata records what was used. A layout with the composition
     curriculum trains in :data:`COMPOSITION_STAGES` (``forms`` reweights its last stage).
     """
+    layout = with_curriculum(layout, curriculum)
     weights = check_variant(forms, n_layers, layout)
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -254,7 +331,8 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     tok = build_tokenizer(world.vocabulary())
     processor = build_processor(tok)
     enc = Encoder(world, processor)
-    check_against_processor(enc, sample_batch(world, split, seed + 1, 0, 8, augmented=False))
+    check_against_processor(enc, [it for it in sample_batch(world, split, seed + 1, 0, 8, augmented=False)
+                                  if it.text is None])
 
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(build_config(tok, n_layers))
