@@ -62,14 +62,16 @@ ALIGN_TEMPERATURE = 0.1
 AUG_RATE, WORD_DROP, INSERT_RATE = 0.5, 0.15, 0.5
 
 
+def _template_words(templates: tuple[str, ...]) -> set[str]:
+    """Every word of ``templates`` apart from the subject slot."""
+    return {w for t in templates for w in split_words(t.replace("{n}", ""))}
+
+
 def _filler_words(world) -> list[str]:
     """Function words: template words shared by at least three relations (never a cue), and a few more."""
     count: dict[str, int] = {}
     for r in world.relations + (DERIVED,):
-        words: set[str] = set()
-        for t in r.train_templates:
-            words |= set(split_words(t.replace("{n}", "")))
-        for w in words:
+        for w in _template_words(r.train_templates):
             count[w] = count.get(w, 0) + 1
     return sorted({w for w, c in count.items() if c >= 3} | {"is", "of", "a", "an"})
 
@@ -77,20 +79,13 @@ def _filler_words(world) -> list[str]:
 def _unseen_words(world) -> list[str]:
     """Words of the vocabulary that no training question, answer or identification prompt uses
     (those of the held-out templates only). Their embedding rows would otherwise stay at
-    initialisation, which no pretrained language model has; the composition curriculum mixes them
-    into the filler noise of :func:`augment`, so they are known words that cue no relation."""
-    seen = set(EXTRA_WORDS) | {"?", ".", ","}
-    held: set[str] = set()
+    initialisation, which no pretrained language model has; the ``composition-named`` curriculum
+    mixes them into the filler noise of :func:`augment`, so they are known words that cue no relation."""
+    seen = set(EXTRA_WORDS) | {"?", ".", ","} | _template_words(IDENT_TRAIN)
+    held = _template_words(IDENT_HELDOUT)
     for r in world.relations + (DERIVED,):
-        for t in r.train_templates:
-            seen |= set(split_words(t.replace("{n}", "")))
-        seen |= set(r.objects)
-        for t in r.heldout_templates:
-            held |= set(split_words(t.replace("{n}", "")))
-    for t in IDENT_TRAIN:
-        seen |= set(split_words(t))
-    for t in IDENT_HELDOUT:
-        held |= set(split_words(t))
+        seen |= _template_words(r.train_templates) | set(r.objects)
+        held |= _template_words(r.heldout_templates)
     return sorted(held - seen)
 
 
@@ -173,7 +168,7 @@ def sample_batch(world, split, seed: int, step: int, batch_size: int,
     entities only.
     """
     rng = np.random.default_rng([seed, 6, step])
-    composition = world.layout.curriculum.startswith("composition")
+    composition = world.layout.curriculum != "forms"
     weights = weights or (COMPOSITION_WEIGHTS if composition else FORM_WEIGHTS)
     direct = [e for e in range(len(world.entities)) if split.direct(e)] if composition else None
     forms = list(weights)

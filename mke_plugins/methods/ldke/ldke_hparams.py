@@ -157,9 +157,9 @@ class LDKETrainingHyperParams(_RouterFields, EasyEditTrainerFields, MultimodalHy
                                           "training keys (an input has one own key and every other as negative).",
                                      gt=0)
     pair_weight_decay: float = hp(0.1, "objective: pairs: AdamW weight decay of the head.", ge=0)
-    locality_negatives: bool = hp(True, "Use each training record's locality probes as negatives. false where "
-                                        "those probes are the evaluation's locality pool (the lifelong world), "
-                                        "so the router never sees them.")
+    locality_negatives: bool = hp(True, "Use each training record's locality probes as negatives. false: the "
+                                        "router never sees them (the lifelong archive's setting, chosen while "
+                                        "those probes were the evaluation's locality pool).")
     neg_per_pos: int = hp(3, "Negatives sampled per positive.", ge=1)
     hard_negative_fraction: float = hp(0.5, "Share of the negatives that are hard (same image or same entity).",
                                        ge=0, le=1)
