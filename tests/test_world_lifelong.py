@@ -138,9 +138,12 @@ def test_composition_named_curriculum_trains_named_slots_and_unseen_words_as_noi
     image_q = prompt(w, Question("image", q.entity, q.relation, q.template))
     assert item.rendering is None and not q.has_image and THING in item.text.lower()
     assert item.text == f"{w.entities[q.entity].name} : {image_q}"
-    # only the composition-named curriculum trains it, in its text and tuning stages, for every entity
-    assert all("named" not in (st.weights or {}) for st in _stages(w, {"text": 1.0}))
+    # only the composition-named curriculum (the lifelong layout's own) trains it, in its text and
+    # tuning stages, for every entity
+    plain = make_world(0, None, with_curriculum("lifelong", "composition"))
+    assert all("named" not in (st.weights or {}) for st in _stages(plain, {"text": 1.0}))
     wn = make_world(0, None, with_curriculum("lifelong", "composition-named"))
+    assert LAY.curriculum == "composition-named"
     text_stage, *_, tune = _stages(wn, {"text": 1.0})
     assert "named" in text_stage.weights and "named" in tune.weights
     batch = sample_batch(wn, split, 0, 1, 256, weights=text_stage.weights)
@@ -186,13 +189,14 @@ def test_the_bench_plans_the_thousand_edit_sequence_without_locality_collisions(
 
 
 def test_bundled_lifelong_model_knows_its_facts_from_text():
-    """The bundled lifelong model answers its trained forms; composed picture questions are reported
-    (the README gives their measured accuracy, below the held-out floor)."""
+    """The bundled lifelong model answers its trained forms, and its recorded ``world check`` (512
+    queries per set) met the whole floor, composed picture questions and held-out sets included."""
     from mke_plugins import world as world_pkg
     from mke_plugins.world.check import run_check
 
     meta = json.loads((world_pkg.model_path("lifelong") / "world_model.json").read_text())
     assert meta["layout"] == "lifelong" and meta["seed"] == 0 and meta["steps"] == LAY.train_steps
+    assert meta["curriculum"] == LAY.curriculum and meta["check"]["floor_met"] and meta["check"]["n_per_set"] == 512
     model, proc = world_pkg.load(world_pkg.model_path("lifelong"))
     w = make_world(0, None, "lifelong")
     report = run_check(model, proc, w, make_split(w), n=64)

@@ -104,7 +104,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--out", default=None, help="model directory (default ./world-qwen2-vl-seed<S>)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: the layout's bundled model's, 4000 single / 8000 lifelong)")
+                   help="training steps (default: the layout's bundled model's, 4000 single / 10000 lifelong)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1,

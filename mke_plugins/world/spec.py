@@ -157,7 +157,7 @@ class Layout:
     n_dev: int = 0
     n_locality_entities: int = 0
     n_train: int | None = None  # None: every fact outside the edit split
-    curriculum: str = "forms"  # "forms" (every form of every fact) or "composition"
+    curriculum: str = "forms"  # "forms" (every form of every fact), "composition" or "composition-named"
     direct_share: float = 1.0  # share of entities trained on the paired and image-only forms
     fine_relations: int | None = None  # other relations per fine-locality probe set (None: all)
     train_steps: int = 4000  # `mke-plugins world train` steps of the bundled model
@@ -170,7 +170,8 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     "single": Layout("single", DEFAULT_ENTITIES, 5, 12, DEFAULT_EDITS),
     "lifelong": Layout("lifelong", 160, 10, 19, 1000, n_dev=120, n_locality_entities=32, n_train=160,
-                       curriculum="composition", direct_share=0.25, fine_relations=4, train_steps=8000),
+                       curriculum="composition-named", direct_share=0.25, fine_relations=4,
+                       train_steps=10000),
 }
 
 
