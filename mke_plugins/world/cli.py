@@ -104,7 +104,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--out", default=None, help="model directory (default ./world-qwen2-vl-seed<S>)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: the layout's bundled model's, 4000 single / 10000 lifelong)")
+                   help="training steps (default: the layout's bundled model's, "
+                        + " / ".join(f"{lay.train_steps} {name}" for name, lay in LAYOUTS.items()) + ")")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1,
@@ -116,8 +117,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="decoder layers (default 4, the bundled model's): for world variants")
     p.add_argument("--curriculum", default=None, choices=("composition", "composition-named"),
                    help="a layout that learns by composition (lifelong) trained with another staged curriculum "
-                        "(default: the layout's; composition-named adds the named-slot text form and the "
-                        "held-out templates' words as noise, world README): for world variants")
+                        "(default: the layout's, composition-named, which adds the named-slot text form and the "
+                        "held-out templates' words as noise to composition, the previous bundled model's "
+                        "recipe; world README): for world variants")
     _layout_arg(p)
     p.set_defaults(func=_cmd_train)
 
