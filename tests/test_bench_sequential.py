@@ -230,6 +230,9 @@ def test_retention_reads_the_first_100_edits():
     b = Checkpoint(2, [{"rewrite_acc": 1.0}, {"rewrite_acc": 1.0}], [5.0, 7.0], [30.0, 30.0])
     (pt,) = curve([a, b])  # two sequences reaching T=2: pooled cases, mean held memory
     assert pt["rewrite_acc"] == 0.75 and pt["edit_seconds_last10"] == 4.0
+    assert pt["edit_seconds_early"] == 5.0  # edits 2-11 only: the second edit of each sequence (3.0, 7.0)
+    (late,) = curve([Checkpoint(30, [{}] * 30, [100.0] + [float(k) for k in range(1, 30)], [None] * 30)])
+    assert late["edit_seconds_early"] == 5.5 and late["edit_seconds_last10"] == 24.5  # edit 1 (100 s) left out
     assert pt["held_bytes"] == 35.0 and pt["held_edits"] == 1.5 and pt["n_sequences"] == 2
 
 

@@ -74,11 +74,12 @@ also holds ``curve``: a list of
 "image_rephrase_acc", "text_only_acc", "image_only_acc", "locality_acc",
 "multimodal_locality_acc", "locality_easyedit", "multimodal_locality_easyedit",
 "fine_locality_acc", "portability_acc", "cross_edit_consistency", "cross_edit_count",
-"cross_edit_unscored", "retention", "edit_seconds_last10", "held_bytes", "held_edits"}``, one
+"cross_edit_unscored", "retention", "edit_seconds_last10", "edit_seconds_early", "held_bytes",
+"held_edits"}``, one
 per checkpoint T (``--checkpoints`` and the sequence length): every edit made so far, evaluated
 on the model after T edits, pooled over the sequences that reach T; ``retention`` is the
 reliability of the first ``min(100, T)`` edits, ``edit_seconds_last10`` the median seconds of the
-last 10 edits, ``held_bytes`` the sum of the edits' ``added_bytes`` (``null`` when the method
+last 10 edits, ``edit_seconds_early`` that of edits 2-11 (the baseline for "does an edit slow down"), ``held_bytes`` the sum of the edits' ``added_bytes`` (``null`` when the method
 reports none) and ``held_edits`` how many edits report it. With equal-length sequences the last
 point equals the method row. What the curve does not measure: one sequence order (the records'
 order), teacher-forced probes (not free generation, except ``rewrite_exact_match`` at the end),

@@ -7,7 +7,9 @@ pools the sequences evaluated at T into one point: the case metrics averaged ove
 (as the method row averages them); ``retention``, the reliability of the first ``min(100, T)``
 edits of each sequence; ``cross_edit_count`` summed (``null`` when the data names no facts);
 ``edit_seconds_last10``, the median edit time of the last 10 edits before T, pooled over
-sequences; ``held_bytes`` / ``held_edits``, the bytes the edits made so far report adding to the
+sequences; ``edit_seconds_early``, the median edit time of edits 2-11 (the first edit pays
+one-off costs: caches, lazy hooks), the baseline that the last-10 median is compared with to see whether
+an edit slows down as edits pile up; ``held_bytes`` / ``held_edits``, the bytes the edits made so far report adding to the
 model (the sum of their ``added_bytes``) and how many edits report it, a mean over sequences
 (``null`` when no edit reports it).
 """
@@ -27,6 +29,8 @@ CURVE_METRICS = ("rewrite_acc", "rewrite_success", "rephrase_acc", "image_rephra
 RETENTION_EDITS = 100
 #: edit time at a checkpoint: median over this many last edits
 LAST_EDITS = 10
+#: the early edit time a checkpoint's is compared with: edits 2-11 (the first one is warm-up)
+EARLY_EDITS = slice(1, 11)
 
 
 @dataclass
@@ -66,6 +70,7 @@ def curve(points: Sequence[Checkpoint]) -> list[dict[str, Any]]:
         row["cross_edit_count"] = sum(int(c.get("cross_edit_n") or 0) for c in cases) if checked else None
         row["cross_edit_unscored"] = sum(int(c.get("cross_edit_unscored") or 0) for c in cases) if checked else None
         row["edit_seconds_last10"] = scoring.percentile([s for p in group for s in p.seconds[-LAST_EDITS:]], 50)
+        row["edit_seconds_early"] = scoring.percentile([s for p in group for s in p.seconds[EARLY_EDITS]], 50)
         held = [[b for b in p.added if b is not None] for p in group]
         row["held_bytes"] = (sum(sum(h) for h in held) / len(held)) if any(held) else None
         row["held_edits"] = sum(len(h) for h in held) / len(held)

@@ -66,6 +66,7 @@ CURVE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Port", "portability_acc", "acc"),
     ("Retain", "retention", "acc"),
     ("s/edit10", "edit_seconds_last10", "sec"),
+    ("s/edit2-11", "edit_seconds_early", "sec"),
     ("Held", "held_bytes", "bytes"),
     ("HeldN", "held_edits", "count"),
 )
