@@ -10,8 +10,8 @@ edits of each sequence; ``cross_edit_count`` summed (``null`` when the data name
 sequences; ``edit_seconds_early``, the median edit time of edits 2-11 (the first edit pays
 one-off costs: caches, lazy hooks), the baseline that the last-10 median is compared with to see
 whether an edit slows down as edits pile up; ``held_bytes`` / ``held_edits``, the bytes the edits
-made so far report adding to the model (the sum of their ``added_bytes``) and how many edits report it, a mean over sequences
-(``null`` when no edit reports it).
+made so far report adding to the model (the sum of their ``added_bytes``) and how many edits
+report it, a mean over sequences (``null`` when no edit reports it).
 """
 
 from __future__ import annotations
