@@ -81,7 +81,8 @@ on the model after T edits, pooled over the sequences that reach T; ``retention`
 reliability of the first ``min(100, T)`` edits, ``edit_seconds_last10`` the median seconds of the
 last 10 edits, ``edit_seconds_early`` that of edits 2-11 (the baseline for "does an edit slow
 down"), ``held_bytes`` the sum of the edits' ``added_bytes`` (``null`` when the method reports
-none) and ``held_edits`` how many edits report it. With equal-length sequences the last point equals the method row. What the curve does not measure: one sequence order (the records'
+none) and ``held_edits`` how many edits report it. With equal-length sequences the last point
+equals the method row. What the curve does not measure: one sequence order (the records'
 order), teacher-forced probes (not free generation, except ``rewrite_exact_match`` at the end),
 and the bytes a method reports, not the process's memory.
 
