@@ -291,6 +291,34 @@ def test_scope_threshold_confines_finished_neurons_to_their_edit(qwen) -> None:
     assert_same_state(before, model) and hook_counts(model) == hooks
 
 
+def test_scope_memory_confines_latent_memory_to_admitted_positions(qwen) -> None:
+    """Lifelong mode with scope_memory: each edit's latent-memory entries get a scope; positions no edit
+    admits are not shifted at all (the shift is the identity there), positions inside the scope are; the
+    scopes count in the bytes, the edit holds, and restore removes it all."""
+    from mke_plugins.methods.unike.runtime import runtime_for
+
+    model = qwen["model"]
+    recs = _records("qwen2-vl", 2, offset=60)
+    before, hooks = state_of(model), hook_counts(model)
+    e1, h1 = _apply(qwen, recs, scope_threshold=0.9, negatives_from_edits=False, scope_memory=True)
+    rt = runtime_for(model, create=False)
+    assert rt.memories and all(len(m.scopes) == 2 for m in rt.memories.values())
+    scope_bytes = sum(sc.nbytes for m in rt.memories.values() for sc in m.scopes.values())
+    block_bytes = sum(b.scope.nbytes for bs in rt.blocks.values() for b in bs)
+    assert sum(e.added_bytes for e in h1.stats.edits) >= scope_bytes + block_bytes > 0
+    for r in recs:
+        assert _nll(qwen, e1, r) < _nll(qwen, model, r)
+    for layer, mem in rt.memories.items():
+        keys = torch.cat([sc.keys for sc in mem.scopes.values()])
+        far = -keys.sum(0, keepdim=True) * 10  # cosine < 0 to every key: admitted by no edit
+        assert torch.equal(rt.shift_states(layer, far), far)
+        near = keys[:1] * 10
+        assert mem.allowed(near).any() and not torch.equal(rt.shift_states(layer, near), near)
+    h1()
+    assert_same_state(before, model) and hook_counts(model) == hooks
+    assert runtime_for(model, create=False) is None
+
+
 @pytest.mark.parametrize("over,blocks,memory", [({"use_external": False}, 2, False),
                                                 ({"use_intrinsic": False}, 0, True),
                                                 ({"alpha_mode": "fixed", "use_zeta": False}, 2, True)])

@@ -149,8 +149,11 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     negatives = _negatives(archive, layers, infos, rt, h_sem, int(hparams.negatives))
     past_inputs = _current_inputs(adapter, model, earlier, layers, infos)
 
-    # 5. key-value neurons on the shifted inputs
     answer_mask = batch.answer_mask
+    if hparams.use_external and hparams.scope_threshold is not None and hparams.scope_memory:
+        _scope_memory(adapter, model, batch, rt, eid, sorted(layers), hparams)
+
+    # 5. key-value neurons on the shifted inputs
     with gate_open(model, GATE), torch.no_grad(), \
             capture({layer: infos[layer].ffn_in for layer in layers}, positions=answer_mask) as rec:
         adapter.forward(model, batch)
@@ -224,6 +227,26 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
                                                 hparams.scope_exclusive)
     rep.seconds = time.time() - t0
     return rep
+
+
+def _scope_memory(adapter: VLMAdapter, model: nn.Module, batch: Batch, rt: UniKERuntime, eid: int,
+                  layers: list[int], hparams: UniKEHyperParams) -> None:
+    """Lifelong mode (``scope_memory``): give edit ``eid``'s latent-memory entries a scope, layer by layer
+    from the lowest, around the FFN inputs its own answer positions bring to each shift hook (with the
+    lower layers' entries already scoped, as later inputs will meet them). Set before the edit trains,
+    so it trains with the memory as it will act afterwards."""
+    for layer in layers:
+        rt.record_inputs = True
+        try:
+            with gate_open(model, GATE), torch.no_grad():
+                adapter.forward(model, batch)
+            x = rt.last_input[layer]
+        finally:
+            rt.record_inputs = False
+            rt.last_input.clear()
+        reps = x.reshape(-1, x.shape[-1])[batch.answer_mask.reshape(-1).to(x.device)]
+        rt.memories[layer].set_scope(eid, InputScope.around(reps, float(hparams.scope_threshold),
+                                                            bool(hparams.scope_exclusive)))
 
 
 def _penalty_states(archive: Archive, layers: list[int], infos: list[Any]) -> dict[int, torch.Tensor]:

@@ -29,42 +29,91 @@ from torch import nn
 from mke_plugins.adapters.base import LayerInfo, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.neurons import NeuronPatches, patches_for
+from mke_plugins.core.scope import InputScope, admitted_pairs
 from mke_plugins.core.wrap import _GATES, is_gate_open, set_always_on
 
 GATE = "unike"
 
 
 class _LayerMemory:
-    """The latent memory of one layer: entries keyed by origin, stacked on demand."""
+    """The latent memory of one layer: entries keyed by origin, stacked on demand.
+
+    Lifelong mode (``scope_memory``): an edit may give its entries an input scope
+    (:meth:`set_scope`); a position is then shifted only by the entries of edits whose scope admits
+    it (and by those of edits without a scope), and a position no edit admits is not shifted.
+    """
 
     def __init__(self, info: LayerInfo, enc_sem: nn.Module, mu: torch.Tensor) -> None:
         self.info = info
         self.enc_sem = enc_sem
         self.mu = mu
         self.entries: dict[Hashable, list[Any]] = {}  # key -> [tensor (d,), refcount]
+        self.owned: dict[int, list[Hashable]] = {}  # edit id -> its entry keys
+        self.scopes: dict[int, InputScope] = {}  # edit id -> where its entries act (lifelong mode)
         self._stacked: torch.Tensor | None = None
+        self._scoped: tuple[torch.Tensor, ...] | None = None
 
-    def add(self, key: Hashable, value: torch.Tensor) -> None:
+    def add(self, key: Hashable, value: torch.Tensor, eid: int = -1) -> None:
         if key in self.entries:
             self.entries[key][1] += 1
         else:
             self.entries[key] = [value.detach().float().clone(), 1]
-            self._stacked = None
+        self.owned.setdefault(eid, []).append(key)
+        self._stacked = self._scoped = None
 
-    def release(self, key: Hashable) -> None:
+    def release(self, key: Hashable, eid: int = -1) -> None:
         entry = self.entries.get(key)
         if entry is None:
             return
+        owned = self.owned.get(eid)
+        if owned is not None and key in owned:
+            owned.remove(key)
+            if not owned:
+                del self.owned[eid]
+                self.scopes.pop(eid, None)
         entry[1] -= 1
         if entry[1] <= 0:
             del self.entries[key]
-            self._stacked = None
+        self._stacked = self._scoped = None
+
+    def set_scope(self, eid: int, scope: InputScope) -> None:
+        """From now on, edit ``eid``'s entries shift only the positions ``scope`` admits."""
+        self.scopes[eid] = scope
+        self._scoped = None
 
     @property
     def matrix(self) -> torch.Tensor:
         if self._stacked is None:
             self._stacked = torch.stack([v for v, _ in self.entries.values()]) if self.entries else None
         return self._stacked  # type: ignore[return-value]
+
+    def allowed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(..., n_entries)`` bool: the entries that may shift each position of ``x`` (``None``: all)."""
+        if not self.scopes:
+            return None
+        if self._scoped is None:
+            index = {k: i for i, k in enumerate(self.entries)}
+            eids = list(self.scopes)
+            member = torch.zeros(len(eids), len(index), dtype=torch.bool)
+            free = torch.zeros(len(index), dtype=torch.bool)
+            for eid, keys in self.owned.items():
+                cols = torch.tensor([index[k] for k in keys], dtype=torch.long)
+                if eid in self.scopes:
+                    member[eids.index(eid), cols] = True
+                else:
+                    free[cols] = True
+            keys = torch.cat([self.scopes[e].keys for e in eids])
+            owner = torch.cat([torch.full((self.scopes[e].keys.shape[0],), i) for i, e in enumerate(eids)])
+            thresholds = torch.tensor([self.scopes[e].threshold for e in eids])
+            exclusive = torch.tensor(any(self.scopes[e].exclusive for e in eids))
+            self._scoped = (keys, owner, thresholds, member.float(), free, exclusive)
+        keys, owner, thresholds, member, free, exclusive = (t.to(x.device) for t in self._scoped)
+        flat = x.reshape(-1, x.shape[-1])
+        rows, who = admitted_pairs(flat, keys, owner, thresholds, bool(exclusive))
+        hit = torch.zeros(flat.shape[0], member.shape[0], dtype=torch.float32, device=x.device)
+        hit[rows, who] = 1.0
+        allowed = (hit @ member > 0) | free
+        return allowed.view(*x.shape[:-1], -1)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -90,6 +139,9 @@ class UniKERuntime:
         self.suspended = 0
         self.last_alpha: dict[int, torch.Tensor] = {}  # diagnostics: last α per layer (detached)
         self.record_alpha = False
+        #: lifelong mode: the FFN input each shift hook received last (before the shift), while set
+        self.last_input: dict[int, torch.Tensor] = {}
+        self.record_inputs = False
 
     @property
     def model(self) -> nn.Module:
@@ -129,7 +181,13 @@ class UniKERuntime:
         M = mem.matrix
         xf = x.float()
         d = xf.shape[-1]
-        p = torch.softmax(xf @ M.t() / math.sqrt(d), dim=-1)
+        scores = xf @ M.t() / math.sqrt(d)
+        allowed = mem.allowed(xf)
+        if allowed is not None:  # lifelong mode: each position sees only the entries of edits admitting it
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            reached = allowed.any(-1, keepdim=True)
+            scores = scores.masked_fill(~reached, 0.0)  # a position no edit admits: no NaN, no shift (below)
+        p = torch.softmax(scores, dim=-1)
         hk = p @ M
         hk = hk * (xf.norm(dim=-1, keepdim=True) / hk.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         if self.alpha_mode == "fixed":
@@ -139,6 +197,10 @@ class UniKERuntime:
             alpha = F.cosine_similarity(e - mem.mu, xf - mem.mu, dim=-1).clamp(0.0, 1.0).unsqueeze(-1)
             if self.alpha_threshold > 0:
                 alpha = alpha.masked_fill(alpha < self.alpha_threshold, 0.0)
+        if allowed is not None:
+            alpha = alpha * reached
+        if self.record_inputs and not force:
+            self.last_input[mem.info.index] = x.detach()
         if self.record_alpha and not force:
             self.last_alpha[mem.info.index] = alpha.detach().squeeze(-1)
         return ((1.0 - alpha) * xf + alpha * hk).to(x.dtype)
@@ -175,7 +237,7 @@ class UniKERuntime:
     def add_memory(self, eid: int, layer: int, keys: list[Hashable], values: torch.Tensor) -> None:
         mem = self.memories[layer]
         for k, v in zip(keys, values, strict=False):
-            mem.add(k, v)
+            mem.add(k, v, eid)
         self.edits[eid].setdefault(layer, []).extend(keys)
 
     def remove_edit(self, eid: int) -> None:
@@ -185,7 +247,7 @@ class UniKERuntime:
             if mem is None:
                 continue
             for k in keys:
-                mem.release(k)
+                mem.release(k, eid)
         patches = patches_for(self.model, gate=GATE, create=False)
         self.edit_inputs.pop(eid, None)
         for block in self.blocks.pop(eid, []):

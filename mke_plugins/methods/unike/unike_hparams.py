@@ -110,6 +110,11 @@ class UniKEHyperParams(MultimodalHyperParams):
         False, "Lifelong mode, with scope_threshold: where the scopes of several finished edits admit a position, "
                "only the edit with the closest key acts there (core.scope), so edits of neighbouring facts do not "
                "add up on each other's inputs. false: every admitting edit acts.")
+    scope_memory: bool = hp(
+        False, "Lifelong mode, with scope_threshold: the edit's latent-memory entries also get a scope (its own "
+               "answer-position FFN inputs as the shift hook receives them, same threshold and exclusivity): a "
+               "position is shifted only by the entries of the edits that admit it, and not at all where none "
+               "does (README, 'Sequential editing'). false: every entry shifts every input (UniKE as specified).")
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:
