@@ -94,25 +94,28 @@ class _LayerMemory:
         if self._scoped is None:
             index = {k: i for i, k in enumerate(self.entries)}
             eids = list(self.scopes)
-            member = torch.zeros(len(eids), len(index), dtype=torch.bool)
             free = torch.zeros(len(index), dtype=torch.bool)
             for eid, keys in self.owned.items():
-                cols = torch.tensor([index[k] for k in keys], dtype=torch.long)
-                if eid in self.scopes:
-                    member[eids.index(eid), cols] = True
-                else:
-                    free[cols] = True
+                if eid not in self.scopes:
+                    free[[index[k] for k in keys]] = True
+            # the entries of each scoped edit, padded with a dummy column (index len(index)) to one width
+            cols = [[index[k] for k in self.owned.get(e, ())] for e in eids]
+            ent = torch.full((len(eids), max(len(c) for c in cols)), len(index), dtype=torch.long)
+            for i, c in enumerate(cols):
+                ent[i, :len(c)] = torch.tensor(c, dtype=torch.long)
             keys = torch.cat([self.scopes[e].keys for e in eids])
             owner = torch.cat([torch.full((self.scopes[e].keys.shape[0],), i) for i, e in enumerate(eids)])
             thresholds = torch.tensor([self.scopes[e].threshold for e in eids])
-            exclusive = torch.tensor(any(self.scopes[e].exclusive for e in eids))
-            self._scoped = (keys, owner, thresholds, member.float(), free, exclusive)
-        keys, owner, thresholds, member, free, exclusive = (t.to(x.device) for t in self._scoped)
+            exclusive = any(self.scopes[e].exclusive for e in eids)
+            self._scoped = (keys, owner, thresholds, ent, free, exclusive)
+        keys, owner, thresholds, ent, free, exclusive = self._scoped
         flat = x.reshape(-1, x.shape[-1])
-        rows, who = admitted_pairs(flat, keys, owner, thresholds, bool(exclusive))
-        hit = torch.zeros(flat.shape[0], member.shape[0], dtype=torch.float32, device=x.device)
-        hit[rows, who] = 1.0
-        allowed = (hit @ member > 0) | free
+        rows, who = admitted_pairs(flat, keys, owner, thresholds, exclusive)
+        allowed = torch.zeros(flat.shape[0], free.shape[0] + 1, dtype=torch.bool, device=x.device)
+        if rows.numel():  # after many edits most positions lie in no scope: index, never a dense product
+            cols = ent.to(x.device)[who]
+            allowed[rows.unsqueeze(1).expand_as(cols), cols] = True
+        allowed = allowed[:, :-1] | free.to(x.device)
         return allowed.view(*x.shape[:-1], -1)
 
     def __len__(self) -> int:
