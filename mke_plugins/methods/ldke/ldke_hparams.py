@@ -87,7 +87,9 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
     classifier_archive: str | None = hp(None, "LDKE archive (head, tau, mu) built by `mke-plugins train LDKE`; "
                                                "'@ldke/world.pt' is the bundled world archive.")
     route_threshold: float | None = hp(None, "Routing threshold tau; null = the archive's calibrated value "
-                                             "(0.5 if absent).", ge=0, le=1)
+                                             "(0.5 if absent). Long sequences: a higher value keeps the head's "
+                                             "false routes from compounding over many keys (0.8 with the "
+                                             "lifelong archive; README, 'Sequential').", ge=0, le=1)
     prefilter: int = hp(16, "Keys pre-selected by cosine similarity and scored by the head per input.", ge=1)
     supersede_threshold: float | None = hp(None, "A new edit supersedes an earlier one when its input is that "
                                                  "edit's own input (exact match), or, if set, routes to it with "
