@@ -560,3 +560,23 @@ def test_margin_patience_lets_an_edit_stop_before_max_steps(qwen) -> None:
     assert settled.converged and settled.steps == 3 and settled.extra["margin_plateau"]
     restore_all(qwen["model"])
     assert runtime_for(qwen["model"], create=False) is None
+
+
+@pytest.mark.parametrize("check", ["check_interrupted_edit", "check_sequential"])
+def test_conformance_of_the_lifelong_mode(check: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conformance kit's fault and sequence checks with the recommended lifelong configuration
+    (scoped neurons and scoped latent memory, exclusive): an interrupted edit leaves no scope or entry
+    behind, and sequences restore exactly."""
+    import dataclasses
+
+    import mke_plugins.hparams as hp_mod
+    from mke_plugins.testing import conformance
+
+    load = hp_mod.load_hparams
+
+    def lifelong(method, key="world"):
+        return dataclasses.replace(load(method, key), scope_threshold=0.85, scope_memory=True,
+                                   scope_exclusive=True, negatives_from_edits=False)
+
+    monkeypatch.setattr(hp_mod, "load_hparams", lifelong)
+    getattr(conformance, check)("UniKE")
