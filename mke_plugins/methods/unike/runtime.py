@@ -181,12 +181,20 @@ class UniKERuntime:
     def _shift(self, mem: _LayerMemory, x: torch.Tensor, force: bool = False) -> torch.Tensor | None:
         if not (force or self.active()) or len(mem) == 0:
             return None
+        if self.record_inputs and not force:
+            self.last_input[mem.info.index] = x.detach()
         M = mem.matrix
         xf = x.float()
         d = xf.shape[-1]
-        scores = xf @ M.t() / math.sqrt(d)
         allowed = mem.allowed(xf)
         if allowed is not None:  # lifelong mode: each position sees only the entries of edits admitting it
+            # only the entries some position may use take part, so the cost does not grow with the other edits
+            used = allowed.reshape(-1, allowed.shape[-1]).any(0).nonzero(as_tuple=True)[0]
+            if used.numel() == 0:
+                return None  # no position lies in any scope: nothing is shifted
+            M, allowed = M.index_select(0, used), allowed.index_select(-1, used)
+        scores = xf @ M.t() / math.sqrt(d)
+        if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
             reached = allowed.any(-1, keepdim=True)
             scores = scores.masked_fill(~reached, 0.0)  # a position no edit admits: no NaN, no shift (below)
@@ -202,8 +210,6 @@ class UniKERuntime:
                 alpha = alpha.masked_fill(alpha < self.alpha_threshold, 0.0)
         if allowed is not None:
             alpha = alpha * reached
-        if self.record_inputs and not force:
-            self.last_input[mem.info.index] = x.detach()
         if self.record_alpha and not force:
             self.last_alpha[mem.info.index] = alpha.detach().squeeze(-1)
         return ((1.0 - alpha) * xf + alpha * hk).to(x.dtype)
