@@ -13,12 +13,15 @@ earlier run's files are removed before the first unit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from mke_hooks import MKEError
 
@@ -165,6 +168,20 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+@contextlib.contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block is done: a finished unit is journaled and counted, or
+    neither, so an interrupted run reports exactly the units its journal holds. Where signals
+    cannot be masked (not POSIX, not the main thread) the block runs as it is."""
+    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+    try:
+        yield
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held Ctrl-C arrives now, after the block
 
 
 def _drop_torn_tail(path: Path) -> None:

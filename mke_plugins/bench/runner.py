@@ -62,7 +62,7 @@ from .dist import SharedCount, start
 from .methods import BoundMethod, MethodRequest, bind, bind_rows
 from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
 from .restore import StateCheck, restore_like_easyedit
-from .resume import Journal, data_digest, unit_key
+from .resume import Journal, ctrl_c_after, data_digest, unit_key
 from .score import AT_EDIT_KEYS, SCHEMA_KEYS, aggregate, score_case
 
 log = logging.getLogger(__name__)
@@ -526,9 +526,10 @@ class Bench:
                 try:
                     for unit in ranks.mine(todo):
                         record = self._run_unit(unit, tick)
-                        if journal is not None:
-                            journal.append(record)
-                        new.append(record)
+                        with ctrl_c_after():  # journaled and counted together: "interrupted" matches the journal
+                            if journal is not None:
+                                journal.append(record)
+                            new.append(record)
                 except KeyboardInterrupt:
                     if ranks.spread or journal is None:
                         raise
