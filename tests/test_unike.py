@@ -303,13 +303,13 @@ def test_scope_memory_confines_latent_memory_to_admitted_positions(qwen) -> None
     e1, h1 = _apply(qwen, recs, scope_threshold=0.9, negatives_from_edits=False, scope_memory=True)
     rt = runtime_for(model, create=False)
     assert rt.memories and all(len(m.scopes) == 2 for m in rt.memories.values())
-    scope_bytes = sum(sc.nbytes for m in rt.memories.values() for sc in m.scopes.values())
+    scope_bytes = sum(sc.nbytes for m in rt.memories.values() for _, sc in m.scopes.values())
     block_bytes = sum(b.scope.nbytes for bs in rt.blocks.values() for b in bs)
     assert sum(e.added_bytes for e in h1.stats.edits) >= scope_bytes + block_bytes > 0
     for r in recs:
         assert _nll(qwen, e1, r) < _nll(qwen, model, r)
     for layer, mem in rt.memories.items():
-        keys = torch.cat([sc.keys for sc in mem.scopes.values()])
+        keys = torch.cat([sc.keys for _, sc in mem.scopes.values()])
         far = -keys.sum(0, keepdim=True) * 10  # cosine < 0 to every key: admitted by no edit
         assert torch.equal(rt.shift_states(layer, far), far)
         near = keys[:1] * 10

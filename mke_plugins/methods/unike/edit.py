@@ -245,8 +245,8 @@ def _scope_memory(adapter: VLMAdapter, model: nn.Module, batch: Batch, rt: UniKE
             rt.record_inputs = False
             rt.last_input.clear()
         reps = x.reshape(-1, x.shape[-1])[batch.answer_mask.reshape(-1).to(x.device)]
-        rt.memories[layer].set_scope(eid, InputScope.around(reps, float(hparams.scope_threshold),
-                                                            bool(hparams.scope_exclusive)))
+        rt.memories[layer].set_scope(eid, rt.edits[eid][layer], InputScope.around(
+            reps, float(hparams.scope_threshold), bool(hparams.scope_exclusive)))
 
 
 def _penalty_states(archive: Archive, layers: list[int], infos: list[Any]) -> dict[int, torch.Tensor]:

@@ -47,39 +47,36 @@ class _LayerMemory:
         self.info = info
         self.enc_sem = enc_sem
         self.mu = mu
-        self.entries: dict[Hashable, list[Any]] = {}  # key -> [tensor (d,), refcount]
-        self.owned: dict[int, list[Hashable]] = {}  # edit id -> its entry keys
-        self.scopes: dict[int, InputScope] = {}  # edit id -> where its entries act (lifelong mode)
+        self.entries: dict[Hashable, list[Any]] = {}  # key -> [tensor (d,), refcount: the edits holding it]
+        #: lifelong mode: edit id -> (its entry keys, where they act)
+        self.scopes: dict[int, tuple[list[Hashable], InputScope]] = {}
         self._stacked: torch.Tensor | None = None
-        self._scoped: tuple[torch.Tensor, ...] | None = None
+        self._scoped: tuple[Any, ...] | None = None
 
-    def add(self, key: Hashable, value: torch.Tensor, eid: int = -1) -> None:
+    def add(self, key: Hashable, value: torch.Tensor) -> None:
         if key in self.entries:
             self.entries[key][1] += 1
         else:
             self.entries[key] = [value.detach().float().clone(), 1]
-        self.owned.setdefault(eid, []).append(key)
         self._stacked = self._scoped = None
 
-    def release(self, key: Hashable, eid: int = -1) -> None:
+    def release(self, key: Hashable) -> None:
         entry = self.entries.get(key)
         if entry is None:
             return
-        owned = self.owned.get(eid)
-        if owned is not None and key in owned:
-            owned.remove(key)
-            if not owned:
-                del self.owned[eid]
-                self.scopes.pop(eid, None)
         entry[1] -= 1
         if entry[1] <= 0:
             del self.entries[key]
         self._stacked = self._scoped = None
 
-    def set_scope(self, eid: int, scope: InputScope) -> None:
-        """From now on, edit ``eid``'s entries shift only the positions ``scope`` admits."""
-        self.scopes[eid] = scope
+    def set_scope(self, eid: int, keys: list[Hashable], scope: InputScope) -> None:
+        """From now on, edit ``eid``'s entries ``keys`` shift only the positions ``scope`` admits."""
+        self.scopes[eid] = (list(keys), scope)
         self._scoped = None
+
+    def drop_scope(self, eid: int) -> None:
+        if self.scopes.pop(eid, None) is not None:
+            self._scoped = None
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -93,20 +90,20 @@ class _LayerMemory:
             return None
         if self._scoped is None:
             index = {k: i for i, k in enumerate(self.entries)}
-            eids = list(self.scopes)
-            free = torch.zeros(len(index), dtype=torch.bool)
-            for eid, keys in self.owned.items():
-                if eid not in self.scopes:
-                    free[[index[k] for k in keys]] = True
+            scopes = list(self.scopes.values())
             # the entries of each scoped edit, padded with a dummy column (index len(index)) to one width
-            cols = [[index[k] for k in self.owned.get(e, ())] for e in eids]
-            ent = torch.full((len(eids), max(len(c) for c in cols)), len(index), dtype=torch.long)
+            cols = [[index[k] for k in keys] for keys, _ in scopes]
+            ent = torch.full((len(cols), max(len(c) for c in cols)), len(index), dtype=torch.long)
+            held = torch.zeros(len(index) + 1, dtype=torch.long)  # per entry: the scoped edits holding it
             for i, c in enumerate(cols):
                 ent[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-            keys = torch.cat([self.scopes[e].keys for e in eids])
-            owner = torch.cat([torch.full((self.scopes[e].keys.shape[0],), i) for i, e in enumerate(eids)])
-            thresholds = torch.tensor([self.scopes[e].threshold for e in eids])
-            exclusive = any(self.scopes[e].exclusive for e in eids)
+                held[ent[i, :len(c)]] += 1
+            refs = torch.tensor([n for _, n in self.entries.values()], dtype=torch.long)
+            free = refs > held[:-1]  # also held by an edit without a scope: acts everywhere
+            keys = torch.cat([sc.keys for _, sc in scopes])
+            owner = torch.cat([torch.full((sc.keys.shape[0],), i) for i, (_, sc) in enumerate(scopes)])
+            thresholds = torch.tensor([sc.threshold for _, sc in scopes])
+            exclusive = all(sc.exclusive for _, sc in scopes)  # as the neuron stack decides it
             self._scoped = (keys, owner, thresholds, ent, free, exclusive)
         keys, owner, thresholds, ent, free, exclusive = self._scoped
         flat = x.reshape(-1, x.shape[-1])
@@ -246,7 +243,7 @@ class UniKERuntime:
     def add_memory(self, eid: int, layer: int, keys: list[Hashable], values: torch.Tensor) -> None:
         mem = self.memories[layer]
         for k, v in zip(keys, values, strict=False):
-            mem.add(k, v, eid)
+            mem.add(k, v)
         self.edits[eid].setdefault(layer, []).extend(keys)
 
     def remove_edit(self, eid: int) -> None:
@@ -256,7 +253,8 @@ class UniKERuntime:
             if mem is None:
                 continue
             for k in keys:
-                mem.release(k, eid)
+                mem.release(k)
+            mem.drop_scope(eid)
         patches = patches_for(self.model, gate=GATE, create=False)
         self.edit_inputs.pop(eid, None)
         for block in self.blocks.pop(eid, []):

@@ -43,7 +43,7 @@ def side_bytes(rt: UniKERuntime) -> int:
     blocks = [p for bs in rt.blocks.values() for b in bs for p in b.parameters()]
     rows = [v for m in rt.memories.values() for v, _ in m.entries.values()]
     scopes = sum(b.scope.nbytes for bs in rt.blocks.values() for b in bs if b.scope is not None)
-    scopes += sum(sc.nbytes for m in rt.memories.values() for sc in m.scopes.values())
+    scopes += sum(sc.nbytes for m in rt.memories.values() for _, sc in m.scopes.values())
     return tensor_bytes(blocks + rows) + scopes
 
 
