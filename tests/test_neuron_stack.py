@@ -145,3 +145,74 @@ def test_the_layer_hook_runs_finished_blocks_as_one_stack(tiny_model, tiny_dir):
         torch.testing.assert_close(rec_s["out"][0].float(), want, rtol=1e-5, atol=1e-5)
     finally:
         patches.remove_all()
+
+
+def test_a_validity_token_skips_the_full_check_until_it_changes():
+    """Under one token the stack is taken as it is (no per-parameter reads); a new token re-checks in full."""
+    from mke_plugins.core.neuron_stack import mutations
+
+    blocks = _blocks(5, gated=True, scoped=True)
+    stack, _ = split_stack(blocks, None, ("t", 1))
+    assert stack is not None and stack.token == ("t", 1)
+    with torch.no_grad():
+        blocks[2].value.mul_(2.0)  # in place, behind the stack's back
+    assert split_stack(blocks, stack, ("t", 1))[0] is stack  # same token: not re-read (documented)
+    assert split_stack(blocks, stack, ("t", 2))[0] is not stack  # the next opening sees the write
+    before = mutations()
+    blocks[0].scope = None
+    blocks[3].freeze()
+    assert mutations() == before + 2  # the blocks' own API changes the token the patches pass
+
+
+def test_the_layer_hook_checks_its_stack_once_per_gate_opening(tiny_model, tiny_dir, monkeypatch):
+    """Through the patches: one full check per opening of the gate, however many forwards it spans; a write
+    to a frozen block between openings, and a new scope within one, still reach the output."""
+    from types import SimpleNamespace
+
+    from mke_plugins.adapters import Query, get_adapter
+    from mke_plugins.core.hooks import capture
+    from mke_plugins.core.neuron_stack import FrozenStack as Stack
+    from mke_plugins.core.neurons import patches_for
+    from mke_plugins.core.wrap import gate_open
+    from mke_plugins.testing.images import make_image
+
+    model, tok = tiny_model("qwen2-vl")
+    adapter = get_adapter(model, SimpleNamespace(model_name=str(tiny_dir("qwen2-vl"))))
+    batch = adapter.batch(model, tok, [Query([make_image(0)], "What is in the picture?", "a red circle")])
+    info = adapter.layers(model)[-1]
+    patches = patches_for(model, adapter, gate="t-token")
+    gen = torch.Generator().manual_seed(0)
+    blocks = []
+    for i in range(4):
+        b = patches.add_block(-1, 2, tag=i)
+        with torch.no_grad():
+            for p in b.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        blocks.append(b.freeze())
+    checks = []
+    real = Stack.matches
+    monkeypatch.setattr(Stack, "matches", lambda self, bl: checks.append(1) or real(self, bl))
+
+    def out() -> torch.Tensor:
+        with torch.no_grad(), capture({"out": info.ffn_out}) as rec:
+            adapter.forward(model, batch)
+        return rec["out"][0].float()
+
+    try:
+        with gate_open(model, patches.gate):
+            first = out()
+            for _ in range(3):
+                torch.testing.assert_close(out(), first)
+        assert checks == []  # built on the first forward, then taken as it is under the same opening
+        with torch.no_grad():
+            blocks[1].value.mul_(3.0)
+        with gate_open(model, patches.gate):
+            second = out()
+        assert len(checks) == 1 and not torch.allclose(second, first)  # the new opening re-checked and rebuilt
+        with gate_open(model, patches.gate):
+            out()
+            blocks[0].scope = InputScope.around(torch.randn(1, blocks[0].key.shape[1], generator=gen), 0.99)
+            third = out()  # a new scope inside the opening is a change the token sees
+        assert not torch.allclose(third, second)
+    finally:
+        patches.remove_all()

@@ -311,9 +311,14 @@ def test_scope_memory_confines_latent_memory_to_admitted_positions(qwen) -> None
     for layer, mem in rt.memories.items():
         keys = torch.cat([sc.keys for _, sc in mem.scopes.values()])
         far = -keys.sum(0, keepdim=True) * 10  # cosine < 0 to every key: admitted by no edit
-        assert torch.equal(rt.shift_states(layer, far), far)
+        assert torch.equal(rt.shift_states(layer, far), far) and mem.allowed(far)[0].numel() == 0
         near = keys[:1] * 10
-        assert mem.allowed(near).any() and not torch.equal(rt.shift_states(layer, near), near)
+        used, mask = mem.allowed(near)
+        assert mask.shape == (1, used.numel()) and mask.all()  # the entries it may use, and only those
+        entries = list(mem.entries)
+        admitting = [keys_ for keys_, sc in mem.scopes.values() if bool(sc.admits(near).any())]
+        assert {entries[i] for i in used.tolist()} == {k for ks in admitting for k in ks}
+        assert not torch.equal(rt.shift_states(layer, near), near)
     h1()
     assert_same_state(before, model) and hook_counts(model) == hooks
     assert runtime_for(model, create=False) is None

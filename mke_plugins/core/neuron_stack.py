@@ -17,17 +17,40 @@ The result equals the per-block sum up to float rounding (the sums run in anothe
 single block is never stacked, so a single edit's arithmetic is unchanged. The stack is rebuilt
 when its blocks change: one is added, removed, unfrozen, given another scope, or written in
 place (parameter versions).
+
+Checking all of that means reading every stacked parameter's flags, which after 1,000 edits cost
+more than the stack's arithmetic and made UniKE's time per edit grow with T. So the full check runs
+once per *validity token* (:func:`split_stack`): the patches pass the gate's opening
+(:func:`~mke_plugins.core.wrap.gate_opening`) and the :func:`mutations` count, which every change
+made through the blocks' and patches' own API bumps (a block added or removed, ``freeze()``, a new
+``scope`` or ``value_extra``). Within one opening of the gate nothing else is re-read: a parameter
+of a frozen block written in place, or unfrozen by hand, while the gate stays open is seen at the
+next opening (or call :func:`note_mutation`). With the gate always on there is no opening, and
+every call checks in full, as does a call without a token.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 
 from mke_plugins.core.scope import admitted_pairs
 
-__all__ = ["FrozenStack", "split_stack", "stackable"]
+__all__ = ["FrozenStack", "mutations", "note_mutation", "split_stack", "stackable"]
+
+_MUTATIONS = 0
+
+
+def note_mutation() -> None:
+    """Say that a neuron block changed: every stack checks its blocks in full on its next call."""
+    global _MUTATIONS
+    _MUTATIONS += 1
+
+
+def mutations() -> int:
+    """How many block changes :func:`note_mutation` has been told of (part of a stack's validity token)."""
+    return _MUTATIONS
 
 
 def stackable(block: "object") -> bool:
@@ -45,6 +68,7 @@ class FrozenStack:
         self._params = [p for b in self.blocks for p in b.parameters()]
         self._scopes = [b.scope for b in self.blocks]
         self._version = self._versions()
+        self.token: Hashable | None = None  # the validity token the blocks were last checked under
         with torch.no_grad():
             self.key = torch.cat([b.key for b in self.blocks])  # (N, d)
             self.key_up = torch.cat([b.key_up for b in self.blocks]) if self.gated else None
@@ -121,20 +145,26 @@ def _same_kind(blocks: Sequence["object"]) -> bool:
     return all(b.gated == blocks[0].gated and b.act_fn is blocks[0].act_fn for b in blocks)
 
 
-def split_stack(blocks: Sequence["object"], cached: FrozenStack | None) -> tuple[FrozenStack | None, list]:
+def split_stack(blocks: Sequence["object"], cached: FrozenStack | None,
+                token: Hashable | None = None) -> tuple[FrozenStack | None, list]:
     """``(stack, rest)``: one stack of the leading run of stackable blocks (``cached`` while it still
     stands for them) and the blocks left to run one by one. Fewer than two stackable blocks: no stack.
 
-    A cached stack is checked cheaply (identities, scopes, versions); the blocks after it are only
-    tested for stackability when one of them may have joined the run (a finished edit froze).
+    A cached stack last checked under ``token`` (not ``None``) is taken as it is; otherwise it is
+    checked in full (identities, scopes, flags, versions) and, when it stands, remembers ``token``.
+    The block after it is tested for stackability either way (a finished edit may have frozen).
     """
-    if cached is not None and len(blocks) >= len(cached.blocks) and cached.matches(blocks[:len(cached.blocks)]):
+    if cached is not None and len(blocks) >= len(cached.blocks):
         n = len(cached.blocks)
-        if n == len(blocks) or not stackable(blocks[n]):
-            return cached, list(blocks[n:])
+        if (token is not None and cached.token == token) or cached.matches(blocks[:n]):
+            cached.token = token
+            if n == len(blocks) or not stackable(blocks[n]):
+                return cached, list(blocks[n:])
     n = 0
     while n < len(blocks) and stackable(blocks[n]):
         n += 1
     if n < 2 or not _same_kind(blocks[:n]):
         return None, list(blocks)
-    return FrozenStack(blocks[:n]), list(blocks[n:])
+    stack = FrozenStack(blocks[:n])
+    stack.token = token
+    return stack, list(blocks[n:])

@@ -17,7 +17,9 @@ The FFN input is read as the FFN actually received it (after any other input hoo
 UniKE's feature shift registered on the same point). Work is position-wise, so flattened OPT
 FFNs, batching and KV-cache generation need nothing special. Arithmetic is fp32; the sum of all
 blocks is cast to the output dtype once. Two or more finished (frozen) blocks of a layer run as one
-stack (:mod:`mke_plugins.core.neuron_stack`), so a thousand edits' blocks cost a few matmuls.
+stack (:mod:`mke_plugins.core.neuron_stack`), so a thousand edits' blocks cost a few matmuls; the
+stack is checked against its blocks once per opening of the gate (writing a frozen block's
+parameters in place while the gate stays open is seen at its next opening).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mke_plugins.adapters.base import LayerInfo, VLMAdapter, unwrap_model
-from mke_plugins.core.neuron_stack import FrozenStack, split_stack
+from mke_plugins.core.neuron_stack import FrozenStack, mutations, note_mutation, split_stack
 from mke_plugins.core.scope import InputScope
-from mke_plugins.core.wrap import is_gate_open
+from mke_plugins.core.wrap import gate_opening, is_gate_open
 
 __all__ = ["NeuronBlock", "NeuronPatches", "drop_patches", "patches_for"]
 
@@ -58,6 +60,11 @@ class NeuronBlock(nn.Module):
         self.value_extra: Callable[[], torch.Tensor] | None = None
         #: optional :class:`~mke_plugins.core.scope.InputScope`: the block acts only at the positions it admits
         self.scope: InputScope | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("scope", "value_extra"):  # what a neuron stack reads besides the parameters
+            note_mutation()
 
     @property
     def n(self) -> int:
@@ -89,6 +96,7 @@ class NeuronBlock(nn.Module):
     def freeze(self) -> "NeuronBlock":
         for p in self.parameters():
             p.requires_grad_(False)
+        note_mutation()
         return self
 
     @property
@@ -126,7 +134,9 @@ class NeuronPatches:
         return is_gate_open(self.model, self.gate)
 
     def _add_to(self, slot: _LayerSlot, out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        slot.stack, rest = split_stack(slot.blocks, slot.stack)
+        opening = gate_opening(self.model, self.gate)  # one full check of the stack per opening of the gate
+        token = None if opening is None else (id(self), opening, mutations())
+        slot.stack, rest = split_stack(slot.blocks, slot.stack, token)
         total = None if slot.stack is None else slot.stack.delta(q)
         for b in rest:
             d = b.delta(q)
@@ -184,6 +194,7 @@ class NeuronPatches:
         if not slot.handles:
             self._install(slot)
         slot.blocks.append(block)
+        note_mutation()
         return block
 
     def blocks(self, layer: int | None = None, tag: Hashable = None) -> list[NeuronBlock]:
@@ -205,6 +216,7 @@ class NeuronPatches:
         if slot is None or not any(b is block for b in slot.blocks):
             return
         slot.blocks = [b for b in slot.blocks if b is not block]
+        note_mutation()
         if not slot.blocks:
             self._uninstall(slot)
             del self._slots[block.layer]
@@ -219,6 +231,7 @@ class NeuronPatches:
         for slot in list(self._slots.values()):
             self._uninstall(slot)
         self._slots.clear()
+        note_mutation()
         drop_patches(self.model, self.gate)
 
     @property

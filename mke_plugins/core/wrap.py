@@ -23,13 +23,16 @@ from torch import nn
 
 from mke_plugins.adapters.base import unwrap_model
 
-__all__ = ["GatedModel", "gate_open", "gate_restore", "gate_snapshot", "gated", "is_gate_open", "set_always_on"]
+__all__ = ["GatedModel", "gate_open", "gate_opening", "gate_restore", "gate_snapshot", "gated", "is_gate_open",
+           "set_always_on"]
 
 
 class _GateState:
     def __init__(self) -> None:
         self.depth: Counter[str] = Counter()
         self.always: set[str] = set()
+        #: per gate, how many times it went from closed to open (see :func:`gate_opening`)
+        self.openings: Counter[str] = Counter()
 
 
 _GATES: "weakref.WeakKeyDictionary[nn.Module, _GateState]" = weakref.WeakKeyDictionary()
@@ -54,6 +57,8 @@ def gate_open(model: Any, *names: str) -> Iterator[None]:
     """Open the named gates of ``model`` for the block (re-entrant; closed again on exceptions)."""
     st = _state(model)
     for n in names:
+        if st.depth[n] == 0:
+            st.openings[n] += 1
         st.depth[n] += 1
     try:
         yield
@@ -62,6 +67,18 @@ def gate_open(model: Any, *names: str) -> Iterator[None]:
             st.depth[n] -= 1
             if st.depth[n] <= 0:
                 del st.depth[n]
+
+
+def gate_opening(model: Any, name: str) -> int | None:
+    """Which opening of gate ``name`` is in progress: a number that changes each time the gate goes from
+    closed to open (``None`` while it is always on, or closed: then no opening spans several calls).
+
+    Hooks may cache work that stays valid while nothing outside a call changes, and re-check it when
+    the number changes (the neuron stack, :mod:`~mke_plugins.core.neuron_stack`)."""
+    st = _GATES.get(unwrap_model(model))
+    if st is None or name in st.always or st.depth[name] <= 0:
+        return None
+    return st.openings[name]
 
 
 def set_always_on(model: Any, name: str, on: bool = True) -> None:
@@ -89,6 +106,8 @@ def gate_restore(model: Any, saved: tuple[dict[str, int], set[str]] | None) -> N
     st.depth.clear()
     st.depth.update(saved[0])
     st.always = set(saved[1])
+    for name in list(st.openings) + list(st.depth):  # whatever was cached during an opening is re-checked
+        st.openings[name] += 1
 
 
 class GatedModel:

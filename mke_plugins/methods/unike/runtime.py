@@ -84,8 +84,10 @@ class _LayerMemory:
             self._stacked = torch.stack([v for v, _ in self.entries.values()]) if self.entries else None
         return self._stacked  # type: ignore[return-value]
 
-    def allowed(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``(..., n_entries)`` bool: the entries that may shift each position of ``x`` (``None``: all)."""
+    def allowed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(used, mask)``: the entries some position of ``x`` may use (``(u,)`` indices into
+        :attr:`matrix`) and which position may use which of them (``(..., u)`` bool); ``None``: all
+        entries everywhere (no scope). Neither grows with the entries no position may use."""
         if not self.scopes:
             return None
         if self._scoped is None:
@@ -99,7 +101,7 @@ class _LayerMemory:
                 ent[i, :len(c)] = torch.tensor(c, dtype=torch.long)
                 held[ent[i, :len(c)]] += 1
             refs = torch.tensor([n for _, n in self.entries.values()], dtype=torch.long)
-            free = refs > held[:-1]  # also held by an edit without a scope: acts everywhere
+            free = (refs > held[:-1]).nonzero(as_tuple=True)[0]  # also held by an unscoped edit: act everywhere
             keys = torch.cat([sc.keys for _, sc in scopes])
             owner = torch.cat([torch.full((sc.keys.shape[0],), i) for i, (_, sc) in enumerate(scopes)])
             thresholds = torch.tensor([sc.threshold for _, sc in scopes])
@@ -108,12 +110,16 @@ class _LayerMemory:
         keys, owner, thresholds, ent, free, exclusive = self._scoped
         flat = x.reshape(-1, x.shape[-1])
         rows, who = admitted_pairs(flat, keys, owner, thresholds, exclusive)
-        allowed = torch.zeros(flat.shape[0], free.shape[0] + 1, dtype=torch.bool, device=x.device)
-        if rows.numel():  # after many edits most positions lie in no scope: index, never a dense product
-            cols = ent.to(x.device)[who]
-            allowed[rows.unsqueeze(1).expand_as(cols), cols] = True
-        allowed = allowed[:, :-1] | free.to(x.device)
-        return allowed.view(*x.shape[:-1], -1)
+        dev, dummy = x.device, len(self.entries)
+        cols = ent.to(dev)[who]  # (pairs, width): after many edits most positions lie in no scope
+        used = torch.unique(torch.cat([cols[cols != dummy], free.to(dev)]))  # sorted
+        mask = torch.zeros(flat.shape[0], used.numel(), dtype=torch.bool, device=dev)
+        if rows.numel():
+            hit = cols != dummy
+            mask[rows.unsqueeze(1).expand_as(cols)[hit], torch.searchsorted(used, cols[hit])] = True
+        if free.numel():
+            mask[:, torch.searchsorted(used, free.to(dev))] = True
+        return used, mask.view(*x.shape[:-1], -1)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -183,13 +189,14 @@ class UniKERuntime:
         M = mem.matrix
         xf = x.float()
         d = xf.shape[-1]
-        allowed = mem.allowed(xf)
-        if allowed is not None:  # lifelong mode: each position sees only the entries of edits admitting it
+        scoped = mem.allowed(xf)
+        allowed = None
+        if scoped is not None:  # lifelong mode: each position sees only the entries of edits admitting it
             # only the entries some position may use take part, so the cost does not grow with the other edits
-            used = allowed.reshape(-1, allowed.shape[-1]).any(0).nonzero(as_tuple=True)[0]
+            used, allowed = scoped
             if used.numel() == 0:
                 return None  # no position lies in any scope: nothing is shifted
-            M, allowed = M.index_select(0, used), allowed.index_select(-1, used)
+            M = M.index_select(0, used)
         scores = xf @ M.t() / math.sqrt(d)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
