@@ -343,6 +343,34 @@ def test_lifelong_mode_routes_kept_apart_edits_on_every_family(family, family_se
     assert_same_state(before, model)
 
 
+def test_a_routing_window_keys_and_routes_alike_and_one_model_keeps_one_window(family_setup):
+    """route_window 2: the keys are windowed as inputs are, so the edit still meets its own input and leaves a far
+    one bit-identical; a later edit asking for another window is refused before it starts, with nothing changed."""
+    from mke_plugins.core.routing import routed_edits
+
+    model, tok, adapter, name = family_setup("qwen2-vl")
+    hp = tiny_hparams(name, max_steps=3, route_threshold=0.9999, route_exclusive=True, route_window=2)
+    req = {"prompt": "What is shown?", "target": "Rome", "image": native_image("qwen2-vl")}
+    own = adapter.batch(model, tok, [Query(req["image"], req["prompt"], "Rome")])
+    far = adapter.batch(model, tok, [Query(None, "Count to three, slowly and out loud:", "one two")])
+    with torch.no_grad():
+        loss0, far0 = adapter.loss(model, own), adapter.forward(model, far)
+    before = state_of(model)
+    e1, h1 = decode_main.apply_decode_to_multimodal_model(model, tok, [req], hp, return_orig_weights=True)
+    store = routed_edits(model, create=False)
+    assert store.window == 2 and len(store.edits) == 1
+    with torch.no_grad():
+        assert adapter.loss(e1, own) < loss0
+        assert torch.equal(adapter.forward(e1, far), far0)
+    other = tiny_hparams(name, max_steps=3, route_threshold=0.9999, route_exclusive=True)
+    with pytest.raises(ValueError, match="route_window 2"):
+        decode_main.apply_decode_to_multimodal_model(e1, tok, [dict(req, target="Paris")], other)
+    assert len(store.edits) == 1 and routed_edits(model, create=False) is store
+    h1()
+    assert routed_edits(model, create=False) is None
+    assert_same_state(before, model)
+
+
 def test_lifelong_mode_failing_half_way_leaves_no_routed_edit(family_setup, monkeypatch):
     from mke_plugins.core.routing import routed_edits
 

@@ -79,7 +79,8 @@ def test_generate_routes_once_on_the_prompt_and_keeps_the_route(setup):
 def test_decide_takes_the_best_position_and_ignores_padding():
     from mke_plugins.core.routing import RoutedEdits
 
-    store = RoutedEdits.__new__(RoutedEdits)  # decide() needs only the keys
+    store = RoutedEdits.__new__(RoutedEdits)  # decide() needs only the keys and the window
+    store.window = 1
     store.edits = [SimpleNamespace(), SimpleNamespace()]
     store._keys = torch.eye(3)[:2]  # edit 0 keyed on axis 0, edit 1 on axis 1
     store._key_edit = torch.tensor([0, 1])
@@ -95,7 +96,8 @@ def test_decide_takes_the_best_position_and_ignores_padding():
 def test_exclusive_routing_gives_a_row_only_its_closest_admitted_edit():
     from mke_plugins.core.routing import RoutedEdits
 
-    store = RoutedEdits.__new__(RoutedEdits)  # decide() needs only the keys
+    store = RoutedEdits.__new__(RoutedEdits)  # decide() needs only the keys and the window
+    store.window = 1
     store.edits = [SimpleNamespace(), SimpleNamespace(), SimpleNamespace()]
     store._keys = torch.eye(3)
     store._key_edit = torch.tensor([0, 1, 2])
@@ -108,3 +110,26 @@ def test_exclusive_routing_gives_a_row_only_its_closest_admitted_edit():
     assert store.decide(reps, None).tolist() == [[False, True, False], [True, False, False]]
     valid = torch.tensor([[True, False], [True, True]])  # the closest position is padding: the next best wins
     assert store.decide(reps, valid).tolist() == [[True, False, False], [True, False, False]]
+
+
+def test_a_routing_window_averages_each_position_with_the_ones_before_it():
+    """window 2: a position's routing state is the mean of its own and the previous valid position's unit
+    states; padding never enters a window, and the first valid position stands alone."""
+    from mke_plugins.core.routing import RoutedEdits
+
+    store = RoutedEdits.__new__(RoutedEdits)
+    store.window = 2
+    store.edits = [SimpleNamespace()]
+    store._keys = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 0.0]]), dim=-1)  # between axes 0 and 1
+    store._key_edit = torch.tensor([0])
+    store._thresholds = torch.tensor([0.9])
+    store.exclusive = False
+    reps = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 3.0, 0.0]],    # each position alone: cosine 0.71
+                         [[0.0, 5.0, 0.0], [1.0, 0.0, 0.0]]])   # the same, but its first position is padding
+    valid = torch.tensor([[True, True], [False, True]])
+    states = store.states(reps, valid)
+    torch.testing.assert_close(states[0, 1], store._keys[0])  # the mean of two unit rows, made unit again
+    torch.testing.assert_close(states[1, 1], torch.tensor([1.0, 0.0, 0.0]))  # padding is not averaged in
+    assert store.decide(reps, valid).tolist() == [[True], [False]]
+    store.window = 1
+    assert store.decide(reps, valid).tolist() == [[False], [False]]  # no single position is close enough

@@ -11,7 +11,10 @@ Routing decides per input row. A first pass of the bare model (every routed edit
 routing point, the FFN input of one late decoder layer, at every non-padding position. An edit is
 admitted for a row when some position there has a cosine above the edit's threshold to one of its
 keys (the unit-normalised representations of the edit's own queries at their answer-predicting
-positions, captured at the same point when the edit was made). The second pass runs the model
+positions, captured at the same point when the edit was made). With a ``window`` above 1, a
+position's representation is the mean of its own and the ``window - 1`` earlier positions' unit
+states, for keys and inputs alike: a rephrased question then still meets its edit where one
+position alone drifted below the threshold (DECODE README, "Sequential editing"). The second pass runs the model
 with each row's admitted edits only. ``generate`` routes once, on the prompt, and keeps the
 decision for every decoding step (beams repeat their row's decision).
 
@@ -80,10 +83,13 @@ class _Layer:
 class RoutedEdits:
     """All routed edits of one model and the routing layer they share; get it with :func:`routed_edits`."""
 
-    def __init__(self, model: nn.Module, adapter: VLMAdapter, route_layer: int) -> None:
+    def __init__(self, model: nn.Module, adapter: VLMAdapter, route_layer: int, window: int = 1) -> None:
+        if int(window) < 1:
+            raise ValueError(f"a routing window counts positions: 1 or more, got {window}")
         self._model_ref = weakref.ref(unwrap_model(model))
         self.adapter = adapter
         infos = adapter.layers(self.model)
+        self.route_layer, self.window = route_layer, int(window)
         self.route_info = infos[route_layer]
         self.infos = infos
         self.edits: list[RoutedEdit] = []
@@ -102,6 +108,19 @@ class RoutedEdits:
     @property
     def route_point(self) -> HookPoint:
         return self.route_info.ffn_in
+
+    def states(self, reps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The routing states of ``reps`` (``(B, T, d)`` at the routing point; ``valid``: ``(B, T)``
+        non-padding): unit rows, each the mean of its position's and the ``window - 1`` earlier valid
+        positions' unit states (``window`` 1: the position's own). Keys and inputs both go through it."""
+        x = torch.nn.functional.normalize(reps.detach().float(), dim=-1)
+        if self.window == 1:
+            return x
+        m = (valid.to(x.device).float() if valid is not None else x.new_ones(x.shape[:2])).unsqueeze(-1)
+        total, count = torch.cumsum(x * m, 1), torch.cumsum(m, 1)
+        lag = torch.nn.functional.pad(total, (0, 0, self.window, 0))[:, :x.shape[1]]
+        lag_n = torch.nn.functional.pad(count, (0, 0, self.window, 0))[:, :x.shape[1]]
+        return torch.nn.functional.normalize((total - lag) / (count - lag_n).clamp_min(1.0), dim=-1)
 
     # -- edits ---------------------------------------------------------------------------------
     def add(self, edit: RoutedEdit) -> None:
@@ -160,7 +179,7 @@ class RoutedEdits:
     def decide(self, reps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """``(B, E)`` bool from the routing point's ``(B, T, d)`` states (``valid``: ``(B, T)`` non-padding)."""
         B, T, _ = reps.shape
-        flat = reps.reshape(B * T, -1)
+        flat = self.states(reps, valid).reshape(B * T, -1)
         row_of = torch.arange(B, device=reps.device).repeat_interleave(T)
         if valid is not None:
             keep = valid.to(reps.device).reshape(B * T).bool()
@@ -200,16 +219,21 @@ class RoutedEdits:
 _REGISTRY: "weakref.WeakKeyDictionary[nn.Module, RoutedEdits]" = weakref.WeakKeyDictionary()
 
 
-def routed_edits(model: Any, adapter: VLMAdapter | None = None, *, route_layer: int = -1,
+def routed_edits(model: Any, adapter: VLMAdapter | None = None, *, route_layer: int = -1, window: int = 1,
                  create: bool = True) -> RoutedEdits | None:
-    """The model's routed edits (created with ``adapter`` and ``route_layer`` when missing and ``create``)."""
+    """The model's routed edits (created with ``adapter``, ``route_layer`` and ``window`` when missing and
+    ``create``). The edits of one model share one routing: asking an existing store for another ``window``
+    is an error (its keys were made with its own)."""
     base = unwrap_model(model)
     store = _REGISTRY.get(base)
+    if store is not None and create and store.window != int(window):
+        raise ValueError(f"this model's {len(store.edits)} routed edits route with window {store.window}, and this "
+                         f"edit asks for {window}: edit with route_window {store.window}, or restore those edits first")
     if store is not None or not create:
         return store
     if adapter is None:
         raise ValueError("routed_edits(model, adapter) needs the adapter the first time")
-    store = _REGISTRY[base] = RoutedEdits(base, adapter, route_layer)
+    store = _REGISTRY[base] = RoutedEdits(base, adapter, route_layer, window)
     return store
 
 

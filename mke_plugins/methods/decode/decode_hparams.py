@@ -75,6 +75,10 @@ class DECODEHyperParams(MultimodalHyperParams):
               "the paper's editor.", ge=-1, lt=1)
     route_layer: int = hp(
         -1, "Lifelong mode: the decoder layer whose FFN input routes the edits (negative counts from the top).")
+    route_window: int = hp(
+        1, "Lifelong mode: routing compares each position's state averaged with the states of the route_window - 1 "
+           "positions before it (keys and inputs alike), not the position alone. 2 keeps more rephrased questions "
+           "on their edit at the same threshold (README, 'Sequential editing'); 1 (default): one position.", ge=1)
     route_exclusive: bool = hp(
         False, "Lifelong mode, with route_threshold: an input gets only its closest admitted edit (the largest "
                "cosine over its positions), not every edit whose threshold it passes.")

@@ -289,7 +289,7 @@ def run_decode(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], h
     snapshot = snapshot if snapshot is not None else WeightSnapshot(model)
     store = None
     if hparams.route_threshold is not None:
-        store = routed_edits(model, adapter, route_layer=int(hparams.route_layer))
+        store = routed_edits(model, adapter, route_layer=int(hparams.route_layer), window=int(hparams.route_window))
     reports = []
     with frozen(model), seeded(model, hparams.seed):  # eval mode, every parameter frozen, flags put back
         infos = adapter.layers(model)

@@ -6,7 +6,8 @@ its neurons (README, "Limitations"). With ``route_threshold`` set, an edit's sta
 before (a later stage trains on top of the earlier stage's offsets, now applied by hook instead of
 folded), but the finished offsets go to the model's :class:`~mke_plugins.core.routing.RoutedEdits`
 with the edit's routing keys: the FFN input at ``route_layer`` of the edit's own three queries
-(text, image, paired) at their answer-predicting positions, on the model before the edit. The
+(text, image, paired) at their answer-predicting positions, on the model before the edit (with
+``route_window`` above 1, each averaged with the positions before it, as inputs are). The
 edit localises and trains with the earlier edits its own queries route to in force, so it is made
 on the model as that model answers this fact. The edited model is a
 :class:`~mke_plugins.core.routing.RoutedModel`, which applies an edit to a whole input when that
@@ -43,7 +44,8 @@ def route_keys(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[st
         with torch.no_grad(), capture({"r": store.route_point}, seq_shape=tuple(batch.labels.shape)) as rec:
             adapter.forward(model, batch)
         states = rec["r"]
-        rows.append(states[batch.answer_mask.to(states.device)].float())
+        routing = store.states(states, batch.attention_mask)  # the store's window, as inputs will be routed
+        rows.append(routing[batch.answer_mask.to(routing.device)])
         if store.edits:
             here = store.decide(states, batch.attention_mask)
             admitted = here if admitted is None else admitted | here
