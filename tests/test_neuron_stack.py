@@ -27,6 +27,29 @@ def _blocks(n_blocks: int, *, gated: bool, scoped: bool, seed: int = 0) -> list[
     return out
 
 
+def _patched_tiny_model(tiny_model, tiny_dir, gate: str):
+    """A tiny Qwen2-VL, its adapter, a one-picture batch, its last layer and empty neuron patches on ``gate``."""
+    from types import SimpleNamespace
+
+    from mke_plugins.adapters import Query, get_adapter
+    from mke_plugins.core.neurons import patches_for
+    from mke_plugins.testing.images import make_image
+
+    model, tok = tiny_model("qwen2-vl")
+    adapter = get_adapter(model, SimpleNamespace(model_name=str(tiny_dir("qwen2-vl"))))
+    batch = adapter.batch(model, tok, [Query([make_image(0)], "What is in the picture?", "a red circle")])
+    return model, adapter, batch, adapter.layers(model)[-1], patches_for(model, adapter, gate=gate)
+
+
+def _small_block(patches, gen: torch.Generator, tag: int) -> NeuronBlock:
+    """A two-neuron block on the last layer with small random parameters."""
+    b = patches.add_block(-1, 2, tag=tag)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return b
+
+
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("scoped", [True, False])
 def test_a_stack_gives_the_per_block_sum(gated, scoped):
@@ -107,29 +130,17 @@ def test_the_stack_follows_its_blocks():
 def test_the_layer_hook_runs_finished_blocks_as_one_stack(tiny_model, tiny_dir):
     """On a model: frozen blocks go through one stack, the training block on its own, and the
     output equals the block-by-block sum's."""
-    from types import SimpleNamespace
-
-    from mke_plugins.adapters import Query, get_adapter
     from mke_plugins.core.hooks import capture
-    from mke_plugins.core.neurons import patches_for
     from mke_plugins.core.wrap import gate_open
-    from mke_plugins.testing.images import make_image
 
-    model, tok = tiny_model("qwen2-vl")
-    adapter = get_adapter(model, SimpleNamespace(model_name=str(tiny_dir("qwen2-vl"))))
-    batch = adapter.batch(model, tok, [Query([make_image(0)], "What is in the picture?", "a red circle")])
-    info = adapter.layers(model)[-1]
-    patches = patches_for(model, adapter, gate="t-stack")
+    model, adapter, batch, info, patches = _patched_tiny_model(tiny_model, tiny_dir, "t-stack")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad(), capture({"q": info.ffn_in}) as rec:
         adapter.forward(model, batch)
     q = rec["q"][0]
     blocks = []
     for i in range(6):
-        b = patches.add_block(-1, 2, tag=i)
-        with torch.no_grad():
-            for p in b.parameters():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        b = _small_block(patches, gen, i)
         if i < 5:
             b.scope = InputScope.around(q[[i, i + 3]], 0.9)
             b.freeze()
@@ -167,28 +178,15 @@ def test_a_validity_token_skips_the_full_check_until_it_changes():
 def test_the_layer_hook_checks_its_stack_once_per_gate_opening(tiny_model, tiny_dir, monkeypatch):
     """Through the patches: one full check per opening of the gate, however many forwards it spans; a write
     to a frozen block between openings, and a new scope within one, still reach the output."""
-    from types import SimpleNamespace
-
-    from mke_plugins.adapters import Query, get_adapter
     from mke_plugins.core.hooks import capture
     from mke_plugins.core.neuron_stack import FrozenStack as Stack
-    from mke_plugins.core.neurons import patches_for
     from mke_plugins.core.wrap import gate_open
-    from mke_plugins.testing.images import make_image
 
-    model, tok = tiny_model("qwen2-vl")
-    adapter = get_adapter(model, SimpleNamespace(model_name=str(tiny_dir("qwen2-vl"))))
-    batch = adapter.batch(model, tok, [Query([make_image(0)], "What is in the picture?", "a red circle")])
-    info = adapter.layers(model)[-1]
-    patches = patches_for(model, adapter, gate="t-token")
+    model, adapter, batch, info, patches = _patched_tiny_model(tiny_model, tiny_dir, "t-token")
     gen = torch.Generator().manual_seed(0)
     blocks = []
     for i in range(4):
-        b = patches.add_block(-1, 2, tag=i)
-        with torch.no_grad():
-            for p in b.parameters():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        blocks.append(b.freeze())
+        blocks.append(_small_block(patches, gen, i).freeze())
     checks = []
     real = Stack.matches
     monkeypatch.setattr(Stack, "matches", lambda self, bl: checks.append(1) or real(self, bl))
