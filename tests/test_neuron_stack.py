@@ -214,3 +214,26 @@ def test_the_layer_hook_checks_its_stack_once_per_gate_opening(tiny_model, tiny_
         assert not torch.allclose(third, second)
     finally:
         patches.remove_all()
+
+
+def test_gate_openings_are_numbered_once_per_opening_and_never_reused():
+    from torch import nn
+
+    from mke_plugins.core.wrap import gate_open, gate_opening, gate_restore, set_always_on
+
+    model = nn.Linear(2, 2)
+    assert gate_opening(model, "g") is None  # closed
+    with gate_open(model, "g"):
+        first = gate_opening(model, "g")
+        with gate_open(model, "g"):  # nested: the same opening
+            assert gate_opening(model, "g") == first
+    with gate_open(model, "g"):
+        second = gate_opening(model, "g")
+    gate_restore(model, None)  # the gate state is dropped and made again
+    with gate_open(model, "g"):
+        third = gate_opening(model, "g")
+    assert len({first, second, third}) == 3 and None not in (first, second, third)
+    set_always_on(model, "g")
+    with gate_open(model, "g"):
+        assert gate_opening(model, "g") is None  # always on: no opening spans calls
+    set_always_on(model, "g", False)

@@ -15,6 +15,7 @@ wrapping a ``GatedModel`` again merges the gate names instead of nesting (:func:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -31,8 +32,12 @@ class _GateState:
     def __init__(self) -> None:
         self.depth: Counter[str] = Counter()
         self.always: set[str] = set()
-        #: per gate, how many times it went from closed to open (see :func:`gate_opening`)
-        self.openings: Counter[str] = Counter()
+        #: per gate, the number of its current (or last) opening (see :func:`gate_opening`)
+        self.openings: dict[str, int] = {}
+
+
+#: opening numbers, unique in the process (a model's gate state may be dropped and made again)
+_OPENINGS = itertools.count(1)
 
 
 _GATES: "weakref.WeakKeyDictionary[nn.Module, _GateState]" = weakref.WeakKeyDictionary()
@@ -58,7 +63,7 @@ def gate_open(model: Any, *names: str) -> Iterator[None]:
     st = _state(model)
     for n in names:
         if st.depth[n] == 0:
-            st.openings[n] += 1
+            st.openings[n] = next(_OPENINGS)
         st.depth[n] += 1
     try:
         yield
@@ -70,15 +75,16 @@ def gate_open(model: Any, *names: str) -> Iterator[None]:
 
 
 def gate_opening(model: Any, name: str) -> int | None:
-    """Which opening of gate ``name`` is in progress: a number that changes each time the gate goes from
-    closed to open (``None`` while it is always on, or closed: then no opening spans several calls).
+    """Which opening of gate ``name`` is in progress: a number, unique in the process, that changes each
+    time the gate goes from closed to open (``None`` while it is always on, or closed: then no opening
+    spans several calls).
 
     Hooks may cache work that stays valid while nothing outside a call changes, and re-check it when
     the number changes (the neuron stack, :mod:`~mke_plugins.core.neuron_stack`)."""
     st = _GATES.get(unwrap_model(model))
     if st is None or name in st.always or st.depth[name] <= 0:
         return None
-    return st.openings[name]
+    return st.openings.get(name)
 
 
 def set_always_on(model: Any, name: str, on: bool = True) -> None:
@@ -106,8 +112,8 @@ def gate_restore(model: Any, saved: tuple[dict[str, int], set[str]] | None) -> N
     st.depth.clear()
     st.depth.update(saved[0])
     st.always = set(saved[1])
-    for name in list(st.openings) + list(st.depth):  # whatever was cached during an opening is re-checked
-        st.openings[name] += 1
+    for name in set(st.openings) | set(st.depth):  # whatever was cached during an opening is re-checked
+        st.openings[name] = next(_OPENINGS)
 
 
 class GatedModel:
