@@ -97,6 +97,35 @@ def test_ft_edits_and_locality_compares_with_the_unedited_model(single_result):
     assert noop["joint_consistency"] == 0.0 and noop["decoupling_n"] == 2
 
 
+def test_generality_is_also_reported_over_the_probes_the_unedited_model_understands(single_result):
+    """Each case says, per generality probe, whether the unedited model answers it with the original answer;
+    the row averages generality over those cases only. The flags are the bare model's, the same for every
+    method (FT's edit does not change them)."""
+    from mke_plugins.bench.probes import GENERALITY_KINDS, original_probes, understood
+    from mke_plugins.bench.score import understood_columns
+
+    ft, noop = single_result["methods"]["FT"], single_result["methods"]["noop"]
+    for kind in GENERALITY_KINDS:
+        assert ft[f"{kind}_understood_share"] == noop[f"{kind}_understood_share"] is not None
+        flags = [c[f"{kind}_understood"] for c in ft["cases"]]
+        assert flags == [c[f"{kind}_understood"] for c in noop["cases"]]
+        kept = [c[f"{kind}_acc"] for c, f in zip(ft["cases"], flags, strict=True) if f]
+        assert ft[f"{kind}_acc_understood"] == (sum(kept) / len(kept) if kept else None)
+    bench = Bench(BenchConfig(methods=[], cases=1, progress=False))
+    request = bench.requests[0]
+    probes = original_probes(request)
+    assert [p.kind for p in probes] == list(GENERALITY_KINDS) and {p.query.target for p in probes} == {request["pred"]}
+    first = ft["cases"][0]
+    assert understood(bench.adapter, bench.model, bench.tok, request) == {
+        kind: first[f"{kind}_understood"] for kind in GENERALITY_KINDS}
+    assert original_probes({k: v for k, v in request.items() if k != "pred"}) == []  # no original answer: none
+    cases = [{"rephrase_acc": 1.0, "rephrase_understood": True}, {"rephrase_acc": 0.0, "rephrase_understood": False},
+             {"rephrase_acc": 0.5, "rephrase_understood": True}, {"rephrase_acc": 0.0}]
+    cols = understood_columns(cases)
+    assert cols["rephrase_acc_understood"] == 0.75 and cols["rephrase_understood_share"] == 2 / 3
+    assert cols["text_only_acc_understood"] is None and cols["text_only_understood_share"] is None
+
+
 def test_easyedit_locality_protocol_is_reported_beside_ours(single_result):
     from mke_plugins.bench.report import table
 

@@ -34,7 +34,13 @@ per case, then over cases, as EasyEdit's per-case ``post`` values are. Sequentia
 case after the last edit of its sequence; EasyEdit's ``edit(sequential_edit=True)`` scores each case
 right after its own edit, and the rows also carry that protocol as ``rewrite_acc_at_edit``,
 ``rephrase_acc_at_edit``, ``image_rephrase_acc_at_edit``, ``locality_easyedit_at_edit`` and
-``multimodal_locality_easyedit_at_edit`` (sequential mode only; printed under the table). The cost unit
+``multimodal_locality_easyedit_at_edit`` (sequential mode only; printed under the table). Where the
+records carry the fact's original answer (``pred``: the world's and EasyEdit's VQA records), each
+case also says whether the unedited model answers each generality probe with it, every token
+(``rephrase_understood``, ``image_rephrase_understood``, ``text_only_understood``,
+``image_only_understood``), and the rows (and curve points) carry generality over those cases only
+(``rephrase_acc_understood`` ...) and their share (``rephrase_understood_share`` ...), printed under
+the table: a rephrasing the model itself cannot read measures the model, not the editor. The cost unit
 ``fwdbwd_seconds`` (per case) is one forward+backward pass of the model on that case's edit request,
 all weights trainable: the median of 5 timed passes after 1 untimed warm-up
 (:func:`.cost.fwd_bwd_seconds`); ``fwdbwd_seconds_median`` is its median over cases and

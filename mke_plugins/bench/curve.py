@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 from mke_plugins.core import scoring
 
+from .score import understood_columns
+
 #: per-case metrics a curve point averages over the cases evaluated at T
 CURVE_METRICS = ("rewrite_acc", "rewrite_success", "rephrase_acc", "image_rephrase_acc", "text_only_acc",
                  "image_only_acc", "locality_acc", "multimodal_locality_acc", "locality_easyedit",
@@ -64,6 +66,7 @@ def curve(points: Sequence[Checkpoint]) -> list[dict[str, Any]]:
         cases = [c for p in group for c in p.cases]
         row: dict[str, Any] = {"T": t, "n_sequences": len(group), "n_cases": len(cases)}
         row.update({k: scoring.mean_or_none([c.get(k) for c in cases]) for k in CURVE_METRICS})
+        row.update(understood_columns(cases))
         row["retention"] = scoring.mean_or_none([c.get("rewrite_acc") for p in group
                                                  for c in p.cases[:RETENTION_EDITS]])
         checked = any(c.get("cross_edit_n") is not None for c in cases)  # else: no fact identities to check

@@ -81,6 +81,31 @@ def case_probes(request: dict[str, Any]) -> list[Probe]:
     return probes
 
 
+#: generality probes whose reading by the unedited model is checked (:func:`understood`)
+GENERALITY_KINDS = ("rephrase", "image_rephrase", "text_only", "image_only")
+
+
+def original_probes(request: dict[str, Any]) -> list[Probe]:
+    """The generality probes of ``request`` asked for the fact's original answer (``pred``, as in
+    EasyEdit's VQA records and the world's): none when the record does not carry one."""
+    original = request.get("pred")
+    if not _present(original) or not isinstance(original, str):
+        return []
+    return [Probe(p.kind, Query(p.query.image, p.query.prompt, original))
+            for p in case_probes(request) if p.kind in GENERALITY_KINDS]
+
+
+def understood(adapter: Any, model: Any, tok: Any, request: dict[str, Any], max_rows: int = 64) -> dict[str, bool]:
+    """Per generality kind: whether ``model`` (unedited) answers that probe with the original answer,
+    every token. A question the model cannot read measures the model, not the editor: the bench
+    reports generality over the understood cases beside the plain number (``*_acc_understood``)."""
+    probes = original_probes(request)
+    if not probes:
+        return {}
+    outs = run_probes(adapter, model, build_batches(adapter, model, tok, probes, max_rows))
+    return {p.kind: o.success for p, o in zip(probes, outs, strict=True)}
+
+
 @dataclass
 class ProbeOutput:
     """What the scorer keeps from one probe row."""

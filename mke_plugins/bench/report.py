@@ -135,6 +135,15 @@ def table(result: dict[str, Any]) -> str:
                  f"accuracy; T-Loc/M-Loc = agreement with the unedited model's top-1 at the answer positions; "
                  f"(EE) = EasyEdit's protocol: every position, top-1 (T) / top-10 rank by rank (M); "
                  f"DFR/Joint success-based.")
+    understood = [("T-Gen", "rephrase"), ("M-Gen", "image_rephrase"), ("Text", "text_only"), ("Image", "image_only")]
+    if any(first.get(f"{k}_understood_share") is not None for _, k in understood):
+        lines.append("Generality over the cases whose probe the unedited model answers with the original answer "
+                     "(every token), share of such cases: "
+                     + ", ".join(f"{h} {_fmt(first.get(k + '_understood_share'), 'acc')}" for h, k in understood))
+        for name in names:
+            row = result["methods"][name]
+            lines.append(f"{name}, understood only: "
+                         + ", ".join(f"{h} {_fmt(row.get(k + '_acc_understood'), 'acc')}" for h, k in understood))
     for name in names:
         row = result["methods"][name]
         if row.get("rewrite_acc_at_edit") is not None:  # sequential mode: EasyEdit's own protocol beside ours

@@ -60,7 +60,7 @@ from .curve import Checkpoint, curve, curve_ts
 from .data import check_text, load_data, with_images
 from .dist import SharedCount, start
 from .methods import BoundMethod, MethodRequest, bind, bind_rows
-from .probes import ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes
+from .probes import GENERALITY_KINDS, ProbeBatches, ProbeOutput, build_batches, case_probes, run_probes, understood
 from .restore import StateCheck, restore_like_easyedit
 from .resume import Journal, ctrl_c_after, data_digest, unit_key
 from .score import AT_EDIT_KEYS, SCHEMA_KEYS, aggregate, score_case
@@ -210,6 +210,7 @@ class Bench:
         self.requests = with_images(raw, self.adapter, self.dataset)  # every picture, before the first edit
         check_text(self.requests, self.tok, self.model, self.data_path, self.dataset)
         self._pre: dict[int, list[ProbeOutput]] = {}
+        self._understood: dict[int, dict[str, bool]] = {}  # per case, read on the unedited model
         self._check: StateCheck | None = None
         self.notes: list[str] = list(self.dataset.notes) + bind_notes
         self.plans: list[SequencePlan] = []
@@ -259,6 +260,9 @@ class Bench:
     def _pre_outputs(self, index: int, pb: ProbeBatches) -> list[ProbeOutput]:
         if index not in self._pre:
             self._pre[index] = run_probes(self.adapter, self.model, pb)
+            if index not in self._understood:
+                self._understood[index] = understood(self.adapter, self.model, self.tok, self.requests[index],
+                                                     self.probe_batch)
         return self._pre[index]
 
     def _apply(self, m: BoundMethod, request: dict[str, Any], seed: int) -> tuple[Any, Any, float, PeakMemory]:
@@ -294,6 +298,8 @@ class Bench:
               post: list[ProbeOutput], generated: str | None) -> dict[str, Any]:
         case = {"index": index, "case_id": request.get("case_id", index)}
         case.update(score_case(pb.probes, pre, post))
+        known = self._understood.get(index, {})
+        case.update({f"{kind}_understood": known.get(kind) for kind in GENERALITY_KINDS})
         case["generated"] = generated
         case["rewrite_exact_match"] = (None if generated is None
                                        else generated.strip() == str(request["target"]).strip())

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 from mke_plugins.core import scoring
 
-from .probes import Probe, ProbeOutput
+from .probes import GENERALITY_KINDS, Probe, ProbeOutput
 
 ACCURACY_KINDS = ("rewrite", "rephrase", "image_rephrase", "text_only", "image_only")
 
@@ -163,5 +163,19 @@ def aggregate(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for key in ("portability_acc", "fine_locality_acc", "locality_acc", "multimodal_locality_acc",
                 "rephrase_acc", "image_rephrase_acc", "text_only_acc", "image_only_acc"):
         row[f"{key.removesuffix('_acc')}_cases"] = sum(c.get(key) is not None for c in cases)
+    row.update(understood_columns(cases))
     row["extra"] = aggregate_extra([c.get("extra") or {} for c in cases])
     return row
+
+
+def understood_columns(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Generality over the cases whose probe the unedited model answers with the fact's original answer
+    (``*_acc_understood``), and the share of such cases (``*_understood_share``); ``None`` where no
+    case says (the records carry no original answer)."""
+    out: dict[str, Any] = {}
+    for kind in GENERALITY_KINDS:
+        flags = [c.get(f"{kind}_understood") for c in cases]
+        out[f"{kind}_acc_understood"] = _mean(c.get(f"{kind}_acc") for c, f in zip(cases, flags, strict=True)
+                                              if f is True)
+        out[f"{kind}_understood_share"] = _mean(f for f in flags if f is not None)
+    return out
