@@ -178,15 +178,20 @@ class RoutedEdits:
     # -- routing ---------------------------------------------------------------------------------
     def decide(self, reps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """``(B, E)`` bool from the routing point's ``(B, T, d)`` states (``valid``: ``(B, T)`` non-padding)."""
-        B, T, _ = reps.shape
-        flat = self.states(reps, valid).reshape(B * T, -1)
-        row_of = torch.arange(B, device=reps.device).repeat_interleave(T)
+        return self.decide_states(self.states(reps, valid), valid)
+
+    def decide_states(self, routing: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`decide` from routing states :meth:`states` already gave (the edit's own keys are read
+        from the same states, so they are windowed once)."""
+        B, T, _ = routing.shape
+        flat = routing.reshape(B * T, -1)
+        row_of = torch.arange(B, device=routing.device).repeat_interleave(T)
         if valid is not None:
-            keep = valid.to(reps.device).reshape(B * T).bool()
+            keep = valid.to(routing.device).reshape(B * T).bool()
             flat, row_of = flat[keep], row_of[keep]
         rows, edit = admitted_pairs(flat, self._keys, self._key_edit, self._thresholds, self.exclusive,
                                     groups=row_of, n_groups=B)
-        decision = torch.zeros(B, len(self.edits), dtype=torch.bool, device=reps.device)
+        decision = torch.zeros(B, len(self.edits), dtype=torch.bool, device=routing.device)
         decision[rows, edit] = True
         return decision
 

@@ -47,7 +47,7 @@ def route_keys(adapter: VLMAdapter, model: nn.Module, tok: Any, request: dict[st
         routing = store.states(states, batch.attention_mask)  # the store's window, as inputs will be routed
         rows.append(routing[batch.answer_mask.to(routing.device)])
         if store.edits:
-            here = store.decide(states, batch.attention_mask)
+            here = store.decide_states(routing, batch.attention_mask)
             admitted = here if admitted is None else admitted | here
     return torch.nn.functional.normalize(torch.cat(rows), dim=-1), admitted
 
