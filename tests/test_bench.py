@@ -337,3 +337,28 @@ def test_bench_subcommand_imports_no_torch():
             "c.add_parser(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_easyedit_locality_probes_run_one_row_each_as_easyedit_runs_them():
+    """T-Loc and M-Loc probes get unpadded single-row forwards (a padded batch's rounding can swap
+    two of the top-10 ids EasyEdit's protocol compares); every probe is scored once, in its place."""
+    from mke_plugins import world
+    from mke_plugins.adapters import get_adapter
+    from mke_plugins.bench.probes import EASYEDIT_TOPK, build_batches, case_probes, run_probes
+
+    model, proc = world.load()
+    adapter = get_adapter(model, SimpleNamespace(model_name="world", device="cpu"))
+    probes = [p for r in world.records("edit")[:2] for p in case_probes(r)]
+    pb = build_batches(adapter, model, proc, probes, max_rows=64)
+    assert sorted(i for rows in pb.rows for i in rows) == list(range(len(probes)))
+    for rows in pb.rows:
+        if any(probes[i].kind in EASYEDIT_TOPK for i in rows):
+            assert len(rows) == 1
+    outs = run_probes(adapter, model, pb)
+    for i, probe in enumerate(probes):
+        alone = run_probes(adapter, model, build_batches(adapter, model, proc, [probe]))[0]
+        assert torch.equal(outs[i].top1, alone.top1), (i, probe.kind)
+        if probe.kind in EASYEDIT_TOPK:
+            assert torch.equal(outs[i].seq_topk, alone.seq_topk), (i, probe.kind)
+        else:
+            assert outs[i].seq_topk is None

@@ -6,6 +6,10 @@ image paraphrases (T-Gen, M-Gen), the two locality questions, the text-only and 
 ``Query`` objects (image ``None`` = text-only, no placeholder), batched into as few forward
 passes as possible (the adapter builds each row exactly as EasyEdit's evaluator does, then
 left-pads), and run once on the unedited model and once on the edited one with the same inputs.
+The T-Loc and M-Loc probes run one row per forward, as EasyEdit's evaluator runs them: their
+EasyEdit-protocol scores compare top-10 ids at every position, where logits of rank 5-10 lie close
+enough for a padded batch's float rounding to swap two of them (FT on the world: one of 220
+positions of a case, against EasyEdit's own number).
 :class:`ProbeOutput` keeps what the scorer needs from each row, so logits never outlive a batch.
 """
 
@@ -124,6 +128,8 @@ class ProbeBatches:
 
     probes: list[Probe]
     batches: list[Batch] = field(default_factory=list)
+    #: per batch, the indices into ``probes`` of its rows, in row order
+    rows: list[list[int]] = field(default_factory=list)
 
     @property
     def n_rows(self) -> int:
@@ -140,14 +146,18 @@ class ProbeBatches:
 
 
 def build_batches(adapter: Any, model: Any, tok: Any, probes: Sequence[Probe], max_rows: int = 64) -> ProbeBatches:
-    """Adapter batches of at most ``max_rows`` rows covering ``probes`` in order."""
+    """Adapter batches covering ``probes``: the T-Loc and M-Loc probes (:data:`EASYEDIT_TOPK`) one
+    row each, unpadded as EasyEdit evaluates them; the others in order, at most ``max_rows`` a batch."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     probes = list(probes)
     out = ProbeBatches(probes)
-    for start in range(0, len(probes), max_rows):
-        chunk = probes[start:start + max_rows]
-        out.batches.append(adapter.batch(model, tok, [p.query for p in chunk]))
+    rest = [i for i, p in enumerate(probes) if p.kind not in EASYEDIT_TOPK]
+    groups = [rest[s:s + max_rows] for s in range(0, len(rest), max_rows)]
+    groups += [[i] for i, p in enumerate(probes) if p.kind in EASYEDIT_TOPK]
+    for group in groups:
+        out.batches.append(adapter.batch(model, tok, [probes[i].query for i in group]))
+        out.rows.append(group)
     return out
 
 
@@ -158,21 +168,20 @@ def run_probes(adapter: Any, model: Any, pb: ProbeBatches) -> list[ProbeOutput]:
     The same logits give both locality protocols: top-1 at the answer positions (ours) and, for the
     T-Loc and M-Loc probes, the top-k ids at every position (EasyEdit's, :data:`EASYEDIT_TOPK`).
     """
-    outputs: list[ProbeOutput] = []
-    i = 0
-    for batch in pb.batches:
+    outputs: list[ProbeOutput | None] = [None] * len(pb.probes)
+    for batch, rows in zip(pb.batches, pb.rows, strict=True):
         logits = adapter.forward(model, batch)
         labels = batch.labels.to(logits.device)
         acc = scoring.token_accuracy(logits, labels).tolist()
         ok = scoring.success(logits, labels).tolist()
         top1 = scoring.answer_topk(logits, labels, k=1)
-        for b in range(len(batch)):
-            probe = pb.probes[i + b]
+        for b, i in enumerate(rows):
+            probe = pb.probes[i]
             seq = None
             if probe.kind in EASYEDIT_TOPK:
                 seq = scoring.sequence_topk(logits[b:b + 1], batch.attention_mask[b:b + 1],
                                             k=EASYEDIT_TOPK[probe.kind])[0]
-            outputs.append(ProbeOutput(scoring.finite(acc[b]), bool(ok[b]), top1[b], seq))
-        i += len(batch)
+            outputs[i] = ProbeOutput(scoring.finite(acc[b]), bool(ok[b]), top1[b], seq)
         del logits
-    return outputs
+    assert all(o is not None for o in outputs), "build_batches left a probe out"
+    return outputs  # type: ignore[return-value]
