@@ -203,6 +203,22 @@ def test_bundled_lifelong_model_knows_its_facts_from_text():
     acc = report["accuracy"]
     assert acc["trained/text"] >= 0.95 and acc["trained/paired"] >= 0.95
     assert {"composed/paired", "composed/image"} <= set(acc)
+    per_relation = report["heldout_template_by_relation"]
+    assert set(per_relation) == {"paired", "text", "image"}
+    for rels in per_relation.values():
+        assert set(rels) <= {r.key for r in w.relations} | {"country"} and len(rels) >= 8
+        assert all(0.0 <= a <= 1.0 for a in rels.values())
+
+
+def test_heldout_templates_are_broken_down_by_relation():
+    """``by_relation`` is the accuracy of each relation's items; identification items ask none."""
+    from mke_plugins.world.check import by_relation
+    from mke_plugins.world.data import Item
+    from mke_plugins.world.queries import Question
+
+    items = [Item(Question("text", 0, "eats", 0, True), None), Item(Question("text", 1, "eats", 0, True), None),
+             Item(Question("text", 0, "pet", 0, True), None), Item(Question("ident", 0, None, 0, True), 3)]
+    assert by_relation(items, [True, False, True, False]) == {"eats": 0.5, "pet": 1.0}
 
 
 def test_bench_runs_a_lifelong_sequence_with_checkpoints():

@@ -75,6 +75,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     else:
         for name, acc in report["accuracy"].items():
             print(f"{name:<28} {acc:.3f}")
+        for form, rels in report["heldout_template_by_relation"].items():
+            worst = sorted(rels.items(), key=lambda kv: kv[1])[:3]
+            print(f"held-out templates, {form}: weakest relations " + ", ".join(f"{r} {a:.2f}" for r, a in worst))
         print("floor met" if report["floor_met"] else "FLOOR NOT MET: " + "; ".join(report["failures"]))
     return 0 if report["floor_met"] else 1
 
