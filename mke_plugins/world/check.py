@@ -153,7 +153,7 @@ def run_check(model: Any, processor: Any, world: World, split: Split | None = No
     relation has one held-out template, so a set is the mean of a handful of templates: one
     template the model misreads (answering a name, or one object for every entity) moves the set by
     about 1 / (number of relations), which is how builds of one recipe fall on both sides of the
-    floor (world README, "Rebuilding on another CPU")."""
+    floor (world README, "Rebuilding on another machine")."""
     split = split or make_split(world)
     enc = Encoder(world, processor)
     acc: dict[str, float] = {}
