@@ -228,3 +228,29 @@ def test_device_map_is_refused_beside_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(MKEError, match="--device-map spreads one model"):
         start("cpu", device_map="auto")
+
+
+def test_ctrl_c_on_another_thread_waits_for_the_block():
+    """A SIGINT the kernel hands to another thread (tqdm's monitor, a torch worker) still waits for the
+    block's end: the unit is journaled and counted, then the run stops."""
+    import threading
+
+    from mke_plugins.bench.resume import ctrl_c_after
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with ctrl_c_after():
+                signal.pthread_kill(other.ident, signal.SIGINT)
+                start = time.monotonic()
+                while time.monotonic() - start < 0.5:  # bytecode after the signal, where Python checks for it
+                    steps.append(1)
+                steps.append("done")
+    finally:
+        stop.set()
+        other.join()
+    assert steps[-1] == "done"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -173,15 +173,26 @@ class Journal:
 @contextlib.contextmanager
 def ctrl_c_after() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block is done: a finished unit is journaled and counted, or
-    neither, so an interrupted run reports exactly the units its journal holds. Where signals
-    cannot be masked (not POSIX, not the main thread) the block runs as it is."""
-    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+    neither, so an interrupted run reports exactly the units its journal holds.
+
+    The SIGINT handler is swapped for one that only notes the signal, and the old handler runs after
+    the block. (Masking the signal is not enough: the kernel then hands it to another thread, such
+    as tqdm's monitor or a torch worker, and Python still raises in the main thread, mid-block.)
+    Off the main thread, where handlers cannot be set, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[Any] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
     try:
         yield
     finally:
-        if block:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held Ctrl-C arrives now, after the block
+        signal.signal(signal.SIGINT, old)
+        if held:  # a Ctrl-C came during the block: it takes effect now, as the old handler says
+            if callable(old):
+                old(signal.SIGINT, held[0])
+            elif old == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 def _drop_torn_tail(path: Path) -> None:
