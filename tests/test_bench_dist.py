@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 
 import mke_plugins
 from mke_hooks import MKEError
-from mke_plugins.bench.resume import differences, journal_paths, rank_path
+from mke_plugins.bench.resume import ctrl_c_after, differences, journal_paths, rank_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -233,10 +234,6 @@ def test_device_map_is_refused_beside_several_processes(monkeypatch):
 def test_ctrl_c_on_another_thread_waits_for_the_block():
     """A SIGINT the kernel hands to another thread (tqdm's monitor, a torch worker) still waits for the
     block's end: the unit is journaled and counted, then the run stops."""
-    import threading
-
-    from mke_plugins.bench.resume import ctrl_c_after
-
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
