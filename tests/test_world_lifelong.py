@@ -7,6 +7,7 @@ import json
 from functools import lru_cache
 
 import numpy as np
+import pytest
 
 from mke_plugins.world.build import _Images, locality_pool, make_records, make_split
 from mke_plugins.world.spec import DERIVED, LAYOUTS, LINK_SOURCE, make_world
@@ -113,8 +114,6 @@ def test_composition_curriculum_asks_picture_questions_of_direct_entities_only()
 
 
 def test_composition_named_curriculum_trains_named_slots_and_unseen_words_as_noise():
-    import pytest
-
     from mke_plugins.world.queries import Question, prompt
     from mke_plugins.world.spec import THING
     from mke_plugins.world.train import (
@@ -156,6 +155,41 @@ def test_composition_named_curriculum_trains_named_slots_and_unseen_words_as_noi
     assert any(x in (it.text or "") for it in noisy for x in unseen)
     with pytest.raises(ValueError, match="--curriculum"):
         with_curriculum("single", "composition-named")
+
+
+def test_stage_variants_reshare_the_stages_and_thin_the_text_stage():
+    """``world train --stages / --text-aug``: the composition curriculum's stages reshared (weights
+    normalised) and its text stage trained with stronger word augmentation (``Stage.augment``),
+    which ``sample_batch`` passes to ``augment``; the bundled recipe is the default; bad values and
+    a one-stage layout are refused naming the option."""
+    from mke_plugins.world.spec import split_words
+    from mke_plugins.world.train import COMPOSITION_STAGES, _stages, check_variant, prompt, stage_variant
+
+    w, split, _, _ = _world()
+    assert stage_variant() == COMPOSITION_STAGES and all(s.augment is None for s in COMPOSITION_STAGES)
+    text_stage, align, tune = _stages(w, {"text": 1.0}, stage_variant("text=30, align=55, tune=15", "0.8,0.25"))
+    assert [s.share for s in (text_stage, align, tune)] == [0.3, 0.55, 0.15]
+    assert text_stage.augment == (0.8, 0.25) and tune.augment is None and align.weights is None
+    assert "named" in text_stage.weights  # the curriculum's own text-stage mix is kept
+    shares = [s.share for s in stage_variant({"text": 3000, "align": 5500, "tune": 3500})]
+    assert shares == [0.25, 5500 / 12000, 3500 / 12000]
+
+    def n_words(batch):
+        return sum(len(split_words(it.text if it.text is not None else prompt(w, it.question))) for it in batch)
+
+    def batch(rates, augmented=True):
+        return sample_batch(w, split, 0, 3, 400, weights={"text": 1.0}, rates=rates, augmented=augmented)
+
+    plain = batch(None, augmented=False)
+    assert [it.text for it in batch((0.0, 1.0))] == [it.text for it in plain]  # nothing augmented
+    assert n_words(batch((0.8, 0.25))) < n_words(batch(None)) < n_words(plain)
+    for stages, aug, says in [("text=1,align=1", None, "--stages.*every stage"), ("txt=1", None, "unknown stages"),
+                              ("text=1,align=x,tune=1", None, "STAGE=WEIGHT"), (None, "0.8", "--text-aug.*RATE,DROP"),
+                              (None, "0.8,1.5", "RATE,DROP")]:
+        with pytest.raises(ValueError, match=says):
+            check_variant(None, None, "lifelong", stages, aug)
+    with pytest.raises(ValueError, match="--text-aug: the single layout trains in one stage"):
+        check_variant(None, None, "single", None, "0.8,0.25")
 
 
 def test_lifelong_layout_is_a_pure_function_of_the_seed():

@@ -30,7 +30,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import check_variant, train, with_curriculum
 
     try:
-        check_variant(args.forms, args.layers, with_curriculum(args.layout, args.curriculum))
+        check_variant(args.forms, args.layers, with_curriculum(args.layout, args.curriculum),
+                      args.stages, args.text_aug)
     except ValueError as exc:
         print(f"mke-plugins world train: {exc}", file=sys.stderr)
         return 2
@@ -43,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else LAYOUTS[args.layout].train_steps
     meta = train(out, seed=args.seed, steps=steps, batch_size=args.batch_size, lr=args.lr,
                  threads=args.threads, log=lambda s: print(s, flush=True), forms=args.forms, n_layers=args.layers,
-                 layout=args.layout, curriculum=args.curriculum)
+                 layout=args.layout, curriculum=args.curriculum, stages=args.stages, text_aug=args.text_aug)
     print(json.dumps(meta["check"], indent=2))
     print(f"saved to {out}")
     return 0 if meta["check"]["floor_met"] else 1
@@ -123,6 +124,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default: the layout's, composition-named, which adds the named-slot text form and the "
                         "held-out templates' words as noise to composition, the previous bundled model's "
                         "recipe; world README): for world variants")
+    p.add_argument("--stages", default=None, metavar="text=W,align=W,tune=W",
+                   help="reshare the staged curriculum's steps (weights, normalised; default text=35,align=45,"
+                        "tune=20, the bundled model's), e.g. text=30,align=55,tune=15: for world variants")
+    p.add_argument("--text-aug", default=None, metavar="RATE,DROP",
+                   help="word augmentation of the staged curriculum's text stage: share of questions "
+                        "augmented, word-drop probability (default 0.5,0.15, as every stage), e.g. 0.8,0.25: "
+                        "for world variants")
     _layout_arg(p)
     p.set_defaults(func=_cmd_train)
 

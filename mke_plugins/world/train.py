@@ -99,21 +99,26 @@ def named_item(world, item: Item) -> Item:
     return Item(q, None, f"{world.entities[q.entity].name} : {form_question(t, THING)}")
 
 
-def augment(world, item: Item, rng: np.random.Generator, fillers: list[str]) -> Item:
-    """``item`` with a randomly thinned / padded question (subject words are kept)."""
-    if rng.random() >= AUG_RATE:
+def augment(world, item: Item, rng: np.random.Generator, fillers: list[str],
+            rates: tuple[float, float] | None = None) -> Item:
+    """``item`` with a randomly thinned / padded question (subject words are kept); ``rates`` is
+    (augmented share, word-drop probability), by default (:data:`AUG_RATE`, :data:`WORD_DROP`)."""
+    aug_rate, word_drop = rates or (AUG_RATE, WORD_DROP)
+    if rng.random() >= aug_rate:
         return item
     q = item.question
     subject = set(split_words(THING)) | {world.entities[q.entity].name}
     words = split_words(prompt(world, q))
-    kept = [w for w in words if w in subject or rng.random() >= WORD_DROP]
+    kept = [w for w in words if w in subject or rng.random() >= word_drop]
     if rng.random() < INSERT_RATE:
         kept.insert(int(rng.integers(len(kept) + 1)), fillers[int(rng.integers(len(fillers)))])
     return Item(q, item.rendering, " ".join(kept) if kept else words[-1])
 
 
-def form_weights(spec: str | dict[str, float] | None, base: dict[str, float] | None = None) -> dict[str, float]:
-    """``FORM_WEIGHTS`` with the forms ``spec`` names reweighted (``"paired=0.25,text=1"`` or a dict)."""
+def _weights(spec: str | dict[str, float] | None, known: list[str], what: str, label: str,
+             example: str) -> dict[str, float]:
+    """The ``KEY=WEIGHT,...`` string (or dict) ``spec`` as a dict; ``ValueError`` for a part that is
+    not KEY=WEIGHT or a key outside ``known``."""
     if isinstance(spec, dict):
         given = dict(spec)
     else:
@@ -125,11 +130,17 @@ def form_weights(spec: str | dict[str, float] | None, base: dict[str, float] | N
                     raise ValueError
                 given[key.strip()] = float(value)
             except ValueError:
-                raise ValueError(f"{part.strip()!r} is not FORM=WEIGHT (e.g. paired=0.25)") from None
-    unknown = sorted(set(given) - set(FORM_WEIGHTS))
+                raise ValueError(f"{part.strip()!r} is not {label}=WEIGHT (e.g. {example})") from None
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ValueError(f"unknown query forms {unknown}; the forms are {list(FORM_WEIGHTS)}")
-    weights = {**(base or FORM_WEIGHTS), **{k: float(v) for k, v in given.items()}}
+        raise ValueError(f"unknown {what}s {unknown}; the {what}s are {known}")
+    return {k: float(v) for k, v in given.items()}
+
+
+def form_weights(spec: str | dict[str, float] | None, base: dict[str, float] | None = None) -> dict[str, float]:
+    """``FORM_WEIGHTS`` with the forms ``spec`` names reweighted (``"paired=0.25,text=1"`` or a dict)."""
+    given = _weights(spec, list(FORM_WEIGHTS), "query form", "FORM", "paired=0.25")
+    weights = {**(base or FORM_WEIGHTS), **given}
     if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
         raise ValueError(f"form weights must be >= 0 and not all 0, got {weights}")
     return weights
@@ -149,11 +160,25 @@ def with_curriculum(layout: str | Layout, curriculum: str | None) -> Layout:
 
 
 def check_variant(forms: str | dict[str, float] | None, n_layers: int | None,
-                  layout: str | Layout = "single") -> dict[str, float]:
+                  layout: str | Layout = "single", stages: str | dict[str, float] | None = None,
+                  text_aug: str | tuple[float, float] | None = None) -> dict[str, float]:
     """The form weights of a world variant; ``ValueError`` naming the option for what cannot train."""
     if n_layers is not None and n_layers < 1:
         raise ValueError(f"--layers {n_layers}: need at least 1 decoder layer")
-    base = FORM_WEIGHTS if get_layout(layout).curriculum == "forms" else COMPOSITION_WEIGHTS
+    staged = get_layout(layout).curriculum != "forms"
+    for option, value in (("--stages", stages), ("--text-aug", text_aug)):
+        if value is not None and not staged:
+            raise ValueError(f"{option}: the {get_layout(layout).name} layout trains in one stage; "
+                             "only a layout that learns by composition (lifelong) has stages")
+    try:
+        stage_variant(stages, None)
+    except ValueError as exc:
+        raise ValueError(f"--stages {stages!r}: {exc}") from None
+    try:
+        stage_variant(None, text_aug)
+    except ValueError as exc:
+        raise ValueError(f"--text-aug {text_aug!r}: {exc}") from None
+    base = COMPOSITION_WEIGHTS if staged else FORM_WEIGHTS
     try:
         return form_weights(forms, base)
     except ValueError as exc:
@@ -161,8 +186,10 @@ def check_variant(forms: str | dict[str, float] | None, n_layers: int | None,
 
 
 def sample_batch(world, split, seed: int, step: int, batch_size: int,
-                 augmented: bool = True, weights: dict[str, float] | None = None) -> list[Item]:
-    """The training batch of ``step`` (a pure function of seed, step and the form weights).
+                 augmented: bool = True, weights: dict[str, float] | None = None,
+                 rates: tuple[float, float] | None = None) -> list[Item]:
+    """The training batch of ``step`` (a pure function of seed, step, the form weights and the
+    augmentation ``rates``, see :func:`augment`).
 
     Under the composition curriculum the paired and image-only forms ask the split's direct
     entities only.
@@ -185,7 +212,7 @@ def sample_batch(world, split, seed: int, step: int, batch_size: int,
             continue
         item = sample_items(world, split, rng, form, 1,
                             entities=direct if form in ("paired", "image") else None)[0]
-        items.append(augment(world, item, rng, fillers) if augmented else item)
+        items.append(augment(world, item, rng, fillers, rates) if augmented else item)
     return items
 
 
@@ -246,8 +273,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 @dataclass(frozen=True)
 class Stage:
     """One stage of a curriculum: its share of the steps, its query-form mix (``None``: picture
-    batches for the alignment term only), what it trains, its learning-rate scale and the weight
-    of the picture-to-name alignment term."""
+    batches for the alignment term only), what it trains, its learning-rate scale, the weight
+    of the picture-to-name alignment term and its word augmentation (``None``: the default
+    rates; else (share augmented, word-drop probability), see :func:`augment`)."""
 
     name: str
     share: float
@@ -255,13 +283,16 @@ class Stage:
     trainable: str  # "all", "vision" (the vision tower and merger) or "language" (everything else)
     lr_scale: float = 1.0
     align: float = 0.0
+    augment: tuple[float, float] | None = None
 
 
 #: the composition curriculum, staged the way MLLMs are trained: facts from text (language-model
 #: pre-training), then pictures aligned to names with the language model frozen (projector
 #: pre-training), then every question form with the picture forms for direct entities only and
 #: the vision tower frozen (instruction tuning), so that the picture questions are answered by
-#: routing name-like picture tokens into the facts learnt from text, not by memorising pictures
+#: routing name-like picture tokens into the facts learnt from text, not by memorising pictures.
+#: ``world train --stages`` / ``--text-aug`` reshare the stages and set the text stage's word
+#: augmentation for world variants (:func:`stage_variant`)
 COMPOSITION_STAGES = (
     Stage("text", 0.35, {"text": 1.0}, "all"),
     Stage("align", 0.45, None, "vision", align=1.0),
@@ -269,11 +300,36 @@ COMPOSITION_STAGES = (
 )
 
 
-def _stages(world: Any, weights: dict[str, float]) -> tuple[Stage, ...]:
+def stage_variant(stages: str | dict[str, float] | None = None,
+                  text_aug: str | tuple[float, float] | None = None) -> tuple[Stage, ...]:
+    """:data:`COMPOSITION_STAGES` with the shares ``stages`` gives (``"text=30,align=55,tune=15"``
+    or a dict; weights of every stage, normalised by their sum) and the text stage's word
+    augmentation ``text_aug`` (``"0.8,0.25"``: share of questions augmented, word-drop
+    probability). ``ValueError`` saying what is wrong."""
+    out = list(COMPOSITION_STAGES)
+    if stages is not None:
+        names = [s.name for s in out]
+        given = _weights(stages, names, "stage", "STAGE", "text=30,align=55,tune=15")
+        if sorted(k for k, v in given.items() if v > 0) != sorted(names):
+            raise ValueError(f"give every stage a weight above 0: {names} (got {stages!r})")
+        total = sum(given.values())
+        out = [replace(s, share=given[s.name] / total) for s in out]
+    if text_aug is not None:
+        try:
+            rates = tuple(float(x) for x in text_aug.split(",")) if isinstance(text_aug, str) else tuple(text_aug)
+        except ValueError:
+            rates = ()
+        if len(rates) != 2 or not all(0.0 <= r <= 1.0 for r in rates):
+            raise ValueError(f"{text_aug!r} is not RATE,DROP with both in [0, 1] (e.g. 0.8,0.25)")
+        out[0] = replace(out[0], augment=(rates[0], rates[1]))
+    return tuple(out)
+
+
+def _stages(world: Any, weights: dict[str, float],
+            composition: tuple[Stage, ...] = COMPOSITION_STAGES) -> tuple[Stage, ...]:
     if world.layout.curriculum == "forms":
         return (Stage("forms", 1.0, weights, "all"),)
-    stages = [Stage(s.name, s.share, weights if s.name == "tune" else s.weights, s.trainable, s.lr_scale, s.align)
-              for s in COMPOSITION_STAGES]
+    stages = [replace(s, weights=weights) if s.name == "tune" else s for s in composition]
     if world.layout.curriculum == "composition-named":
         stages[0] = replace(stages[0], weights={"text": 1.0 - NAMED_TEXT, "named": NAMED_TEXT})
         stages[-1] = replace(stages[-1], weights={**weights, "named": NAMED_TUNE})
@@ -300,18 +356,22 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
           lr: float = 2e-3, warmup: int = 200, threads: int = 1, eval_every: int = 500,
           log: Callable[[str], None] = print, n_entities: int | None = None,
           check: bool = True, forms: str | dict[str, float] | None = None,
-          n_layers: int | None = None, layout: str = "single", curriculum: str | None = None) -> dict[str, Any]:
+          n_layers: int | None = None, layout: str = "single", curriculum: str | None = None,
+          stages: str | dict[str, float] | None = None,
+          text_aug: str | tuple[float, float] | None = None) -> dict[str, Any]:
     """Train, save with ``save_pretrained`` into ``out`` and return its metadata (with the
     final check report under ``check`` unless ``check=False``).
 
     ``forms`` reweights the query-form mix (:func:`form_weights`), ``n_layers`` sets the
-    decoder depth and ``curriculum`` picks another staged curriculum (:data:`CURRICULA`) for a
-    layout that learns by composition: all exist to train world *variants*; the bundled model
-    uses the defaults, and the metadata records what was used. A layout with the composition
-    curriculum trains in :data:`COMPOSITION_STAGES` (``forms`` reweights its last stage).
+    decoder depth, ``curriculum`` picks another staged curriculum (:data:`CURRICULA`) for a
+    layout that learns by composition, and ``stages`` / ``text_aug`` reshare its stages and set
+    its text stage's word augmentation (:func:`stage_variant`): all exist to train world
+    *variants*; the bundled model uses the defaults, and the metadata records what was used. A
+    layout with the composition curriculum trains in :data:`COMPOSITION_STAGES` (``forms``
+    reweights its last stage).
     """
     layout = with_curriculum(layout, curriculum)
-    weights = check_variant(forms, n_layers, layout)
+    weights = check_variant(forms, n_layers, layout, stages, text_aug)
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -332,7 +392,7 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
     n_params = sum(p.numel() for p in model.parameters())
     log(f"world model: {n_params} parameters, vocab {len(tok)}, {steps} steps x {batch_size}")
     probe = {k: v for k, v in check_sets(world, split, 64, seed_offset=8).items()}
-    stages = _stages(world, weights)
+    stages = _stages(world, weights, stage_variant(stages, text_aug))
     align = _Alignment(model, enc, world) if any(s.align for s in stages) else None
     t0 = time.time()
     running = 0.0
@@ -350,7 +410,8 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
             if stage.weights is None:
                 loss = align.pictures(seed, step, batch_size)
             else:
-                items = sample_batch(world, split, seed, step, batch_size, weights=stage.weights)
+                items = sample_batch(world, split, seed, step, batch_size, weights=stage.weights,
+                                     rates=stage.augment)
                 b = enc.encode(items)
                 tids = b.pop("target_ids")
                 logits = model(**b, logits_to_keep=2).logits[:, 0]
@@ -385,7 +446,8 @@ def train(out: str | Path, seed: int = DEFAULT_SEED, steps: int = 4000, batch_si
             "threads": threads, "n_entities": len(world.entities), "layout": world.layout.name,
             "curriculum": world.layout.curriculum, "parameters": n_params,
             "stages": [{"name": s.name, "share": s.share, "forms": s.weights, "trains": s.trainable,
-                        "lr_scale": s.lr_scale, "align": s.align} for s in stages] if len(stages) > 1 else None,
+                        "lr_scale": s.lr_scale, "align": s.align, "augment": s.augment}
+                       for s in stages] if len(stages) > 1 else None,
             "form_weights": weights, "decoder_layers": model.config.text_config.num_hidden_layers,
             "train_seconds": round(elapsed, 1), "check": report}
     (out / "world_model.json").write_text(json.dumps(meta, indent=2) + "\n")
