@@ -163,13 +163,24 @@ def test_stage_variants_reshare_the_stages_and_thin_the_text_stage():
     which ``sample_batch`` passes to ``augment``; the bundled recipe is the default; bad values and
     a one-stage layout are refused naming the option."""
     from mke_plugins.world.spec import split_words
-    from mke_plugins.world.train import COMPOSITION_STAGES, _stages, check_variant, prompt, stage_variant
+    from mke_plugins.world.train import (
+        AUG_RATE,
+        COMPOSITION_STAGES,
+        TEXT_STAGE_AUG,
+        WORD_DROP,
+        _stages,
+        check_variant,
+        prompt,
+        stage_variant,
+    )
 
     w, split, _, _ = _world()
-    assert stage_variant() == COMPOSITION_STAGES and all(s.augment is None for s in COMPOSITION_STAGES)
-    text_stage, align, tune = _stages(w, {"text": 1.0}, stage_variant("text=30, align=55, tune=15", "0.8,0.25"))
+    assert stage_variant() == COMPOSITION_STAGES
+    assert COMPOSITION_STAGES[0].augment == TEXT_STAGE_AUG
+    assert TEXT_STAGE_AUG[0] > AUG_RATE and TEXT_STAGE_AUG[1] > WORD_DROP
+    text_stage, align, tune = _stages(w, {"text": 1.0}, stage_variant("text=30, align=55, tune=15", "0.5,0.15"))
     assert [s.share for s in (text_stage, align, tune)] == [0.3, 0.55, 0.15]
-    assert text_stage.augment == (0.8, 0.25) and tune.augment is None and align.weights is None
+    assert text_stage.augment == (0.5, 0.15) and tune.augment is None and align.weights is None
     assert "named" in text_stage.weights  # the curriculum's own text-stage mix is kept
     shares = [s.share for s in stage_variant({"text": 3000, "align": 5500, "tune": 3500})]
     assert shares == [0.25, 5500 / 12000, 3500 / 12000]
@@ -182,7 +193,7 @@ def test_stage_variants_reshare_the_stages_and_thin_the_text_stage():
 
     plain = batch(None, augmented=False)
     assert [it.text for it in batch((0.0, 1.0))] == [it.text for it in plain]  # nothing augmented
-    assert n_words(batch((0.8, 0.25))) < n_words(batch(None)) < n_words(plain)
+    assert n_words(batch(TEXT_STAGE_AUG)) < n_words(batch(None)) < n_words(plain)
     for stages, aug, says in [("text=1,align=1", None, "--stages.*every stage"), ("txt=1", None, "unknown stages"),
                               ("text=1,align=x,tune=1", None, "STAGE=WEIGHT"), (None, "0.8", "--text-aug.*RATE,DROP"),
                               (None, "0.8,1.5", "RATE,DROP")]:

@@ -125,12 +125,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "held-out templates' words as noise to composition, the previous bundled model's "
                         "recipe; world README): for world variants")
     p.add_argument("--stages", default=None, metavar="text=W,align=W,tune=W",
-                   help="reshare the staged curriculum's steps (weights, normalised; default text=35,align=45,"
-                        "tune=20, the bundled model's), e.g. text=30,align=55,tune=15: for world variants")
+                   help="reshare the staged curriculum's steps (weights, normalised; default text=3000,"
+                        "align=5500,tune=3500, the bundled model's), e.g. text=35,align=45,tune=20: for world "
+                        "variants")
     p.add_argument("--text-aug", default=None, metavar="RATE,DROP",
                    help="word augmentation of the staged curriculum's text stage: share of questions "
-                        "augmented, word-drop probability (default 0.5,0.15, as every stage), e.g. 0.8,0.25: "
-                        "for world variants")
+                        "augmented, word-drop probability (default 0.8,0.25, the bundled model's; the other "
+                        "stages 0.5,0.15), e.g. 0.5,0.15: for world variants")
     _layout_arg(p)
     p.set_defaults(func=_cmd_train)
 

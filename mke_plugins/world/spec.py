@@ -171,7 +171,7 @@ LAYOUTS: dict[str, Layout] = {
     "single": Layout("single", DEFAULT_ENTITIES, 5, 12, DEFAULT_EDITS),
     "lifelong": Layout("lifelong", 160, 10, 19, 1000, n_dev=120, n_locality_entities=32, n_train=160,
                        curriculum="composition-named", direct_share=0.25, fine_relations=4,
-                       train_steps=10000),
+                       train_steps=12000),
 }
 
 

@@ -60,6 +60,9 @@ ALIGN_TEMPERATURE = 0.1
 #: AUG_RATE of the questions, each word other than the subject is dropped with WORD_DROP, and
 #: one known template word is inserted at a random place with INSERT_RATE
 AUG_RATE, WORD_DROP, INSERT_RATE = 0.5, 0.15, 0.5
+#: (AUG_RATE, WORD_DROP) of the composition curriculum's text stage, where the facts are learnt:
+#: phrasings learnt loosely there carry to held-out templates in every form
+TEXT_STAGE_AUG = (0.8, 0.25)
 
 
 def _template_words(templates: tuple[str, ...]) -> set[str]:
@@ -291,12 +294,16 @@ class Stage:
 #: pre-training), then every question form with the picture forms for direct entities only and
 #: the vision tower frozen (instruction tuning), so that the picture questions are answered by
 #: routing name-like picture tokens into the facts learnt from text, not by memorising pictures.
-#: ``world train --stages`` / ``--text-aug`` reshare the stages and set the text stage's word
-#: augmentation for world variants (:func:`stage_variant`)
+#: 3,000 / 5,500 / 3,500 of the bundled model's 12,000 steps, the text stage with stronger word
+#: augmentation (:data:`TEXT_STAGE_AUG`): a long alignment stage lifts composed picture questions,
+#: a long tuning stage keeps entities apart at the last layer, the augmentation carries phrasings
+#: to held-out templates (world README, "How the curriculum was chosen"). ``world train --stages``
+#: / ``--text-aug`` reshare the stages and set the text stage's augmentation for world variants
+#: (:func:`stage_variant`)
 COMPOSITION_STAGES = (
-    Stage("text", 0.35, {"text": 1.0}, "all"),
-    Stage("align", 0.45, None, "vision", align=1.0),
-    Stage("tune", 0.2, COMPOSITION_WEIGHTS, "language", lr_scale=0.5),
+    Stage("text", 3 / 12, {"text": 1.0}, "all", augment=TEXT_STAGE_AUG),
+    Stage("align", 5.5 / 12, None, "vision", align=1.0),
+    Stage("tune", 3.5 / 12, COMPOSITION_WEIGHTS, "language", lr_scale=0.5),
 )
 
 
