@@ -297,7 +297,7 @@ class Stage:
 #: 3,000 / 5,500 / 3,500 of the bundled model's 12,000 steps, the text stage with stronger word
 #: augmentation (:data:`TEXT_STAGE_AUG`): a long alignment stage lifts composed picture questions,
 #: a long tuning stage keeps entities apart at the last layer, the augmentation carries phrasings
-#: to held-out templates (world README, "How the curriculum was chosen"). ``world train --stages``
+#: to held-out templates (world README, "How the recipe was found"). ``world train --stages``
 #: / ``--text-aug`` reshare the stages and set the text stage's augmentation for world variants
 #: (:func:`stage_variant`)
 COMPOSITION_STAGES = (
