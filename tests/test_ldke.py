@@ -102,6 +102,40 @@ def test_sequential_edits_route_per_row_and_restore_exactly(family, family_setup
     assert hook_counts(model) == hooks and LDKEState.of(model) is None
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scopes_keep_the_head_off_inputs_far_from_every_edit(family, family_setup):
+    """Lifelong mode: with ``scope_threshold`` an entry is routed only where some position lies close to its
+    input at the last layer's FFN input; the head (tau 0 here: it would route every row) chooses among those."""
+    reqs = requests_for(family)
+    queries = [Query(r["image"], r["prompt"], r["target"]) for r in reqs] + [Query(None, "What is it?", "Paris")]
+    reasons, sizes = {}, {}
+    for scope in (None, -1.0, 0.999):
+        model, tok, adapter, hp = family_setup(family, route_threshold=0.0, scope_threshold=scope)
+        batch = adapter.batch(model, tok, queries)
+        before, hooks = state_of(model), hook_counts(model)
+        with torch.no_grad():
+            base_logits = adapter.forward(model, batch)
+        edited, handle = ldke_main.apply_ldke_to_multimodal_model(model, tok, reqs, hp, return_orig_weights=True)
+        with torch.no_grad():
+            post = adapter.forward(edited, batch)
+        reasons[scope] = edited.ldke.last_decision.reasons
+        sizes[scope] = handle.stats.flat()["added_bytes"]
+        entries = list(edited.ldke.memory)
+        if scope is None:
+            assert all(e.scope is None for e in entries)
+        else:
+            n_answer = int(adapter.batch(model, tok, queries[:1]).answer_mask.sum())
+            assert entries[0].scope.keys.shape[0] == n_answer and entries[0].scope.threshold == scope
+        if reasons[scope][2] != "head":
+            assert torch.equal(post[2], base_logits[2]), "a row outside every scope must be the original model"
+        handle()
+        assert_same_state(before, model)
+        assert hook_counts(model) == hooks and LDKEState.of(model) is None
+    assert reasons[None] == reasons[-1.0] == ["exact", "exact", "head"], reasons
+    assert reasons[0.999] == ["exact", "exact", "outside scopes"], reasons
+    assert sizes[0.999] > sizes[None]
+
+
 def test_generate_routes_at_prefill(family_setup):
     model, tok, adapter, hp = family_setup("qwen2-vl", edit_steps=40, edit_lr=0.1)
     req = requests_for("qwen2-vl")[0]

@@ -29,6 +29,7 @@ from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.requests import query_of
+from mke_plugins.core.scope import InputScope
 from mke_plugins.core.wrap import gate_open
 
 from .localize import Localization, check_layers, localize
@@ -107,7 +108,7 @@ def state_for(model: nn.Module, tok: Any, hparams: Any, adapter: VLMAdapter) -> 
     tau = hparams.route_threshold if hparams.route_threshold is not None else \
         float(archive.get("tau", 0.5)) if archive is not None else 0.5
     settings = RouteSettings(router=hparams.router, exact_match_guard=hparams.exact_match_guard,
-                             prefilter=hparams.prefilter, tau=float(tau))
+                             prefilter=hparams.prefilter, tau=float(tau), scope_threshold=hparams.scope_threshold)
     state = LDKEState.of(base)
     if state is None:
         state = LDKEState(base, adapter, tok, f, head, archive, settings)
@@ -242,7 +243,7 @@ def edit_one(state: LDKEState, request: dict[str, Any], hparams: Any, index: int
     feats = state.features(view)
     superseded = None
     if len(state.memory) and hparams.router:
-        decision = state.route(feats)
+        decision = state.route(feats, view.valid_mask)
         reason, score = decision.reasons[0], decision.scores[0]
         by_head = hparams.supersede_threshold is not None and score is not None \
             and score >= max(state.settings.tau, hparams.supersede_threshold)
@@ -259,6 +260,10 @@ def edit_one(state: LDKEState, request: dict[str, Any], hparams: Any, index: int
                       has_image=bool(feats.has_image[0]), target=request["target"])
     if state.head is not None:
         entry.key_w = state.project(phi.unsqueeze(0))[0]
+    if hparams.scope_threshold is not None and feats.scope_states is not None:  # lifelong mode
+        answer = batch.answer_mask[0].to(feats.scope_states.device)
+        entry.scope = InputScope.around(feats.scope_states[0][answer[: feats.scope_states.shape[1]]],
+                                        float(hparams.scope_threshold))
     state.add(entry)
     t0 = time.perf_counter()
     try:

@@ -35,6 +35,7 @@ class InputsView:
     image_mask: torch.Tensor  # bool: image positions
     prompt_tokens: list[tuple[int, ...]]  # per row: token ids of the prompt text (exact-match guard)
     labels: torch.Tensor | None = None  # (B, T) sequence-aligned labels when the caller gave them
+    valid_mask: torch.Tensor | None = None  # (B, T) bool non-padding positions (None: every position)
     batch_size: int = 0
 
     def __post_init__(self) -> None:
@@ -125,7 +126,8 @@ def view_of(adapter: VLMAdapter, model: nn.Module, tok: Any, args: tuple, kwargs
     def call(m: nn.Module) -> Any:
         return m(*rest, **call_kw)
 
-    return InputsView(call, pmask, _hf_image_mask(adapter, base, ids), prompt_tokens, labels)
+    return InputsView(call, pmask, _hf_image_mask(adapter, base, ids), prompt_tokens, labels,
+                      att.bool().to(ids.device))
 
 
 def host_batch_call(adapter: VLMAdapter, model: nn.Module, tok: Any, batch: Any) -> InputsView:

@@ -90,6 +90,12 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
                                              "(0.5 if absent). Long sequences: a higher value keeps the head's "
                                              "false routes from compounding over many keys (0.8 with the "
                                              "lifelong archive; README, 'Sequential').", ge=0, le=1)
+    scope_threshold: float | None = hp(
+        None, "Lifelong mode: an edit is routed only to inputs with some position whose state at the last decoder "
+              "layer's FFN input has a cosine above this to one of the edit input's states there (its answer "
+              "positions; core InputScope, as ASAM's and UniKE's scopes); the head then chooses among those edits. "
+              "null (default): the classifier alone, as the paper. Recommended for long sequences on the lifelong "
+              "world: 0.9 (README, 'Sequential').", ge=-1, lt=1)
     prefilter: int = hp(16, "Keys pre-selected by cosine similarity and scored by the head per input.", ge=1)
     supersede_threshold: float | None = hp(None, "A new edit supersedes an earlier one when its input is that "
                                                  "edit's own input (exact match), or, if set, routes to it with "

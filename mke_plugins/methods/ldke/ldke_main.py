@@ -32,9 +32,10 @@ def routed(ctx: EditContext) -> RoutedModel:
 
 
 def edit_stats(report: EditReport, entry: EditEntry) -> EditStats:
-    """One request's record; ``added_bytes`` is the entry's side factors, key and fingerprint."""
+    """One request's record; ``added_bytes`` is the entry's side factors, keys (and scope) and fingerprint."""
     extra = {k: v for k, v in report.stats().items() if k != "steps"}
-    size = tensor_bytes([*entry.parameters(), entry.key_phi, entry.key_w, entry.image_mean])
+    scope = entry.scope.keys if entry.scope is not None else None
+    size = tensor_bytes([*entry.parameters(), entry.key_phi, entry.key_w, entry.image_mean, scope])
     return EditStats(steps=report.steps, converged=report.success, added_bytes=size, extra=extra)
 
 

@@ -10,8 +10,9 @@ the hooks and the state itself.
 :class:`RoutedModel` is a core ``GatedModel`` (gate ``ldke``; ``mke_wrapped`` and ``.model``, so
 adapters unwrap it): calling it (or its ``forward`` / ``generate``) routes each row: pass 1 reads
 phi(x) with every delta off and stops after layer f; the exact-match guard or the head picks at
-most one entry per row (s* >= tau); pass 2 runs the full forward with only that entry's deltas
-on that row. ``generate`` routes once at prefill and keeps the route for every decoding step.
+most one entry per row (s* >= tau; in the lifelong mode, ``scope_threshold``, only among the entries whose
+input scope admits the row, read in the same pass at the last layer's FFN input); pass 2 runs the full
+forward with only that entry's deltas on that row. ``generate`` routes once at prefill and keeps the route for every decoding step.
 Other attributes are the base model's. The base model's own ``forward`` stays original.
 """
 
@@ -23,7 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mke_plugins.adapters.base import Batch, VLMAdapter, unwrap_model
+from mke_plugins.adapters.base import Batch, HookPoint, VLMAdapter, unwrap_model
+from mke_plugins.core.scope import admitted_pairs
 from mke_plugins.core.wrap import GatedModel, gate_open, is_gate_open
 
 from .inputs import InputsView, view_of
@@ -42,6 +44,7 @@ class RouteSettings:
     exact_match_guard: bool = True
     prefilter: int = 16
     tau: float = 0.5
+    scope_threshold: float | None = None  # lifelong mode: entries act only inside their input scopes
 
 
 @dataclass
@@ -68,6 +71,8 @@ class LDKEState:
         self.memory = EditMemory()
         self.side = SidePaths(adapter.layers(model), self.memory, gate=lambda: is_gate_open(model, GATE))
         self.last_decision: RouteDecision | None = None
+        #: stacked scope keys of the scoped entries: (entry ids, keys, owner, thresholds)
+        self._scope_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- attach / detach ---------------------------------------------------------------------
     @staticmethod
@@ -106,10 +111,41 @@ class LDKEState:
         self.side.clear_route()
         try:
             with torch.no_grad():
-                feats, _ = hidden_features(self.adapter, self.model, view, self.feature_layer, stop_early=True)
+                feats, _ = hidden_features(self.adapter, self.model, view, self.feature_layer, stop_early=True,
+                                           scope_point=self.scope_point())
         finally:
             self.side._groups, self.side._batch = saved
         return feats
+
+    def scope_point(self) -> HookPoint | None:
+        """Where scopes are read (the last decoder layer's FFN input), when the lifelong scope is on."""
+        if self.settings.scope_threshold is None:
+            return None
+        return self.adapter.layers(self.model)[-1].ffn_in
+
+    def _in_scope(self, feats: Features, valid: torch.Tensor | None, entries: list[EditEntry]) -> torch.Tensor | None:
+        """``(rows, entries)`` bool: the entries whose scope admits some valid position of the row (an entry
+        without a scope admits every row); None when no entry has a scope or no scope states were read."""
+        scoped = [j for j, e in enumerate(entries) if e.scope is not None]
+        states = feats.scope_states
+        if not scoped or states is None:
+            return None
+        n, T = states.shape[0], states.shape[1]
+        allowed = torch.zeros(n, len(entries), dtype=torch.bool)
+        allowed[:, [j for j, e in enumerate(entries) if e.scope is None]] = True
+        ids = tuple(entries[j].id for j in scoped)
+        if self._scope_cache is None or self._scope_cache[0] != ids:
+            keys = torch.cat([entries[j].scope.keys for j in scoped])
+            owner = torch.cat([torch.full((entries[j].scope.keys.shape[0],), i) for i, j in enumerate(scoped)])
+            thresholds = torch.tensor([entries[j].scope.threshold for j in scoped])
+            self._scope_cache = (ids, keys, owner, thresholds)
+        _, keys, owner, thresholds = self._scope_cache
+        mask = torch.ones(n, T, dtype=torch.bool) if valid is None else valid[:, :T].bool().cpu()
+        flat = states.reshape(n * T, -1)[mask.reshape(-1).to(states.device)]
+        groups = torch.arange(n).unsqueeze(1).expand(n, T)[mask]
+        rows, who = admitted_pairs(flat, keys, owner, thresholds, groups=groups, n_groups=n)
+        allowed[rows.cpu(), torch.tensor(scoped, dtype=torch.long)[who.cpu()]] = True
+        return allowed
 
     def _exact(self, feats: Features, row: int) -> int | None:
         toks, has_img, img = feats.prompt_tokens[row], bool(feats.has_image[row]), feats.image_mean[row]
@@ -123,8 +159,9 @@ class LDKEState:
             return e.id
         return None
 
-    def route(self, feats: Features) -> RouteDecision:
-        """Per row, the entry whose deltas run (at most one unless the router is off)."""
+    def route(self, feats: Features, valid: torch.Tensor | None = None) -> RouteDecision:
+        """Per row, the entry whose deltas run (at most one unless the router is off); ``valid``: the rows'
+        non-padding positions for the scopes (None: every position)."""
         n = feats.phi.shape[0]
         entries = list(self.memory)
         if not entries:
@@ -135,6 +172,7 @@ class LDKEState:
         out, reasons, scores = [], [], []
         keys = torch.stack([e.key_w for e in entries]) if self.head is not None else None
         u = self.project(feats.phi) if self.head is not None else None
+        allowed = self._in_scope(feats, valid, entries)
         for b in range(n):
             if self.settings.exact_match_guard:
                 j = self._exact(feats, b)
@@ -148,10 +186,18 @@ class LDKEState:
                 reasons.append("no head")
                 scores.append(None)
                 continue
+            n_allowed = len(entries) if allowed is None else int(allowed[b].sum())
+            if n_allowed == 0:
+                out.append([])
+                reasons.append("outside scopes")
+                scores.append(None)
+                continue
             with torch.no_grad():
                 ub = u[b]
                 cos = torch.nn.functional.cosine_similarity(keys, ub.unsqueeze(0), dim=-1)
-                cand = cos.topk(min(self.settings.prefilter, len(entries))).indices
+                if allowed is not None:
+                    cos = cos.masked_fill(~allowed[b].to(cos.device), float("-inf"))
+                cand = cos.topk(min(self.settings.prefilter, n_allowed)).indices
                 s = torch.sigmoid(self.head.logit(ub.unsqueeze(0), keys[cand]))
                 best = int(s.argmax())
                 s_star = float(s[best])
@@ -170,7 +216,7 @@ class LDKEState:
             ids = [e.id for e in self.memory.active()]
             n = view.batch_size
             return RouteDecision([list(ids) for _ in range(n)], ["router off"] * n, [None] * n)
-        return self.route(self.features(view))
+        return self.route(self.features(view), view.valid_mask)
 
     def call(self, args: tuple, kwargs: dict) -> Any:
         if len(self.memory) == 0:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_hooks import ArchiveError
-from mke_plugins.adapters.base import VLMAdapter, unwrap_model
+from mke_plugins.adapters.base import HookPoint, VLMAdapter, unwrap_model
+from mke_plugins.core.hooks import HookSet
 
 from .inputs import InputsView
 
@@ -51,6 +52,8 @@ class Features:
     image_mean: torch.Tensor  # (B, d) float32, pre-LN mean over image positions (0 without image)
     has_image: torch.Tensor  # (B,) bool
     prompt_tokens: list[tuple[int, ...]]
+    #: (B, T, d) states at the scope point (the last layer's FFN input) when the lifelong scope asked for them
+    scope_states: torch.Tensor | None = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -86,31 +89,40 @@ def _phi(states: torch.Tensor, view: InputsView) -> Features:
 
 
 def hidden_features(adapter: VLMAdapter, model: nn.Module, view: InputsView, layer: int, *,
-                    stop_early: bool = True) -> tuple[Features, Any]:
+                    stop_early: bool = True, scope_point: HookPoint | None = None) -> tuple[Features, Any]:
     """phi for ``view`` from layer ``layer`` of ``model`` (called as given, deltas are the caller's
-    business). Returns ``(features, model output)``; the output is ``None`` when stopped early."""
-    module = adapter.layers(model)[layer].layer
-    captured: list[torch.Tensor] = []
+    business), and with ``scope_point`` the states there too (``Features.scope_states``). Returns
+    ``(features, model output)``; the output is ``None`` when stopped early (once every point is read)."""
+    captured: dict[str, torch.Tensor] = {}
+    wanted = 1 if scope_point is None else 2
+    seq = (view.batch_size, int(view.prompt_mask.shape[1]))
 
-    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-        captured.append(out[0] if isinstance(out, tuple) else out)
-        if stop_early:
+    def keep(name: str, x: torch.Tensor) -> None:
+        captured.setdefault(name, x)
+        if stop_early and len(captured) == wanted:
             raise _StopForward
 
-    handle = module.register_forward_hook(hook)
     output = None
-    try:
-        output = view.call(model)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
+    with HookSet() as hooks:
+        hooks.add(HookPoint(adapter.layers(model)[layer].layer, "output"), lambda x: keep("phi", x), seq)
+        if scope_point is not None:
+            hooks.add(scope_point, lambda x: keep("scope", x), seq)
+        try:
+            output = view.call(model)
+        except _StopForward:
+            pass
+    if "phi" not in captured:
         raise RuntimeError(f"LDKE features: decoder layer {layer} was not run by the forward pass")
-    states = captured[0]
-    if states.dim() == 2:  # flattened (B*T, d)
-        states = states.view(view.batch_size, -1, states.shape[-1])
-    return _phi(states.detach(), view), output
+    if scope_point is not None and "scope" not in captured:
+        raise RuntimeError("LDKE features: the scope point (the last layer's FFN input) was not run by the forward")
+
+    def seq_view(x: torch.Tensor) -> torch.Tensor:  # flattened (B*T, d) hook tensors
+        return x.view(view.batch_size, -1, x.shape[-1]) if x.dim() == 2 else x
+
+    feats = _phi(seq_view(captured["phi"].detach()), view)
+    if scope_point is not None:
+        feats.scope_states = seq_view(captured["scope"].detach().float())
+    return feats, output
 
 
 # -- head ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mke_plugins.adapters.base import LayerInfo
+from mke_plugins.core.scope import InputScope
 
 
 @dataclass
@@ -44,6 +45,8 @@ class EditEntry:
     target: str
     superseded_by: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    #: lifelong mode (``scope_threshold``): the inputs this entry may be routed to; None = any the head picks
+    scope: InputScope | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in (self.A[layer], self.B[layer])]
