@@ -40,7 +40,7 @@ class ASAMHyperParams(MultimodalHyperParams):
         None, "Lifelong mode: once an edit is trained, its blocks act only at positions whose FFN input has a "
               "cosine above this to one of the edit's anchor representations (core.scope; README, 'Sequential "
               "editing'). null (default): no scope, the paper's editor. Recommended for sequential editing on the "
-              "bundled lifelong model: 0.875 with lambda_mem: 0 and scope_exclusive: true (the scope then does the "
+              "bundled lifelong model: 0.9 with lambda_mem: 0 and scope_exclusive: true (the scope then does the "
               "memory loss's work, in a third of the time); a cosine on the model's own representation, so pick "
               "it on development edits for another model.",
         ge=-1, lt=1)

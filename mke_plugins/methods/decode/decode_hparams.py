@@ -72,7 +72,7 @@ class DECODEHyperParams(MultimodalHyperParams):
         None, "Lifelong mode: keep each edit's offsets apart instead of folding them, and apply an edit to an input "
               "(every position) only when some position of it has a cosine above this to one of the edit's own "
               "queries at the routing layer (core.routing; README, 'Sequential editing'). null (default): fold, "
-              "the paper's editor. Recommended for sequential editing on the bundled lifelong model: 0.875 with "
+              "the paper's editor. Recommended for sequential editing on the bundled lifelong model: 0.9 with "
               "route_exclusive: true and route_window: 2.", ge=-1, lt=1)
     route_layer: int = hp(
         -1, "Lifelong mode: the decoder layer whose FFN input routes the edits (negative counts from the top).")

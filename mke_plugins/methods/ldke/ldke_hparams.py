@@ -87,9 +87,9 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
     classifier_archive: str | None = hp(None, "LDKE archive (head, tau, mu) built by `mke-plugins train LDKE`; "
                                                "'@ldke/world.pt' is the bundled world archive.")
     route_threshold: float | None = hp(None, "Routing threshold tau; null = the archive's calibrated value "
-                                             "(0.5 if absent). Long sequences: a higher value keeps the head's "
-                                             "false routes from compounding over many keys (0.8 with the "
-                                             "lifelong archive; README, 'Sequential').", ge=0, le=1)
+                                             "(0.5 if absent). A higher value keeps the head's false routes "
+                                             "from compounding over many keys, at a cost in generality; long "
+                                             "sequences: scope_threshold instead (README, 'Sequential').", ge=0, le=1)
     scope_threshold: float | None = hp(
         None, "Lifelong mode: an edit is routed only to inputs with some position whose state at the last decoder "
               "layer's FFN input has a cosine above this to one of the edit input's states there (its answer "

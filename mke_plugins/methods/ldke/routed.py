@@ -12,8 +12,8 @@ adapters unwrap it): calling it (or its ``forward`` / ``generate``) routes each 
 phi(x) with every delta off and stops after layer f; the exact-match guard or the head picks at
 most one entry per row (s* >= tau; in the lifelong mode, ``scope_threshold``, only among the entries whose
 input scope admits the row, read in the same pass at the last layer's FFN input); pass 2 runs the full
-forward with only that entry's deltas on that row. ``generate`` routes once at prefill and keeps the route for every decoding step.
-Other attributes are the base model's. The base model's own ``forward`` stays original.
+forward with only that entry's deltas on that row. ``generate`` routes once at prefill and keeps the
+route for every decoding step. Other attributes are the base model's. The base model's own ``forward`` stays original.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class UniKEHyperParams(MultimodalHyperParams):
         None, "Lifelong mode: once an edit is trained, its neurons act only at positions whose FFN input has a "
               "cosine above this to one of the edit's own (shifted) answer-position FFN inputs (core.scope; "
               "README, 'Sequential editing'). null (default): no scope, UniKE as specified. Recommended for long "
-              "sequences on the bundled lifelong model: 0.875 with scope_memory: true, scope_exclusive: true and "
+              "sequences on the bundled lifelong model: 0.925 with scope_memory: true, scope_exclusive: true and "
               "negatives_from_edits: false (the scopes keep edits apart; the margin over every earlier edit's "
               "input costs time that grows with the sequence).", ge=-1, lt=1)
     scope_exclusive: bool = hp(
