@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mke_plugins.adapters.base import HookPoint, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import capture
-from mke_plugins.core.scope import admitted_pairs
+from mke_plugins.core.scope import admitted_rows, stack_keys
 from mke_plugins.core.wrap import GatedModel
 
 __all__ = ["RoutedEdit", "RoutedEdits", "RoutedModel", "routed_edits"]
@@ -149,10 +149,8 @@ class RoutedEdits:
                 slot.handle = slot.module.register_forward_hook(functools.partial(self._hook, layer))
             slot.rebuild(self.edits, layer)
         if self.edits:
-            self._keys = torch.cat([e.keys.float() for e in self.edits])
-            self._key_edit = torch.cat([torch.full((e.keys.shape[0],), i, dtype=torch.long)
-                                        for i, e in enumerate(self.edits)])
-            self._thresholds = torch.tensor([e.threshold for e in self.edits], dtype=torch.float32)
+            self._keys, self._key_edit, self._thresholds = stack_keys([e.keys for e in self.edits],
+                                                                      [e.threshold for e in self.edits])
             self.exclusive = all(e.exclusive for e in self.edits)
 
     # -- the offsets' hook ---------------------------------------------------------------------
@@ -183,17 +181,7 @@ class RoutedEdits:
     def decide_states(self, routing: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """:meth:`decide` from routing states :meth:`states` already gave (the edit's own keys are read
         from the same states, so they are windowed once)."""
-        B, T, _ = routing.shape
-        flat = routing.reshape(B * T, -1)
-        row_of = torch.arange(B, device=routing.device).repeat_interleave(T)
-        if valid is not None:
-            keep = valid.to(routing.device).reshape(B * T).bool()
-            flat, row_of = flat[keep], row_of[keep]
-        rows, edit = admitted_pairs(flat, self._keys, self._key_edit, self._thresholds, self.exclusive,
-                                    groups=row_of, n_groups=B)
-        decision = torch.zeros(B, len(self.edits), dtype=torch.bool, device=routing.device)
-        decision[rows, edit] = True
-        return decision
+        return admitted_rows(routing, valid, self._keys, self._key_edit, self._thresholds, self.exclusive)
 
     @contextlib.contextmanager
     def routed(self, decision: torch.Tensor) -> Iterator[None]:

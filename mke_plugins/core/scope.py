@@ -19,10 +19,11 @@ finished edit acts later.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-__all__ = ["InputScope", "admitted_pairs"]
+__all__ = ["InputScope", "admitted_pairs", "admitted_rows", "stack_keys"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +93,29 @@ def admitted_pairs(states: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor
         return rows[keep], who[keep]
     r, who = (best > thresholds).nonzero(as_tuple=True)
     return rows[r], who
+
+
+def stack_keys(keys: Sequence[torch.Tensor], thresholds: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    """Many owners' keys (``(k_i, d)`` each) and thresholds as :func:`admitted_pairs` takes them: ``(all
+    keys (S, d) fp32, owner index of each key (S,) long, thresholds (n,) fp32)``."""
+    owner = torch.cat([torch.full((k.shape[0],), i, dtype=torch.long) for i, k in enumerate(keys)])
+    return (torch.cat([k.float() for k in keys]), owner, torch.tensor([float(t) for t in thresholds],
+                                                                      dtype=torch.float32))
+
+
+def admitted_rows(states: torch.Tensor, valid: torch.Tensor | None, keys: torch.Tensor, owner: torch.Tensor,
+                  thresholds: torch.Tensor, exclusive: bool = False) -> torch.Tensor:
+    """``(B, n)`` bool: which owners admit each input row of ``states`` (``(B, T, d)``) at some valid
+    position (``valid``: ``(B, T)`` non-padding; None: every position). :func:`admitted_pairs` with the
+    positions pooled per row; used by the per-input routing (:mod:`.routing`) and LDKE's scopes."""
+    B, T, _ = states.shape
+    flat = states.reshape(B * T, -1)
+    row_of = torch.arange(B, device=states.device).repeat_interleave(T)
+    if valid is not None:
+        keep = valid[:, :T].to(states.device).reshape(B * T).bool()
+        flat, row_of = flat[keep], row_of[keep]
+    rows, who = admitted_pairs(flat, keys, owner, thresholds, exclusive, groups=row_of, n_groups=B)
+    out = torch.zeros(B, thresholds.numel(), dtype=torch.bool, device=states.device)
+    out[rows, who] = True
+    return out

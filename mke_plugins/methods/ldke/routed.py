@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mke_plugins.adapters.base import Batch, HookPoint, VLMAdapter, unwrap_model
-from mke_plugins.core.scope import admitted_pairs
+from mke_plugins.core.scope import admitted_rows, stack_keys
 from mke_plugins.core.wrap import GatedModel, gate_open, is_gate_open
 
 from .inputs import InputsView, view_of
@@ -69,7 +69,9 @@ class LDKEState:
         self.archive = archive
         self.settings = settings
         self.memory = EditMemory()
-        self.side = SidePaths(adapter.layers(model), self.memory, gate=lambda: is_gate_open(model, GATE))
+        layers = adapter.layers(model)
+        self.side = SidePaths(layers, self.memory, gate=lambda: is_gate_open(model, GATE))
+        self._scope_at = layers[-1].ffn_in  # where the lifelong scopes are read: the last layer's FFN input
         self.last_decision: RouteDecision | None = None
         #: stacked scope keys of the scoped entries: (entry ids, keys, owner, thresholds)
         self._scope_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -119,9 +121,7 @@ class LDKEState:
 
     def scope_point(self) -> HookPoint | None:
         """Where scopes are read (the last decoder layer's FFN input), when the lifelong scope is on."""
-        if self.settings.scope_threshold is None:
-            return None
-        return self.adapter.layers(self.model)[-1].ffn_in
+        return None if self.settings.scope_threshold is None else self._scope_at
 
     def _in_scope(self, feats: Features, valid: torch.Tensor | None, entries: list[EditEntry]) -> torch.Tensor | None:
         """``(rows, entries)`` bool: the entries whose scope admits some valid position of the row (an entry
@@ -130,21 +130,13 @@ class LDKEState:
         states = feats.scope_states
         if not scoped or states is None:
             return None
-        n, T = states.shape[0], states.shape[1]
-        allowed = torch.zeros(n, len(entries), dtype=torch.bool)
-        allowed[:, [j for j, e in enumerate(entries) if e.scope is None]] = True
         ids = tuple(entries[j].id for j in scoped)
         if self._scope_cache is None or self._scope_cache[0] != ids:
-            keys = torch.cat([entries[j].scope.keys for j in scoped])
-            owner = torch.cat([torch.full((entries[j].scope.keys.shape[0],), i) for i, j in enumerate(scoped)])
-            thresholds = torch.tensor([entries[j].scope.threshold for j in scoped])
-            self._scope_cache = (ids, keys, owner, thresholds)
+            scopes = [entries[j].scope for j in scoped]
+            self._scope_cache = (ids, *stack_keys([sc.keys for sc in scopes], [sc.threshold for sc in scopes]))
         _, keys, owner, thresholds = self._scope_cache
-        mask = torch.ones(n, T, dtype=torch.bool) if valid is None else valid[:, :T].bool().cpu()
-        flat = states.reshape(n * T, -1)[mask.reshape(-1).to(states.device)]
-        groups = torch.arange(n).unsqueeze(1).expand(n, T)[mask]
-        rows, who = admitted_pairs(flat, keys, owner, thresholds, groups=groups, n_groups=n)
-        allowed[rows.cpu(), torch.tensor(scoped, dtype=torch.long)[who.cpu()]] = True
+        allowed = torch.ones(states.shape[0], len(entries), dtype=torch.bool)  # an unscoped entry admits every row
+        allowed[:, scoped] = admitted_rows(states, valid, keys, owner, thresholds).cpu()
         return allowed
 
     def _exact(self, feats: Features, row: int) -> int | None:

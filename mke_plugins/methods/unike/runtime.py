@@ -29,7 +29,7 @@ from torch import nn
 from mke_plugins.adapters.base import LayerInfo, VLMAdapter, unwrap_model
 from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.neurons import NeuronPatches, patches_for
-from mke_plugins.core.scope import InputScope, admitted_pairs
+from mke_plugins.core.scope import InputScope, admitted_pairs, stack_keys
 from mke_plugins.core.wrap import _GATES, is_gate_open, set_always_on
 
 GATE = "unike"
@@ -102,9 +102,7 @@ class _LayerMemory:
                 held[ent[i, :len(c)]] += 1
             refs = torch.tensor([n for _, n in self.entries.values()], dtype=torch.long)
             free = (refs > held[:-1]).nonzero(as_tuple=True)[0]  # also held by an unscoped edit: act everywhere
-            keys = torch.cat([sc.keys for _, sc in scopes])
-            owner = torch.cat([torch.full((sc.keys.shape[0],), i) for i, (_, sc) in enumerate(scopes)])
-            thresholds = torch.tensor([sc.threshold for _, sc in scopes])
+            keys, owner, thresholds = stack_keys([sc.keys for _, sc in scopes], [sc.threshold for _, sc in scopes])
             exclusive = all(sc.exclusive for _, sc in scopes)  # as the neuron stack decides it
             self._scoped = (keys, owner, thresholds, ent, free, exclusive)
         keys, owner, thresholds, ent, free, exclusive = self._scoped
