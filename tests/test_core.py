@@ -263,3 +263,52 @@ def test_frozen_restores_flags_and_modes_even_on_error():
     assert [p.requires_grad for p in model.parameters()] == before
     assert model.training and model[1].training
     assert torch.is_tensor(model[0].weight)
+
+
+def test_noisy_copies_perturb_only_the_copies_prompt_positions(tiny_model):
+    """core.augment: row 0 stays the clean input; each copy gets fresh noise of the asked scale on its
+    prompt positions only (answer positions and padding untouched); draws are reproducible per seed."""
+    from types import SimpleNamespace
+
+    from mke_plugins.adapters import Query, get_adapter
+    from mke_plugins.core.augment import noisy_copies
+    from mke_plugins.testing.images import native_image
+
+    model, tok = tiny_model("qwen2-vl")
+    hooks_before = hook_counts(model)
+    adapter = get_adapter(model, SimpleNamespace(model_name="qwen2-vl"))
+    batch = adapter.batch(model, tok, [Query(native_image("qwen2-vl"), "What is shown?", "Rome")])
+    assert noisy_copies(adapter, model, tok, batch, copies=0, noise=1.0, seed=0) is None
+    assert noisy_copies(adapter, model, tok, batch, copies=2, noise=0.0, seed=0) is None
+
+    def embeddings(copies, *, calls=1):
+        out = []
+        with HookSet() as hooks, torch.no_grad():
+            hooks.add(copies.point, copies.add_noise)
+            hooks.add(copies.point, lambda x: out.append(x.detach().clone()) or None)
+            for _ in range(calls):
+                adapter.forward(model, copies.batch)
+        return out
+
+    a = noisy_copies(adapter, model, tok, batch, copies=2, noise=2.0, seed=5)
+    assert a is not None and len(a.batch) == 3
+    first, second = embeddings(a, calls=2)
+    with HookSet() as hooks, torch.no_grad():
+        clean = []
+        hooks.add(a.point, lambda x: clean.append(x.detach().clone()) or None)
+        adapter.forward(model, batch)
+    clean = clean[0][0]
+    prompt = a.batch.prompt_mask[0]
+    assert torch.equal(first[0], clean) and torch.equal(second[0], clean)
+    for row in (1, 2):
+        diff = (first[row] - clean).abs().sum(-1)
+        assert bool((diff[prompt] > 0).all()) and bool((diff[~prompt] == 0).all())
+        ratio = float((first[row] - clean)[prompt].std() / clean[prompt].std())
+        assert 1.5 < ratio < 2.5, ratio  # the asked scale, relative to the clean prompt embeddings
+    assert not torch.equal(first[1], second[1])  # fresh draws on every forward
+    assert not torch.equal(first[1], first[2])  # and per copy
+    again = embeddings(noisy_copies(adapter, model, tok, batch, copies=2, noise=2.0, seed=5))[0]
+    assert torch.equal(again, first)  # reproducible for a seed
+    other = embeddings(noisy_copies(adapter, model, tok, batch, copies=2, noise=2.0, seed=6))[0]
+    assert not torch.equal(other[1], first[1])
+    assert hook_counts(model) == hooks_before  # nothing left on the model

@@ -540,3 +540,57 @@ def test_prefix_replay_makes_the_same_edit(family, family_setup):
     assert stats == full_stats and stats["steps"] > 0
     assert full_state.keys() == state.keys() and all(torch.equal(full_state[k], state[k]) for k in state)
     assert sum(s.replays for s in watch) > 0, watch
+
+
+# -- noisy copies (fit_copies) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "blip2", "minigpt4"])
+def test_noisy_copies_enter_every_stage_and_leave_nothing_behind(family, family_setup):
+    """fit_copies: every stage trains on the clean input and its noisy copies (full model, no prefix
+    replay), which changes the offsets; the stats read the clean row; restore is bit-exact, no hook is left."""
+    from mke_plugins.core.replay import replay_watch
+
+    req = {"prompt": "What is shown?", "target": "Rome", "image": native_image(family),
+           "text_only_prompt": "What is the capital of Italy?", "image_only_prompt": "What city is in the picture?"}
+    runs = {}
+    for copies in (0, 2):
+        model, tok, adapter, name = family_setup(family)
+        with torch.no_grad():  # transformers installs its own output-capturing hooks on a first forward
+            adapter.loss(model, adapter.batch(model, tok, [Query(req["image"], req["prompt"], "Rome")]))
+        before, hooks = state_of(model), hook_counts(model)
+        hp = tiny_hparams(name, max_steps=3, fit_copies=copies, fit_noise=2.0)
+        with replay_watch() as watch:
+            _edited, handle = decode_main.apply_decode_to_multimodal_model(model, tok, [req], hp,
+                                                                           return_orig_weights=True)
+        runs[copies] = {k: v.clone() for k, v in model.state_dict().items()}
+        stats = handle.stats.flat()
+        assert stats["steps_text"] == 3 and stats["steps_image"] == 3, stats
+        if copies:
+            assert watch and all(s.start is None and s.replays == 0 for s in watch), watch
+        handle()
+        assert_same_state(before, model)
+        assert hook_counts(model) == hooks
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0]), "the copies did not change the edit"
+
+
+def test_noisy_copies_keep_the_kl_and_the_report_on_the_clean_row(family_setup, monkeypatch):
+    """The KL and the reported CE are those of row 0 (the clean input), whatever the copies give."""
+    model, tok, adapter, name = family_setup("qwen2-vl")
+    seen = []
+    real_kl = offsets.kl_loss
+
+    def kl_spy(logits, stage):
+        seen.append(logits.shape[0])
+        return real_kl(logits, stage)
+
+    monkeypatch.setattr(offsets, "kl_loss", kl_spy)
+    req = {"prompt": "What is shown?", "target": "Rome", "image": native_image("qwen2-vl")}
+    hp = tiny_hparams(name, max_steps=2, fit_copies=3, fit_noise=2.0, lr=1e-12)
+    _edited, handle = decode_main.apply_decode_to_multimodal_model(model, tok, [req], hp, return_orig_weights=True)
+    assert seen and set(seen) == {1}
+    stage = localize.build_stage_input(adapter, model, tok, Query(None, "What is shown?", "Rome"), hp)
+    with torch.no_grad():
+        clean = float(adapter.loss(model, stage.batch))
+    # lr ~ 0: the offsets stay ~ 0, so the reported text-stage CE is the clean model's
+    assert handle.stats.flat()["l_tgt_text"] == pytest.approx(clean, rel=1e-4)
+    handle()

@@ -585,3 +585,32 @@ def test_conformance_of_the_lifelong_mode(check: str, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(hp_mod, "load_hparams", lifelong)
     getattr(conformance, check)("UniKE")
+
+
+def test_noisy_copies_enter_the_fit_and_leave_nothing_behind(qwen) -> None:
+    """fit_copies: the edit is fitted on the clean input and its noisy copies (full model, no prefix
+    replay), which changes the edit; it still learns, and restore is bit-exact with no hook left."""
+    from mke_plugins.core.replay import replay_watch
+
+    model = qwen["model"]
+    rec = _records("qwen2-vl", 1, offset=50)[0]
+    ad = get_adapter(model)
+    batch = ad.batch(model, qwen["tok"], [Query(rec["image"], rec["prompt"], rec["target"])])
+    with torch.no_grad():
+        ad.forward(model, batch)
+    before, hooks = state_of(model), hook_counts(model)
+    pre = _nll(qwen, model, rec)
+    runs = []
+    for copies in (0, 2):
+        with replay_watch() as watch:
+            edited, handle = _apply(qwen, rec, fit_copies=copies, fit_noise=2.0)
+        with torch.no_grad():
+            runs.append(ad.forward(edited, batch))
+        assert handle.stats.flat()["steps"] > 0
+        if copies:
+            assert _nll(qwen, edited, rec) < pre - 0.1
+            assert watch and all(s.start is None and s.replays == 0 for s in watch), watch
+        handle()
+        assert_same_state(before, model)
+        assert hook_counts(model) == hooks
+    assert not torch.equal(runs[0], runs[1]), "the copies did not change the edit"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from mke_plugins.core.augment import copies_hp, noise_hp
 from mke_plugins.hparams import MultimodalHyperParams, hp
 
 
@@ -68,6 +69,9 @@ class DECODEHyperParams(MultimodalHyperParams):
     append_eos: bool = hp(
         True, "Train on target + the family's end-of-answer token (reference: true); ignored for "
               "families without one.")
+    fit_copies: int = copies_hp("each stage's input", " An extension of the paper (README, 'Sequential editing: "
+                                                      "the lifelong mode').")
+    fit_noise: float = noise_hp()
     route_threshold: float | None = hp(
         None, "Lifelong mode: keep each edit's offsets apart instead of folding them, and apply an edit to an input "
               "(every position) only when some position of it has a cosine above this to one of the edit's own "

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters import LayerInfo, VLMAdapter, get_adapter
+from mke_plugins.core.augment import NoisyCopies, noisy_copies
 from mke_plugins.core.deltas import ColumnDelta, DeltaSet
 from mke_plugins.core.finite import check_finite
+from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.modes import frozen
 from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.routing import RoutedEdits, routed_edits
@@ -158,11 +160,14 @@ FIX = "lower `lr` or `kl_weight`, or load the model in float32."
 def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group: Sequence[Neuron],
                 infos: Sequence[LayerInfo], threshold: float, hparams: DECODEHyperParams,
                 snapshot: WeightSnapshot, name: str,
-                kept: list[tuple[list[int], DeltaSet]] | None = None) -> StageReport:
+                kept: list[tuple[list[int], DeltaSet]] | None = None,
+                copies: NoisyCopies | None = None) -> StageReport:
     """Optimise the group's offsets on the stage batch, then fold them (README, "Algorithm", step 7).
 
     ``kept`` (lifelong mode, :mod:`.routed`): instead of folding, append ``(layers, offsets)`` to it;
-    the caller keeps them applied by hook for the edit's later stages.
+    the caller keeps them applied by hook for the edit's later stages. ``copies`` (``fit_copies``):
+    the target CE is taken over the clean row and its noisy copies; the KL, the early-stop CE and the
+    report read the clean row alone.
     """
     report = StageReport(name, len(group))
     if not group:
@@ -171,23 +176,29 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
     t0 = time.perf_counter()
     deltas = make_deltas(infos, group)
     opt = torch.optim.Adam(list(deltas.parameters()), lr=hparams.lr)
-    start = min(layer for layer, _ in group) if hparams.prefix_replay else None
+    start = min(layer for layer, _ in group) if hparams.prefix_replay and copies is None else None
     inside = infos[start].value if start is not None else None
+    batch = copies.batch if copies is not None else stage.batch
     try:
         deltas.install()
         # nothing below the group's lowest layer changes, nor its part before the value module: each step
         # re-runs only the layers from there up, serving that part from the first pass
-        with torch.enable_grad(), prefix_replay(adapter, model, start, inside=inside) as replayed:
+        with torch.enable_grad(), prefix_replay(adapter, model, start, inside=inside) as replayed, \
+                HookSet() as hooks:
+            if copies is not None:
+                hooks.add(copies.point, copies.add_noise)
             for _ in range(hparams.max_steps):
-                logits = replayed.forward(model, stage.batch)
-                l_tgt = adapter.loss(model, stage.batch, logits=logits)
-                report.final_l_tgt = float(l_tgt.detach())
-                report.final_l_answer = answer_ce(logits, stage)
+                logits = replayed.forward(model, batch)
+                l_tgt = adapter.loss(model, batch, logits=logits)
+                clean = logits[:1]
+                report.final_l_tgt = float(l_tgt.detach()) if copies is None else \
+                    float(adapter.loss(model, stage.batch, logits=clean.detach()))
+                report.final_l_answer = answer_ce(clean, stage)
                 watched = report.final_l_tgt if hparams.early_stop_on == "answer_eos" else report.final_l_answer
                 if watched < threshold:
                     report.early_stopped = True
                     break
-                l_loc = kl_loss(logits, stage)
+                l_loc = kl_loss(clean, stage)
                 report.final_l_loc = float(l_loc.detach())
                 loss = l_tgt + hparams.kl_weight * l_loc
                 check_finite(f"DECODE ({name} stage)", report.steps + 1, l_tgt=l_tgt, l_loc=l_loc, loss=loss,
@@ -196,7 +207,7 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
                 loss.backward()
                 opt.step()
                 report.steps += 1
-                del logits, loss, l_tgt, l_loc
+                del logits, clean, loss, l_tgt, l_loc
     finally:
         deltas.remove()
     if report.steps and kept is not None:
@@ -210,6 +221,8 @@ def train_stage(adapter: VLMAdapter, model: nn.Module, stage: StageInput, group:
 
 
 STAGE_THRESHOLDS = {"text": "early_stop_text", "image": "early_stop_image", "joint": "early_stop_joint"}
+#: offsets of each stage's noise seed from ``hparams.seed`` (``fit_copies``)
+STAGE_SEEDS = {"text": 1, "image": 2, "joint": 3}
 
 
 def plan_stages(loc: Localization, hparams: DECODEHyperParams) -> list[tuple[str, StageInput | None, list[Neuron]]]:
@@ -266,9 +279,12 @@ def _localize_and_train(adapter: VLMAdapter, model: nn.Module, tok: Any, request
         if kept:  # the edit's earlier stages stay applied while this one trains
             for _, deltas in kept:
                 deltas.install()
+        copies = noisy_copies(adapter, model, tok, stage.batch, copies=hparams.fit_copies, noise=hparams.fit_noise,
+                              seed=hparams.seed + STAGE_SEEDS[name], append_eos=hparams.append_eos
+                              and adapter.eos_token_id(tok) is not None) if group else None
         try:
             report.stages.append(train_stage(adapter, model, stage, group, infos, threshold, hparams, snapshot,
-                                             name, kept=kept))
+                                             name, kept=kept, copies=copies))
         finally:
             for _, deltas in kept or ():
                 deltas.remove()

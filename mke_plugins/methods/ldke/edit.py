@@ -24,6 +24,7 @@ from torch import nn
 
 from mke_hooks import HparamsError, RequestError
 from mke_plugins.adapters.base import Query, VLMAdapter, unwrap_model
+from mke_plugins.core.augment import noisy_copies
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.modes import frozen
@@ -138,35 +139,6 @@ def _loc_kl_batch(state: LDKEState, hparams: Any) -> Any:
     return state.adapter.batch(state.model, state.tok, queries)
 
 
-def _augmented(state: LDKEState, batch: Any, hparams: Any, seed: int) -> tuple[Any, Any]:
-    """The edit batch plus ``fit_copies`` copies whose prompt embeddings get fresh Gaussian noise each
-    step (std ``fit_noise`` x the clean prompt embeddings' std), and the hook function adding it."""
-    adapter, base = state.adapter, state.model
-    if hparams.fit_copies < 1 or hparams.fit_noise <= 0:
-        return batch, None
-    query = batch.queries[0]
-    aug = adapter.batch(base, state.tok, [query] * (1 + hparams.fit_copies))
-    pos = aug.prompt_mask[0]
-    captured: list[torch.Tensor] = []
-    with HookSet() as hooks, torch.no_grad():
-        hooks.add(adapter.embed_output(base), lambda x: captured.append(x.detach()) or None)
-        adapter.forward(base, batch)
-    emb = captured[0]
-    std = float(emb[0, batch.prompt_mask[0].to(emb.device)].float().std())
-    gen = torch.Generator().manual_seed(seed)
-    n_pos, d = int(pos.sum()), emb.shape[-1]
-
-    def add_noise(x: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(hparams.fit_copies, n_pos, d, generator=gen) * hparams.fit_noise * std
-        x = x.clone()
-        rows = x[1:]
-        rows[:, pos.to(x.device)] += noise.to(x.device, x.dtype)
-        x[1:] = rows
-        return x
-
-    return aug, add_noise
-
-
 #: what to change when the fit's loss is no longer finite
 FIX = "lower `edit_lr`, `weight_norm` or `loc_kl_weight`, or load the model in float32."
 
@@ -174,7 +146,10 @@ FIX = "lower `edit_lr`, `weight_norm` or `loc_kl_weight`, or load the model in f
 def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[int, float, bool]:
     """Fit ``entry``'s factors on ``batch`` alone; returns (steps, final NLL, success)."""
     adapter, base = state.adapter, state.model
-    batch, noise_fn = _augmented(state, batch, hparams, int(hparams.seed) + 104729 * entry.id)
+    copies = noisy_copies(adapter, base, state.tok, batch, copies=hparams.fit_copies, noise=hparams.fit_noise,
+                          seed=int(hparams.seed) + 104729 * entry.id)
+    if copies is not None:
+        batch = copies.batch
     params = entry.parameters()
     opt = torch.optim.Adam(params, lr=hparams.edit_lr)
     loc_batch = _loc_kl_batch(state, hparams) if hparams.loc_kl_weight > 0 else None
@@ -184,11 +159,11 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
             loc_ref = adapter.forward(base, loc_batch).float().log_softmax(-1)
     steps, nll_value, ok = 0, float("nan"), False
     # without fit noise nothing below the entry's lowest layer changes: re-run only the layers from there up
-    start = min(entry.layers) if hparams.prefix_replay and noise_fn is None and entry.layers else None
+    start = min(entry.layers) if hparams.prefix_replay and copies is None and entry.layers else None
     with frozen(base, eval_mode=False), gate_open(base, GATE), HookSet() as hooks, \
             prefix_replay(adapter, base, start) as replayed:
-        if noise_fn is not None:
-            hooks.add(adapter.embed_output(base), noise_fn)
+        if copies is not None:
+            hooks.add(copies.point, copies.add_noise)
         for steps in range(hparams.edit_steps + 1):
             state.side.set_route([[entry.id]] * len(batch))
             try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from mke_hooks import HparamsError
+from mke_plugins.core.augment import copies_hp, noise_hp
 from mke_plugins.hparams import MultimodalHyperParams, hp
 from mke_plugins.trainer_hparams import EasyEditTrainerFields
 
@@ -71,9 +72,8 @@ class LDKEHyperParams(_RouterFields, MultimodalHyperParams):
     stop_nll: float = hp(0.05, "Stop once every target token is argmax-correct and the NLL is below this.",
                          ge=0)
     weight_norm: float = hp(1e-3, "lambda_norm on ||B_l A_l||_F^2.", ge=0)
-    fit_noise: float = hp(0.0, "Robustness of the fit: std (x the prompt embeddings' std) of Gaussian noise on the "
-                               "prompt embeddings of the noisy copies (0 = fit on the clean edit input only).", ge=0)
-    fit_copies: int = hp(0, "Noisy copies of the edit input fitted beside the clean one (0 = none).", ge=0)
+    fit_noise: float = noise_hp()
+    fit_copies: int = copies_hp("the edit input", " Robustness of the fit (project choice).")
     prefix_replay: bool = hp(
         True, "Speed only: without fit noise, the fit re-runs only the decoder layers from the lowest localized one "
               "up, from the state the full forward gave it (core.replay); the logits are the same. false runs the "

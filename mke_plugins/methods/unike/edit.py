@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters.base import Batch, VLMAdapter
+from mke_plugins.core.augment import noisy_copies
 from mke_plugins.core.finite import check_finite
-from mke_plugins.core.hooks import capture
+from mke_plugins.core.hooks import HookSet, capture
 from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.requests import query_of
 from mke_plugins.core.scope import InputScope
@@ -187,17 +188,24 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     opt = torch.optim.Adam(params, lr=float(hparams.edit_lr))
     stop = MarginStop(float(hparams.margin_tol), int(hparams.margin_patience))
     penalty_states = _penalty_states(archive, layers, infos) if hparams.memory_loss_weight > 0 else None
+    # fit_copies: the fit also reads noisy copies of the edit input (core.augment; an extension of the paper)
+    copies = noisy_copies(adapter, model, tok, batch, copies=int(hparams.fit_copies), noise=float(hparams.fit_noise),
+                          seed=int(hparams.seed) + 104729 * eid)
+    fit_batch = copies.batch if copies is not None else batch
     # only layers >= min(layers) change: each step re-runs those from the state the first pass gave them
-    start = min(layers) if hparams.prefix_replay else None
-    with gate_open(model, GATE), prefix_replay(adapter, model, start) as replayed:
+    start = min(layers) if hparams.prefix_replay and copies is None else None
+    with gate_open(model, GATE), prefix_replay(adapter, model, start) as replayed, HookSet() as hooks:
+        if copies is not None:
+            hooks.add(copies.point, copies.add_noise)
         for step in range(int(hparams.max_edit_steps) + 1):
-            loss = replayed.answer_logits(model, batch).loss()
+            rows = replayed.answer_logits(model, fit_batch).loss(reduction="row")
+            loss, copy_loss = rows[0], (rows[1:].mean() if copies is not None else None)
             value = float(loss.detach())
             if rep.first_loss is None:
                 rep.first_loss = value
             rep.final_loss = value
             margins = _margin_loss(blocks, hparams, negatives, past_inputs)
-            check_finite("UniKE", step + 1, nll=loss, margin=margins, fix=FIX)
+            check_finite("UniKE", step + 1, nll=loss, copies=copy_loss, margin=margins, fix=FIX)
             rep.converged = value < float(hparams.stop_loss) and stop.margin_met(margins)
             if rep.converged or step == int(hparams.max_edit_steps):
                 break
@@ -208,7 +216,7 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
             if margins is not None:
                 total = total + float(hparams.negative_loss_weight) * margins.to(loss.device)
             opt.zero_grad()
-            total.backward()
+            (total if copy_loss is None else total + copy_loss).backward()
             torch.nn.utils.clip_grad_norm_(params, float(hparams.grad_clip))
             opt.step()
             rep.steps += 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from mke_hooks import HparamsError
+from mke_plugins.core.augment import copies_hp, noise_hp
 from mke_plugins.hparams import MultimodalHyperParams, hp
 from mke_plugins.trainer_hparams import EasyEditTrainerFields
 
@@ -67,6 +68,9 @@ class UniKEHyperParams(MultimodalHyperParams):
         True, "Speed only: the training loop re-runs only the decoder layers from the lowest edited one up, from the "
               "state the full forward gave it (core.replay); the logits are the same. false runs the full model "
               "every step.")
+    fit_copies: int = copies_hp("the edit input", " An extension of the paper: the loss adds the copies' mean NLL "
+                                                 "to the clean input's; the stop rule reads the clean input's.")
+    fit_noise: float = noise_hp()
     stop_loss: float = hp(0.1, "Stop early once the mean target NLL is below this.", ge=0)
     grad_clip: float = hp(1.0, "Maximum gradient norm per edit step.", gt=0)
     key_noise: float = hp(0.01, "Relative noise on repeated key initialisations (std = key_noise * |k| / sqrt(d)).",
