@@ -29,7 +29,7 @@ from mke_plugins.hparams import hp
 
 from .hooks import HookSet
 
-__all__ = ["NoisyCopies", "copies_hp", "noise_hp", "noisy_copies"]
+__all__ = ["NoisyCopies", "copies_hp", "edit_seed", "noise_hp", "noisy_copies"]
 
 
 def copies_hp(what: str, note: str = "") -> Any:
@@ -43,6 +43,11 @@ def noise_hp() -> Any:
     """The ``fit_noise`` hyperparameter (default 0: no copies)."""
     return hp(0.0, "Std of the Gaussian noise on the copies' prompt embeddings, relative to the std of the clean "
                    "prompt embeddings (used when fit_copies > 0; 0 = no copies).", ge=0)
+
+
+def edit_seed(seed: int, edit: int) -> int:
+    """The noise seed of one edit's fit: each edit (id ``edit``) of a sequence draws its own noise."""
+    return int(seed) + 104729 * int(edit)
 
 
 @dataclass

@@ -75,6 +75,7 @@ class StageInput:
     kl_pos: torch.Tensor  # (B, T) bool: prompt positions used in the KL
     ref_logprobs: torch.Tensor | None = None  # (P, V) log-probabilities at kl_pos (fp32 or model dtype)
     acts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (m, d_ff) activations
+    appends_eos: bool = False  # the batch's targets end with the family's end-of-answer token
 
 
 def analysed_layers(n_layers: int, hparams: DECODEHyperParams) -> list[int]:
@@ -108,7 +109,7 @@ def build_stage_input(adapter: VLMAdapter, model: nn.Module, tok: Any, query: Qu
     kl_pos = batch.prompt_mask & ~batch.answer_mask
     if not hparams.kl_on_image_tokens:
         kl_pos = kl_pos & ~adapter.image_token_mask(batch).to(kl_pos.device)
-    return StageInput(query, batch, answer, answer_ids, kl_pos)
+    return StageInput(query, batch, answer, answer_ids, kl_pos, appends_eos=eos is not None)
 
 
 def reference_pass(adapter: VLMAdapter, model: nn.Module, stage: StageInput, layers: list[LayerInfo] | None,

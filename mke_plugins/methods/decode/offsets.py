@@ -280,8 +280,7 @@ def _localize_and_train(adapter: VLMAdapter, model: nn.Module, tok: Any, request
             for _, deltas in kept:
                 deltas.install()
         copies = noisy_copies(adapter, model, tok, stage.batch, copies=hparams.fit_copies, noise=hparams.fit_noise,
-                              seed=hparams.seed + STAGE_SEEDS[name], append_eos=hparams.append_eos
-                              and adapter.eos_token_id(tok) is not None) if group else None
+                              seed=hparams.seed + STAGE_SEEDS[name], append_eos=stage.appends_eos) if group else None
         try:
             report.stages.append(train_stage(adapter, model, stage, group, infos, threshold, hparams, snapshot,
                                              name, kept=kept, copies=copies))

@@ -24,7 +24,7 @@ from torch import nn
 
 from mke_hooks import HparamsError, RequestError
 from mke_plugins.adapters.base import Query, VLMAdapter, unwrap_model
-from mke_plugins.core.augment import noisy_copies
+from mke_plugins.core.augment import edit_seed, noisy_copies
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import HookSet
 from mke_plugins.core.modes import frozen
@@ -147,7 +147,7 @@ def fit(state: LDKEState, entry: EditEntry, batch: Any, hparams: Any) -> tuple[i
     """Fit ``entry``'s factors on ``batch`` alone; returns (steps, final NLL, success)."""
     adapter, base = state.adapter, state.model
     copies = noisy_copies(adapter, base, state.tok, batch, copies=hparams.fit_copies, noise=hparams.fit_noise,
-                          seed=int(hparams.seed) + 104729 * entry.id)
+                          seed=edit_seed(hparams.seed, entry.id))
     if copies is not None:
         batch = copies.batch
     params = entry.parameters()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mke_plugins.adapters.base import Batch, VLMAdapter
-from mke_plugins.core.augment import noisy_copies
+from mke_plugins.core.augment import edit_seed, noisy_copies
 from mke_plugins.core.finite import check_finite
 from mke_plugins.core.hooks import HookSet, capture
 from mke_plugins.core.replay import prefix_replay
@@ -190,7 +190,7 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     penalty_states = _penalty_states(archive, layers, infos) if hparams.memory_loss_weight > 0 else None
     # fit_copies: the fit also reads noisy copies of the edit input (core.augment; an extension of the paper)
     copies = noisy_copies(adapter, model, tok, batch, copies=int(hparams.fit_copies), noise=float(hparams.fit_noise),
-                          seed=int(hparams.seed) + 104729 * eid)
+                          seed=edit_seed(hparams.seed, eid))
     fit_batch = copies.batch if copies is not None else batch
     # only layers >= min(layers) change: each step re-runs those from the state the first pass gave them
     start = min(layers) if hparams.prefix_replay and copies is None else None
