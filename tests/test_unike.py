@@ -465,6 +465,40 @@ def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwe
     assert runtime_for(model, create=False) is None
 
 
+
+def test_positive_margin_keeps_every_layer_s_gate_open_on_the_edit_input(qwen) -> None:
+    """positive_margin (T-Patcher's activation loss): beside the margin over negatives, the largest gate
+    pre-activation of each layer's new neurons at the edit's answer positions is held up to the target,
+    where without it the negatives' margin is free to pull a layer's gate down; restore stays bit-exact."""
+    from mke_plugins.adapters import resolve_layers
+    from mke_plugins.core.hooks import capture
+    from mke_plugins.core.wrap import gate_open
+    from mke_plugins.methods.unike.runtime import GATE, runtime_for
+
+    model, tok = qwen["model"], qwen["tok"]
+    ad = get_adapter(model)
+    infos = ad.layers(model)
+    layers = resolve_layers([-2, -1], len(infos))
+    rec = _records("qwen2-vl", 1, offset=81)[0]
+    batch = ad.batch(model, tok, [Query(rec["image"], rec["prompt"], rec["target"])])
+    with torch.no_grad():
+        ad.forward(model, batch)
+    before = state_of(model)
+    lowest = {}
+    for target in (0.0, 4.0):
+        edited, handle = _apply(qwen, rec, negatives=8, negative_loss_weight=1.0, negative_margin=2.0, key_scale=20.0,
+                                key_threshold=0.8, max_edit_steps=120, stop_loss=0.0, positive_margin=target)
+        rt = runtime_for(edited, create=False)
+        blocks = rt.blocks[max(rt.blocks)]
+        with gate_open(edited, GATE), torch.no_grad(), \
+                capture({layer: infos[layer].ffn_in for layer in layers}, positions=batch.answer_mask) as own:
+            ad.forward(edited, batch)
+            lowest[target] = min(float(blk.pre(own[blk.layer].float()).max(-1).values.min()) for blk in blocks)
+        handle()
+        assert_same_state(before, model)
+    assert lowest[4.0] > 3.5, lowest  # every answer position of every layer (the shortfall is ~0 at the end)
+    assert lowest[0.0] < 0.0, lowest  # without it a layer's gate ends shut at some answer position
+
 # -- other families: the same code through the adapter -------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava-onevision", "blip2"])

@@ -194,17 +194,19 @@ def edit_one(model: nn.Module, tok: Any, request: Mapping[str, Any], hparams: Un
     fit_batch = copies.batch if copies is not None else batch
     # only layers >= min(layers) change: each step re-runs those from the state the first pass gave them
     start = min(layers) if hparams.prefix_replay and copies is None else None
+    points = {layer: infos[layer].ffn_in for layer in layers} if float(hparams.positive_margin) > 0 else {}
     with gate_open(model, GATE), prefix_replay(adapter, model, start) as replayed, HookSet() as hooks:
         if copies is not None:
             hooks.add(copies.point, copies.add_noise)
         for step in range(int(hparams.max_edit_steps) + 1):
-            rows = replayed.answer_logits(model, fit_batch).loss(reduction="row")
+            with capture(points, positions=fit_batch.answer_mask) as fed:
+                rows = replayed.answer_logits(model, fit_batch).loss(reduction="row")
             loss, copy_loss = rows[0], (rows[1:].mean() if copies is not None else None)
             value = float(loss.detach())
             if rep.first_loss is None:
                 rep.first_loss = value
             rep.final_loss = value
-            margins = _margin_loss(blocks, hparams, negatives, past_inputs)
+            margins = _margin_loss(blocks, hparams, negatives, past_inputs, fed)
             check_finite("UniKE", step + 1, nll=loss, copies=copy_loss, margin=margins, fix=FIX)
             rep.converged = value < float(hparams.stop_loss) and stop.margin_met(margins)
             if rep.converged or step == int(hparams.max_edit_steps):
@@ -265,16 +267,21 @@ def _penalty_states(archive: Archive, layers: list[int], infos: list[Any]) -> di
 
 
 def _margin_loss(blocks: list[Any], hparams: UniKEHyperParams, negatives: dict[int, torch.Tensor],
-                 past: dict[int, torch.Tensor]) -> torch.Tensor | None:
+                 past: dict[int, torch.Tensor], fed: Any = None) -> torch.Tensor | None:
     """T-Patcher-style memory loss on the new neurons' gate pre-activations (project choice): mean
     relu(pre + margin) over the bank negatives and, as a separate equally weighted group, over earlier
-    edits' inputs. None when off."""
-    if not (negatives or past) or float(hparams.negative_loss_weight) <= 0:
+    edits' inputs; with ``positive_margin`` also T-Patcher's activation loss, mean relu(positive_margin -
+    max over the block's neurons of pre) over the answer-position inputs ``fed`` of this step. None when off."""
+    if float(hparams.negative_loss_weight) <= 0:
         return None
     m = float(hparams.negative_margin)
     dev = blocks[0].bias.device  # each block's term beside its layer; summed on the first block's device
     total = sum(F.relu(blk.pre(negatives[blk.layer]) + m).mean().to(dev) for blk in blocks if blk.layer in negatives)
     total = total + sum(F.relu(blk.pre(past[blk.layer]) + m).mean().to(dev) for blk in blocks if blk.layer in past)
+    pos = float(hparams.positive_margin)
+    if pos > 0 and fed is not None:
+        total = total + sum(F.relu(pos - blk.pre(fed[blk.layer].float()).max(-1).values).mean().to(dev)
+                            for blk in blocks)
     return total if torch.is_tensor(total) else None
 
 

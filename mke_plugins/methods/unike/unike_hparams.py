@@ -98,6 +98,11 @@ class UniKEHyperParams(MultimodalHyperParams):
                                      "locality negative should be <= -negative_margin (SiLU(-4) ~ -0.07).", ge=0)
     negative_loss_weight: float = hp(0.0, "Weight of the margin loss mean(relu(pre(negative) + negative_margin)) "
                                           "(T-Patcher's memory loss on locality negatives); 0 = off.", ge=0)
+    positive_margin: float = hp(0.0, "Activation target (T-Patcher's activation loss; project choice): at each answer "
+                                     "position of the edit input and of its noisy copies, the largest gate "
+                                     "pre-activation of the edit's new neurons in each layer should be >= "
+                                     "positive_margin; the shortfall mean(relu(positive_margin - pre)) joins the "
+                                     "margin loss (same weight, same stop rule). 0 = off.", ge=0)
     margin_tol: float = hp(0.01, "With the margin loss on (negative_loss_weight > 0), training stops only once "
                                  "it is below this (as well as the NLL below stop_loss).", ge=0)
     margin_patience: int = hp(0, "0 = the margin loss is met only below margin_tol; N: it also counts as met once "
