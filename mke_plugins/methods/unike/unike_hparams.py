@@ -102,7 +102,10 @@ class UniKEHyperParams(MultimodalHyperParams):
                                      "position of the edit input and of its noisy copies, the largest gate "
                                      "pre-activation of the edit's new neurons in each layer should be >= "
                                      "positive_margin; the shortfall mean(relu(positive_margin - pre)) joins the "
-                                     "margin loss (same weight, same stop rule). 0 = off.", ge=0)
+                                     "margin loss (same weight, same stop rule). 0 = off. Single edits only: with "
+                                     "scope_threshold (lifelong mode) it lowered every quality column of the "
+                                     "development sequence, so the lifelong mode keeps 0 (README, 'Sequential: the "
+                                     "lifelong mode').", ge=0)
     margin_tol: float = hp(0.01, "With the margin loss on (negative_loss_weight > 0), training stops only once "
                                  "it is below this (as well as the NLL below stop_loss).", ge=0)
     margin_patience: int = hp(0, "0 = the margin loss is met only below margin_tol; N: it also counts as met once "
@@ -113,9 +116,9 @@ class UniKEHyperParams(MultimodalHyperParams):
         None, "Lifelong mode: once an edit is trained, its neurons act only at positions whose FFN input has a "
               "cosine above this to one of the edit's own (shifted) answer-position FFN inputs (core.scope; "
               "README, 'Sequential editing'). null (default): no scope, UniKE as specified. Recommended for long "
-              "sequences on the bundled lifelong model: 0.925 with scope_memory: true, scope_exclusive: true and "
-              "negatives_from_edits: false (the scopes keep edits apart; the margin over every earlier edit's "
-              "input costs time that grows with the sequence).", ge=-1, lt=1)
+              "sequences on the bundled lifelong model: 0.925 with scope_memory: true, scope_exclusive: true, "
+              "positive_margin: 0 and negatives_from_edits: false (the scopes keep edits apart; the margin over "
+              "every earlier edit's input costs time that grows with the sequence).", ge=-1, lt=1)
     scope_exclusive: bool = hp(
         False, "Lifelong mode, with scope_threshold: where the scopes of several finished edits admit a position, "
                "only the edit with the closest key acts there (core.scope), so edits of neighbouring facts do not "
