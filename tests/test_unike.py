@@ -466,6 +466,13 @@ def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwe
 
 
 
+def test_positive_margin_needs_a_weight_and_warns_in_the_lifelong_mode() -> None:
+    with pytest.raises(HparamsError, match="negative_loss_weight"):
+        _edit_hparams("qwen2-vl", positive_margin=4.0, negative_loss_weight=0.0)
+    with pytest.warns(UserWarning, match="positive_margin: 0"):
+        _edit_hparams("qwen2-vl", positive_margin=4.0, negative_loss_weight=0.2, scope_threshold=0.9)
+
+
 def test_positive_margin_keeps_every_layer_s_gate_open_on_the_edit_input(qwen) -> None:
     """positive_margin (T-Patcher's activation loss): beside the margin over negatives, the largest gate
     pre-activation of each layer's new neurons at the edit's answer positions is held up to the target,

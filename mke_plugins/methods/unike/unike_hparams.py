@@ -16,6 +16,7 @@ refused by name.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -131,11 +132,21 @@ class UniKEHyperParams(MultimodalHyperParams):
     seed: int = hp(42, "Seed of the key noise (torch RNG seeded per edit).", ge=0)
 
     def validate(self, *, path: str = "<dict>") -> None:
-        """At least one of the two kinds of knowledge is edited."""
+        """At least one of the two kinds of knowledge is edited; the activation margin has a weight."""
         super().validate(path=path)
         if not (self.use_intrinsic or self.use_external):
             raise HparamsError("use_intrinsic and use_external are both false: the edit would do nothing.",
                                path=path, key="use_intrinsic", fix="set at least one of them to true.")
+        if float(self.positive_margin) > 0 and float(self.negative_loss_weight) <= 0:
+            raise HparamsError(f"positive_margin is {self.positive_margin!r} but negative_loss_weight is "
+                               f"{self.negative_loss_weight!r}: the activation loss joins the margin loss at that "
+                               "weight, so it would do nothing.", path=path, key="positive_margin",
+                               fix="set negative_loss_weight > 0 (0.2 in lifelong.yaml), or positive_margin: 0.")
+        if float(self.positive_margin) > 0 and self.scope_threshold is not None:
+            warnings.warn(f"{path}: positive_margin {self.positive_margin} with scope_threshold "
+                          f"{self.scope_threshold} (the lifelong mode) lowered every quality column of UniKE's "
+                          "development sequence; the lifelong mode recommends positive_margin: 0 (UniKE README, "
+                          "'Sequential: the lifelong mode').", UserWarning, stacklevel=2)
 
 
 @dataclass
