@@ -465,7 +465,6 @@ def test_margin_loss_keeps_new_neurons_silent_on_negatives_and_earlier_edits(qwe
     assert runtime_for(model, create=False) is None
 
 
-
 def test_positive_margin_needs_a_weight_and_warns_in_the_lifelong_mode() -> None:
     with pytest.raises(HparamsError, match="negative_loss_weight"):
         _edit_hparams("qwen2-vl", positive_margin=4.0, negative_loss_weight=0.0)
@@ -478,9 +477,8 @@ def test_positive_margin_keeps_every_layer_s_gate_open_on_the_edit_input(qwen) -
     pre-activation of each layer's new neurons at the edit's answer positions is held up to the target,
     where without it the negatives' margin is free to pull a layer's gate down; restore stays bit-exact."""
     from mke_plugins.adapters import resolve_layers
-    from mke_plugins.core.hooks import capture
-    from mke_plugins.core.wrap import gate_open
-    from mke_plugins.methods.unike.runtime import GATE, runtime_for
+    from mke_plugins.methods.unike.edit import _current_inputs
+    from mke_plugins.methods.unike.runtime import runtime_for
 
     model, tok = qwen["model"], qwen["tok"]
     ad = get_adapter(model)
@@ -497,14 +495,14 @@ def test_positive_margin_keeps_every_layer_s_gate_open_on_the_edit_input(qwen) -
                                 key_threshold=0.8, max_edit_steps=120, stop_loss=0.0, positive_margin=target)
         rt = runtime_for(edited, create=False)
         blocks = rt.blocks[max(rt.blocks)]
-        with gate_open(edited, GATE), torch.no_grad(), \
-                capture({layer: infos[layer].ffn_in for layer in layers}, positions=batch.answer_mask) as own:
-            ad.forward(edited, batch)
-            lowest[target] = min(float(blk.pre(own[blk.layer].float()).max(-1).values.min()) for blk in blocks)
+        own = _current_inputs(ad, edited, [batch], layers, infos)  # the answer positions' FFN inputs, gates open
+        with torch.no_grad():
+            lowest[target] = min(float(blk.pre(own[blk.layer]).max(-1).values.min()) for blk in blocks)
         handle()
         assert_same_state(before, model)
     assert lowest[4.0] > 3.5, lowest  # every answer position of every layer (the shortfall is ~0 at the end)
     assert lowest[0.0] < 0.0, lowest  # without it a layer's gate ends shut at some answer position
+
 
 # -- other families: the same code through the adapter -------------------------------------------
 @pytest.mark.slow

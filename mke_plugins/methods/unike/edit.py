@@ -27,7 +27,7 @@ from torch import nn
 from mke_plugins.adapters.base import Batch, VLMAdapter
 from mke_plugins.core.augment import edit_seed, noisy_copies
 from mke_plugins.core.finite import check_finite
-from mke_plugins.core.hooks import HookSet, capture
+from mke_plugins.core.hooks import Captured, HookSet, capture
 from mke_plugins.core.replay import prefix_replay
 from mke_plugins.core.requests import query_of
 from mke_plugins.core.scope import InputScope
@@ -267,7 +267,7 @@ def _penalty_states(archive: Archive, layers: list[int], infos: list[Any]) -> di
 
 
 def _margin_loss(blocks: list[Any], hparams: UniKEHyperParams, negatives: dict[int, torch.Tensor],
-                 past: dict[int, torch.Tensor], fed: Any = None) -> torch.Tensor | None:
+                 past: dict[int, torch.Tensor], fed: Captured | None = None) -> torch.Tensor | None:
     """T-Patcher-style memory loss on the new neurons' gate pre-activations (project choice): mean
     relu(pre + margin) over the bank negatives and, as a separate equally weighted group, over earlier
     edits' inputs; with ``positive_margin`` also T-Patcher's activation loss, mean relu(positive_margin -
